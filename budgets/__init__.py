@@ -1,0 +1,1 @@
+"""Budgets: ledger, caps, reservations, watchdog and cost reports (see the budgets issue)."""

@@ -1,0 +1,1 @@
+"""The launcher: CLI, config, offers, selection, planning, task rendering and backends."""

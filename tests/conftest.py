@@ -1,0 +1,64 @@
+"""Shared fixtures: a real S3-compatible server (moto's server mode) on 127.0.0.1, an isolated cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No cloud credentials of the developer's, no network, one tiny-model cache for the whole session."""
+    os.environ["MEETARA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        MEETARA_STORE_RETRIES="3",
+    )
+    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "MEETARA_STORE"):
+        os.environ.pop(var, None)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    """A moto S3 server on a free port of 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on the test server; returns its name."""
+    import boto3
+
+    name = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+def run_cli(
+    *args: str, env: dict | None = None, cwd: Path | None = None, module: str = "train", timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run `python -m <module> ...` as a user would; returns the completed process (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd or ROOT,
+    )

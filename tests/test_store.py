@@ -1,0 +1,140 @@
+"""The object stores: the file store and the S3 store against a real S3 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from train import BadInput, checkpoint
+from train.store import FileStore, S3Store, StoreError, open_store
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return open_store(f"file://{tmp_path}/store")
+    bucket = request.getfixturevalue("bucket")
+    return open_store(f"s3://{bucket}/some/prefix", endpoint_url=request.getfixturevalue("s3_server"))
+
+
+def test_put_get_list_delete(store, tmp_path):
+    store.put("a/b/one.bin", b"1" * 10)
+    store.put("a/two.bin", b"2")
+    src = tmp_path / "big.bin"
+    src.write_bytes(bytes(range(256)) * 4096)
+    store.put_file("a/c/big.bin", src)
+    assert store.get("a/b/one.bin") == b"1" * 10
+    assert store.exists("a/two.bin") and not store.exists("a/nope")
+    assert store.list("a") == ["a/b/one.bin", "a/c/big.bin", "a/two.bin"]
+    assert store.list("a/b") == ["a/b/one.bin"]
+    assert store.list("zzz") == []
+    dst = tmp_path / "back.bin"
+    store.get_file("a/c/big.bin", dst)
+    assert dst.read_bytes() == src.read_bytes()
+    store.put("a/two.bin", b"replaced")
+    assert store.get("a/two.bin") == b"replaced"
+    store.delete("a/two.bin")
+    assert not store.exists("a/two.bin")
+    with pytest.raises(KeyError):
+        store.get("a/two.bin")
+
+
+def test_s3_objects_live_under_the_prefix(bucket, s3_server):
+    import boto3
+
+    store = open_store(f"s3://{bucket}/runs-here", endpoint_url=s3_server)
+    store.put("x/y.txt", b"hi")
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=bucket)["Contents"]
+    ]
+    assert keys == ["runs-here/x/y.txt"]
+
+
+def test_keys_cannot_escape_the_store(tmp_path):
+    store = FileStore(tmp_path)
+    for bad in ("../x", "/abs", "a//b", "a/./b", ""):
+        with pytest.raises(ValueError):
+            store.put(bad, b"")
+
+
+def test_file_store_writes_are_atomic(tmp_path):
+    store = FileStore(tmp_path)
+    store.put("k", b"old")
+
+    class Boom(Exception):
+        pass
+
+    import os
+
+    real = os.fsync
+    os.fsync = lambda fd: (_ for _ in ()).throw(Boom())  # fail after the bytes were written
+    try:
+        with pytest.raises(Boom):
+            store.put("k", b"new")
+    finally:
+        os.fsync = real
+    assert store.get("k") == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["k"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("url", ["ftp://x/y", "s3://", "s3:///prefix", "file://"])
+def test_bad_urls(url):
+    with pytest.raises(BadInput, match="bad store URL"):
+        open_store(url)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_endpoint_is_a_store_error(monkeypatch):
+    monkeypatch.setenv("MEETARA_STORE_RETRIES", "2")
+    store = S3Store("b", "p", endpoint_url=f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(StoreError, match="failed") as e:
+        store.put("k", b"x")
+    assert "testing" not in str(e.value)  # the secret never appears in errors
+
+
+def test_transient_errors_are_retried(bucket, s3_server):
+    """The first two connections are reset by the network, the third reaches the server: the put succeeds."""
+    from faults import FlakyProxy
+
+    host, port = s3_server.removeprefix("http://").split(":")
+    proxy = FlakyProxy(host, int(port), drop_first=2)
+    try:
+        store = open_store(f"s3://{bucket}/p", endpoint_url=proxy.url)
+        store.put("k", b"v")
+        assert proxy.dropped == 2
+        assert store.get("k") == b"v"
+    finally:
+        proxy.close()
+
+
+def test_checkpoints_commit_atomically_and_skip_bad_ones(store):
+    prefix = "run/dom/checkpoints"
+    for step in (10, 20, 30):
+        checkpoint.save(store, prefix, step, {"a.bin": bytes([step]) * 100, "b.bin": b"state"}, {"n": step})
+    assert checkpoint.latest(store, prefix).step == 30
+    # a corrupt part in the newest: skipped for the previous valid one
+    store.put("run/dom/checkpoints/step-00000030/a.bin", b"garbage")
+    assert checkpoint.latest(store, prefix).step == 20
+    # a partial newer checkpoint (parts uploaded, no manifest): does not exist
+    store.put("run/dom/checkpoints/step-00000040/a.bin", b"x")
+    ckpt = checkpoint.latest(store, prefix)
+    assert ckpt.step == 20 and ckpt.parts["a.bin"] == bytes([20]) * 100 and ckpt.meta == {"n": 20}
+    # a malformed manifest: skipped too
+    store.put("run/dom/checkpoints/step-00000020/MANIFEST.json", b"{not json")
+    assert checkpoint.latest(store, prefix).step == 10
+
+
+def test_prune_keeps_the_newest(store):
+    prefix = "p/checkpoints"
+    for step in range(1, 6):
+        checkpoint.save(store, prefix, step, {"w": b"x" * step})
+    assert checkpoint.prune(store, prefix, keep=2) == [3, 2, 1]
+    assert checkpoint.steps(store, prefix) == [5, 4]
+    assert checkpoint.latest(store, prefix).step == 5

@@ -1,0 +1,106 @@
+"""Atomic checkpoints in an object store.
+
+A checkpoint is a folder `<prefix>/step-NNNNNNNN/` holding its parts and, written last, `MANIFEST.json`
+with each part's sha256 and size. A checkpoint without a manifest, or whose parts do not match it,
+does not exist: resume takes the newest valid one. Pruning deletes the manifest first, so a
+half-deleted checkpoint is never mistaken for a valid one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+from train.store import ObjectStore
+
+log = logging.getLogger(__name__)
+MANIFEST = "MANIFEST.json"
+_STEP = re.compile(r"step-(\d{8})$")
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    parts: dict[str, bytes]
+    meta: dict
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _folder(prefix: str, step: int) -> str:
+    return f"{prefix}/step-{step:08d}"
+
+
+def save(
+    store: ObjectStore, prefix: str, step: int, parts: dict[str, bytes], meta: dict | None = None
+) -> None:
+    """Upload the parts, then commit the checkpoint by writing its manifest."""
+    folder = _folder(prefix, step)
+    for name, data in parts.items():
+        store.put(f"{folder}/{name}", data)
+    manifest = {
+        "step": step,
+        "created": time.time(),
+        "parts": {name: {"sha256": sha256(data), "size": len(data)} for name, data in parts.items()},
+        "meta": meta or {},
+    }
+    store.put(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+
+
+def steps(store: ObjectStore, prefix: str) -> list[int]:
+    """Steps that have a checkpoint folder (valid or not), newest first."""
+    found = set()
+    for key in store.list(prefix):
+        m = _STEP.search(key.rsplit("/", 1)[0])
+        if m:
+            found.add(int(m.group(1)))
+    return sorted(found, reverse=True)
+
+
+def load(store: ObjectStore, prefix: str, step: int) -> Checkpoint | None:
+    """The checkpoint at `step` if its manifest exists and every part matches it, else None."""
+    folder = _folder(prefix, step)
+    try:
+        manifest = json.loads(store.get(f"{folder}/{MANIFEST}"))
+        parts = {}
+        for name, want in manifest["parts"].items():
+            data = store.get(f"{folder}/{name}")
+            if len(data) != want["size"] or sha256(data) != want["sha256"]:
+                log.warning("checkpoint %s: part %s does not match its manifest; skipped", folder, name)
+                return None
+            parts[name] = data
+        if manifest["step"] != step:
+            return None
+        return Checkpoint(step, parts, manifest.get("meta", {}))
+    except KeyError:
+        log.info("checkpoint %s has no manifest or a missing part; skipped", folder)
+        return None
+    except (ValueError, TypeError):
+        log.warning("checkpoint %s has a malformed manifest; skipped", folder)
+        return None
+
+
+def latest(store: ObjectStore, prefix: str) -> Checkpoint | None:
+    """The newest valid checkpoint under `prefix`, skipping partial or corrupt ones."""
+    for step in steps(store, prefix):
+        ckpt = load(store, prefix, step)
+        if ckpt is not None:
+            return ckpt
+    return None
+
+
+def prune(store: ObjectStore, prefix: str, keep: int) -> list[int]:
+    """Delete all but the newest `keep` checkpoint folders; returns the deleted steps."""
+    doomed = steps(store, prefix)[keep:]
+    for step in doomed:
+        folder = _folder(prefix, step)
+        store.delete(f"{folder}/{MANIFEST}")
+        for key in store.list(folder):
+            store.delete(key)
+    return doomed

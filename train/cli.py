@@ -1,0 +1,208 @@
+"""`python -m train`: train domains in order and print a final JSON summary.
+
+Exit codes: 0 done, 1 a domain failed validation, 2 bad input (unknown domain, malformed JSONL, bad
+store URL, unreachable store), 75 interrupted by SIGTERM/SIGINT after a checkpoint (rerun resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from train import BadInput
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 75
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    """Print a one-line error to stderr and return the exit to raise."""
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+    return typer.Exit(code)
+
+
+def train_command(
+    domains: str = typer.Option(
+        ..., "--domains", "-d", help="'all', a category, or comma-separated domain names"
+    ),
+    store: str = typer.Option(
+        "file://./store", envvar="MEETARA_STORE", help="file://DIR or s3://BUCKET/PREFIX"
+    ),
+    run_id: str = typer.Option(
+        "default", "--run-id", envvar="MEETARA_RUN_ID", help="names the run in the store"
+    ),
+    base_model: str = typer.Option(
+        "tiny", help="'tiny' (offline) or a GPT-2 model name such as microsoft/DialoGPT-medium"
+    ),
+    endpoint_url: str = typer.Option(
+        None,
+        "--endpoint-url",
+        envvar="MEETARA_S3_ENDPOINT_URL",
+        help="S3-compatible endpoint (AWS_ENDPOINT_URL also works)",
+    ),
+    data_dir: Path = typer.Option(None, help="folder of <domain>.jsonl files that replace generated data"),
+    samples: int = typer.Option(200, help="generated conversations per domain"),
+    epochs: float = typer.Option(3.0),
+    lr: float = typer.Option(2e-3),
+    r: int = typer.Option(8, "--lora-r"),
+    alpha: float = typer.Option(16.0, "--lora-alpha"),
+    batch_size: int = typer.Option(8, help="0: the largest that fits (GPU)"),
+    checkpoint_every: int = typer.Option(10, help="steps between checkpoints"),
+    keep_checkpoints: int = typer.Option(2),
+    seed: int = typer.Option(0),
+    merged: bool = typer.Option(True, help="also export the merged model quantized to Q4_K_M"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Train one LoRA adapter per domain and export validated GGUF files to the store."""
+    from train.lora import Interrupted, LoraParams, StopFlag
+    from train.pipeline import JobSpec
+    from train.store import StoreError
+
+    try:
+        spec = JobSpec(
+            domains=[d for d in domains.split(",") if d.strip()] or [""],
+            store=store,
+            run_id=run_id,
+            base_model=base_model,
+            samples=samples,
+            data_dir=data_dir,
+            endpoint_url=endpoint_url,
+            merged=merged,
+            params=LoraParams(
+                lr=lr,
+                epochs=epochs,
+                r=r,
+                alpha=alpha,
+                batch_size=batch_size or None,
+                checkpoint_every=checkpoint_every,
+                keep_checkpoints=keep_checkpoints,
+                seed=seed,
+            ),
+        )
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise fail(f"invalid {'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from None
+    stop = StopFlag()
+    stop.install()
+    try:
+        summary = run_with_progress(spec, stop, quiet)
+    except (BadInput, StoreError) as e:
+        raise fail(str(e)) from None
+    except Interrupted as e:
+        raise fail(f"interrupted: {e}", EXIT_INTERRUPTED) from None
+    typer.echo(json.dumps(summary_view(summary), indent=1))
+    failed = [n for n, d in summary["domains"].items() if d.get("status") == "failed"]
+    if failed:
+        raise fail(f"validation failed for {', '.join(failed)} (see failed.json in the store)", EXIT_FAILED)
+
+
+def summary_view(summary: dict) -> dict:
+    """The final JSON: per domain its status, files, losses and timings (manifests hold the rest)."""
+    out = {k: v for k, v in summary.items() if k != "domains"}
+    out["domains"] = {}
+    for name, m in summary["domains"].items():
+        if m.get("status") == "skipped":
+            out["domains"][name] = m
+            continue
+        out["domains"][name] = {
+            "status": m["status"],
+            "files": {
+                k: {"key": f["key"], "size": f["size"], "sha256": f["sha256"]} for k, f in m["files"].items()
+            },
+            "heldout_loss": [m["metrics"]["heldout_loss_before"], m["metrics"]["heldout_loss_after"]],
+            "acceptance_rate": m["data"]["quality"]["acceptance_rate"],
+            "resumed_from_step": m["metrics"]["resumed_from_step"],
+            "seconds": round(sum(m["timings"].values()), 2),
+        }
+    done = [d for d in out["domains"].values() if d["status"] == "done"]
+    out["counts"] = {
+        s: sum(d["status"] == s for d in out["domains"].values()) for s in ("done", "failed", "skipped")
+    }
+    if done:
+        out["mean_acceptance_rate"] = round(sum(d["acceptance_rate"] for d in done) / len(done), 4)
+    return out
+
+
+def run_with_progress(spec, stop, quiet: bool) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from train.pipeline import Events, run_job
+
+    if quiet or not err.is_terminal and os.environ.get("MEETARA_PROGRESS") != "1":
+        # not a terminal (a log file on the GPU box): one line per domain instead of redrawn bars
+        def end(name: str, m: dict) -> None:
+            met = m["metrics"]
+            err.print(
+                f"{name}: {m['status']} loss {met['heldout_loss_before']:.3f} -> "
+                f"{met['heldout_loss_after']:.3f} in {sum(m['timings'].values()):.1f}s",
+                highlight=False,
+            )
+
+        every = int(os.environ.get("MEETARA_LOG_EVERY", "25"))
+        current = {"name": ""}
+
+        def start(name: str, i: int, n: int) -> None:
+            current["name"] = name
+            err.print(f"{name}: domain {i + 1}/{n}", highlight=False)
+
+        def step(done: int, total: int, loss: float) -> None:
+            if every and (done % every == 0 or done == total):
+                err.print(f"{current['name']}: step {done}/{total} loss {loss:.4f}", highlight=False)
+
+        return run_job(spec, events=Events(start, step, end), stop=stop)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        overall = progress.add_task("domains", total=None, info="")
+        steps = progress.add_task("", total=None, info="")
+
+        def start(name: str, i: int, n: int) -> None:
+            progress.update(overall, total=n, completed=i)
+            progress.update(steps, description=name, completed=0, total=None, info="")
+
+        def step(done: int, total: int, loss: float) -> None:
+            progress.update(steps, completed=done, total=total, info=f"loss {loss:.3f}")
+
+        def end(name: str, m: dict) -> None:
+            progress.advance(overall)
+            progress.update(
+                steps, info=f"{m['status']}, held-out loss {m['metrics']['heldout_loss_after']:.3f}"
+            )
+
+        return run_job(spec, events=Events(start, step, end), stop=stop)
+
+
+def run_app(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> None:
+    """Run a typer app so that usage errors are one line on stderr with exit code 2 (click draws a box)."""
+    logging.basicConfig(level=os.environ.get("MEETARA_LOG", "WARNING"), stream=sys.stderr)
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(argv, prog_name=prog_name, standalone_mode=False)
+    except typer.Exit as e:
+        rc = e.exit_code
+    except typer.Abort:
+        err.print("aborted")
+        rc = 130
+    except typer.TyperException as e:  # click's usage errors (typer vendors click)
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        err.print(f"[bold red]error:[/] {message} (see {prog_name} --help)", soft_wrap=True, highlight=False)
+        rc = EXIT_BAD_INPUT
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def main() -> None:
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(train_command)
+    run_app(app, "python -m train")

@@ -1,0 +1,184 @@
+"""Evaluate a GGUF model (and optional LoRA adapter) with llama.cpp in a child process.
+
+A malformed GGUF (e.g. a wrong-shaped LoRA tensor) segfaults llama.cpp instead of raising, so the
+parent only ever talks to it through `python -m train.llama_check`, which prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class LlamaCheckError(RuntimeError):
+    """llama.cpp crashed, failed or timed out on a GGUF file."""
+
+
+_STAGE = "llama_check stage: "
+
+
+def _stage(what: str) -> None:
+    # Marks progress on stderr so a parent can tell where a crashed child died.
+    print(_STAGE + what, file=sys.stderr, flush=True)
+
+
+def evaluate(
+    model: str,
+    tokens: list[int],
+    *,
+    lora: str | None = None,
+    generate: int = 0,
+    text: str | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run llama.cpp in THIS process: per-position logits, greedy continuation, tokenization."""
+    import llama_cpp
+
+    if not tokens:
+        raise ValueError("need at least one token")
+    n_ctx = len(tokens) + max(generate, 0)
+    _stage(f"loading {model}" + (f" with LoRA {lora}" if lora else ""))
+    llm = llama_cpp.Llama(
+        model_path=model,
+        lora_path=lora,
+        logits_all=True,  # 0.3.x keeps only the last row in `scores` without it
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_threads=threads,
+        seed=0,
+        verbose=False,
+    )
+    n_vocab = llm.n_vocab()
+    n_ctx_train = llama_cpp.llama_model_n_ctx_train(llm.model)
+    # GPT-2 has learned positions: past n_ctx_train llama.cpp would index past position_embd.
+    if n_ctx > n_ctx_train:
+        raise ValueError(
+            f"{len(tokens)} tokens + {generate} generated exceed the model context {n_ctx_train}"
+        )
+    if bad := [t for t in tokens if not 0 <= t < n_vocab]:
+        raise ValueError(f"token ids out of range [0, {n_vocab}): {bad[:5]}")
+
+    _stage(f"evaluating {len(tokens)} tokens")
+    llm.eval(tokens)
+    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    # Plain argmax over llama.cpp's own logits: exactly comparable with transformers' greedy decode.
+    generated: list[int] = []
+    nxt = int(np.argmax(logits[-1]))
+    for i in range(generate):
+        generated.append(nxt)
+        if i + 1 < generate:
+            llm.eval([nxt])
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    out: dict[str, Any] = {
+        "n_vocab": n_vocab,
+        "n_ctx_train": n_ctx_train,
+        "logits": logits.tolist(),
+        "generated": generated,
+        "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
+    }
+    if text is not None:
+        out["tokenize_check"] = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: print one JSON object with the evaluation on stdout; logs and errors go to stderr."""
+    p = argparse.ArgumentParser(prog="python -m train.llama_check", description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--lora")
+    p.add_argument("--tokens", required=True, help="comma-separated token ids")
+    p.add_argument("--generate", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--text", help="also report llama.cpp's tokenization of this text")
+    args = p.parse_args(argv)
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+
+    # Anything native code or Python prints while llama.cpp runs must not corrupt the JSON on stdout:
+    # point fd 1 (and sys.stdout) at stderr and keep a private copy of the real stdout.
+    sys.stdout.flush()
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    result = evaluate(
+        args.model, tokens, lora=args.lora, generate=args.generate, text=args.text, threads=args.threads
+    )
+    with os.fdopen(real_stdout, "w") as out:
+        json.dump(result, out)
+        out.write("\n")
+
+
+def _describe_failure(stderr: str) -> str:
+    """'while <last stage>: <last stderr line>' for a one-line error message."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    stages = [ln.removeprefix(_STAGE) for ln in lines if ln.startswith(_STAGE)]
+    where = f" while {stages[-1]}" if stages else ""
+    if not lines or lines[-1].startswith(_STAGE):  # died silently: the stage says it all
+        return where or ": (no stderr)"
+    return f"{where}: {lines[-1]}"
+
+
+def run_llama_check(
+    model: Path,
+    token_ids: list[int],
+    *,
+    lora: Path | None = None,
+    generate: int = 8,
+    text: str | None = None,
+    timeout: float = 120,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` (+ `lora`) with llama.cpp in a subprocess; `logits` comes back as a numpy array.
+
+    Raises LlamaCheckError if the child is killed by a signal (e.g. SIGSEGV on a bad adapter),
+    exits non-zero, times out or prints something that is not the expected JSON.
+    """
+    cmd = [
+        sys.executable, "-m", "train.llama_check",
+        "--model", str(model),
+        "--tokens", ",".join(str(int(t)) for t in token_ids),
+        "--generate", str(generate),
+    ]  # fmt: skip
+    if lora is not None:
+        cmd += ["--lora", str(lora)]
+    if text is not None:
+        cmd += ["--text", text]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    # The child must import this package whatever the caller's working directory is.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
+    target = f"{model}" + (f" with LoRA {lora}" if lora is not None else "")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        raise LlamaCheckError(f"llama.cpp check of {target} timed out after {timeout:g}s") from exc
+    if proc.returncode != 0:
+        rc = proc.returncode
+        if rc < 0:
+            try:
+                how = f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                how = f"killed by signal {-rc}"
+        else:
+            how = f"exit code {rc}"
+        raise LlamaCheckError(f"llama.cpp check of {target} failed ({how}){_describe_failure(proc.stderr)}")
+    try:
+        result = json.loads(proc.stdout)
+    except json.JSONDecodeError as exc:
+        raise LlamaCheckError(f"llama.cpp check of {target} printed no JSON: {proc.stdout[:200]!r}") from exc
+    result["logits"] = np.asarray(result["logits"], dtype=np.float32)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Base models: `tiny` (offline, built from a config) or a Hugging Face name such as
+`microsoft/DialoGPT-medium` (downloaded by transformers where the network is, i.e. on the GPU box).
+
+`tiny` is the GPT-2 architecture at toy size with a ByteLevel BPE tokenizer trained locally on the
+generated corpus of every domain, then briefly pretrained on that mixed corpus so that it is a
+language model a LoRA adapter can specialise. It is built once and cached on disk; nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from train.domains import Registry
+
+TINY = "tiny"
+EOS = "<|endoftext|>"
+# n_embd=256 keeps every matrix row a multiple of 256, so Q4_K_M applies k-quants to all of them.
+TINY_CONFIG = {"n_embd": 256, "n_layer": 2, "n_head": 4, "n_positions": 256, "vocab_size": 2048}
+TINY_PRETRAIN = {"steps": 120, "batch": 16, "lr": 3e-3, "samples_per_domain": 60, "seed": 1234}
+TINY_VERSION = 1
+
+
+@dataclass
+class Base:
+    """A loaded base model: transformers model and tokenizer, and where they came from."""
+
+    name: str
+    model: Any  # transformers GPT2LMHeadModel
+    tokenizer: Any  # PreTrainedTokenizerFast
+    source: str
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' per-load progress bars and notices out of our progress output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEETARA_CACHE", Path.home() / ".cache" / "meetara"))
+
+
+def load_base(name: str, registry: Registry, *, dtype: Any = None, device: str = "cpu") -> Base:
+    """Load `tiny` (built and cached on first use) or a transformers model by name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    quiet_transformers()
+    if name == TINY:
+        path = ensure_tiny(registry)
+        tok = PreTrainedTokenizerFast(
+            tokenizer_file=str(path / "tokenizer.json"),
+            eos_token=EOS,
+            bos_token=EOS,
+            unk_token=EOS,
+            pad_token=EOS,
+        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        source = str(path)
+    else:
+        tok = AutoTokenizer.from_pretrained(name)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+        source = f"hf:{name}"
+    if model.config.model_type != "gpt2":
+        raise ValueError(
+            f"base model {name!r} is {model.config.model_type}, but only GPT-2 models are supported"
+        )
+    model.to(device)
+    return Base(name, model, tok, source)
+
+
+def _tiny_key(registry: Registry) -> str:
+    blob = json.dumps(
+        {
+            "config": TINY_CONFIG,
+            "pretrain": TINY_PRETRAIN,
+            "v": TINY_VERSION,
+            "domains": [d.model_dump() for d in registry.domains],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def ensure_tiny(registry: Registry) -> Path:
+    """Build the tiny base model into the cache unless it is there; returns its folder."""
+    final = cache_dir() / f"tiny-{_tiny_key(registry)}"
+    if (final / "model.safetensors").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tiny-build-"))
+    try:
+        _build_tiny(registry, tmp)
+        try:
+            os.rename(tmp, final)  # atomic; another process may have won the race, which is fine
+        except OSError:
+            if not (final / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _build_tiny(registry: Registry, out: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from train.data import generate, quality_filter
+
+    p = TINY_PRETRAIN
+    texts = []
+    for d in registry.domains:
+        kept, _ = quality_filter(generate(d, p["samples_per_domain"], seed=p["seed"]), d)
+        texts += [f"{s.prompt}{EOS}{s.response}{EOS}" for s in kept]
+    # the tokenizer also sees the registry's own text, so every domain's vocabulary gets merges
+    corpus = texts + [
+        " ".join(d.vocabulary + d.topics + d.advice + [d.description]) for d in registry.domains
+    ]
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_CONFIG["vocab_size"],
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
+    )
+
+    cfg = GPT2Config(
+        **{**TINY_CONFIG, "vocab_size": tok.get_vocab_size()},
+        bos_token_id=0,
+        eos_token_id=0,
+        n_ctx=TINY_CONFIG["n_positions"],
+    )
+    torch.manual_seed(p["seed"])
+    model = GPT2LMHeadModel(cfg)
+    ids = [hf_tok(t)["input_ids"][: cfg.n_positions] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"])
+    g = torch.Generator().manual_seed(p["seed"])
+    model.train()
+    for _ in range(p["steps"]):
+        batch = [ids[i] for i in torch.randint(len(ids), (p["batch"],), generator=g).tolist()]
+        loss = lm_loss(model, batch, pad_id=hf_tok.pad_token_id)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+
+
+def collate(batch: list[list[int]], pad_id: int) -> dict:
+    """Right-pad a batch; padded positions are masked out of attention and loss."""
+    import torch
+
+    n = max(len(x) for x in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_loss(model: Any, batch: list[list[int]], pad_id: int) -> Any:
+    """Mean next-token loss of a batch of token-id lists."""
+    dev = next(model.parameters()).device
+    return model(**{k: v.to(dev) for k, v in collate(batch, pad_id).items()}).loss
+
+
+def encode(samples: list, tokenizer: Any, max_len: int) -> list[list[int]]:
+    """Token ids of `prompt<eos>response<eos>` per sample (DialoGPT's turn format), cut to `max_len`."""
+    eos = tokenizer.eos_token
+    texts = [f"{s.prompt}{eos}{s.response}{eos}" for s in samples]
+    return [x[:max_len] for x in tokenizer(texts)["input_ids"]]

@@ -1,0 +1,280 @@
+"""One training job: for each domain in order, data -> LoRA -> GGUF -> validation -> manifest.
+
+Store layout under the store's root:
+    runs/<run>/base/<base>-f16.gguf                      the base model the adapters apply to
+    runs/<run>/domains/<domain>/checkpoints/step-N/      training checkpoints (see checkpoint.py)
+    runs/<run>/domains/<domain>/adapter.gguf             LoRA adapter (llama.cpp `--lora`)
+    runs/<run>/domains/<domain>/model-Q4_K_M.gguf        merged model, quantized
+    runs/<run>/domains/<domain>/manifest.json            written last: the domain is done
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from train import BadInput, checkpoint
+from train.data import domain_data
+from train.domains import Domain, load_registry, select_domains
+from train.lora import LoraParams, StopFlag, attach_lora, heldout_loss
+from train.lora import train as train_lora
+from train.store import ObjectStore, open_store
+
+MANIFEST = "manifest.json"
+
+
+class Tolerance(BaseModel):
+    """How close llama.cpp's logits must be to the transformers model's (same token ids).
+
+    Measured on the tiny model: f16 base + f32 adapter ~0.002-0.007 max |diff| (llama.cpp's f16 KV cache
+    is most of it), top-1 100%; the same base without its adapter is 0.6-3.4 away, so the adapter bound
+    fails an adapter that is not applied. Q4_K_M's error grows with the logits' scale, so its bound is
+    relative to their standard deviation (measured 0.55-0.6 of it), with top-1 agreement 81-99%."""
+
+    adapter_max_abs: float = 0.05
+    adapter_top1: float = 0.95
+    quantized_max_rel: float = 1.0
+    quantized_top1: float = 0.75
+
+
+class JobSpec(BaseModel):
+    """Everything `python -m train` needs; the launcher renders the same fields into a task."""
+
+    domains: list[str] = Field(min_length=1)
+    store: str = "file://./store"
+    run_id: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    base_model: str = "tiny"
+    samples: int = Field(200, ge=16, description="generated conversations per domain")
+    noise: float = Field(0.1, ge=0, le=1)
+    data_dir: Path | None = None
+    params: LoraParams = LoraParams()
+    merged: bool = True
+    endpoint_url: str | None = None
+    tolerance: Tolerance = Tolerance()
+
+
+@dataclass
+class Events:
+    """Progress hooks (the CLI draws rich progress bars with them)."""
+
+    domain_start: Callable[[str, int, int], None] = lambda name, i, n: None
+    step: Callable[[int, int, float], None] = lambda step, total, loss: None
+    domain_end: Callable[[str, dict], None] = lambda name, result: None
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def domain_prefix(run_id: str, domain: str) -> str:
+    return f"runs/{run_id}/domains/{domain}"
+
+
+def is_done(store: ObjectStore, run_id: str, domain: str) -> bool:
+    return store.exists(f"{domain_prefix(run_id, domain)}/{MANIFEST}")
+
+
+def run_job(spec: JobSpec, *, events: Events | None = None, stop: StopFlag | None = None) -> dict:
+    """Train every domain of `spec` in order; domains whose manifest is in the store are skipped.
+    Returns a summary; raises `BadInput` on bad input and `lora.Interrupted` on SIGTERM/SIGINT.
+
+    Everything a user can get wrong (domains, store, data files) is checked before the base model
+    loads, so a typo costs seconds, not a model download."""
+    events = events or Events()
+    registry = load_registry()
+    domains = select_domains(spec.domains, registry)
+    if spec.data_dir is not None and not spec.data_dir.is_dir():
+        raise BadInput(f"--data-dir {spec.data_dir} is not a directory")
+    store = open_store(spec.store, endpoint_url=spec.endpoint_url)
+    store.list(f"runs/{spec.run_id}/base")  # fail fast on a store we cannot reach
+
+    summary: dict[str, Any] = {
+        "run_id": spec.run_id,
+        "store": store.url,
+        "base_model": spec.base_model,
+        "domains": {},
+    }
+    todo = []
+    for d in domains:
+        if is_done(store, spec.run_id, d.name):
+            summary["domains"][d.name] = {"status": "skipped", "reason": "manifest already in store"}
+        else:
+            todo.append(
+                (
+                    d,
+                    domain_data(
+                        d, n=spec.samples, seed=spec.params.seed, data_dir=spec.data_dir, noise=spec.noise
+                    ),
+                )
+            )
+    if not todo:
+        return summary
+
+    import torch
+
+    from train.model import load_base
+
+    t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_base(
+        spec.base_model, registry, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32
+    )
+    summary["base_load_seconds"] = round(time.perf_counter() - t0, 3)
+    with tempfile.TemporaryDirectory(prefix="meetara-") as tmp:
+        base_key, base_file = _ensure_base_gguf(store, spec, base, Path(tmp))
+        for i, (d, data) in enumerate(todo):
+            events.domain_start(d.name, i, len(todo))
+            result = train_domain(d, data, spec, base, store, base_key, base_file, Path(tmp), events, stop)
+            summary["domains"][d.name] = result
+            events.domain_end(d.name, result)
+    return summary
+
+
+def _ensure_base_gguf(store: ObjectStore, spec: JobSpec, base: Any, tmp: Path) -> tuple[str, Path]:
+    """Write the base model's f16 GGUF to the store once per run; return its key and a local copy."""
+    from train.gguf_export import write_model_gguf
+
+    key = f"runs/{spec.run_id}/base/{safe_name(spec.base_model)}-f16.gguf"
+    local = tmp / "base-f16.gguf"
+    if store.exists(key):
+        store.get_file(key, local)
+    else:
+        write_model_gguf(_fp32_cpu(base.model), base.tokenizer, local, name=spec.base_model, dtype="f16")
+        store.put_file(key, local)
+    return key, local
+
+
+def _fp32_cpu(model: Any) -> Any:
+    import torch
+
+    p = next(model.parameters())
+    return (
+        model if (p.device.type == "cpu" and p.dtype == torch.float32) else copy.deepcopy(model).float().cpu()
+    )
+
+
+def _file_entry(store: ObjectStore, key: str, path: Path) -> dict:
+    data = path.read_bytes()
+    return {"key": key, "sha256": checkpoint.sha256(data), "size": len(data)}
+
+
+def train_domain(
+    d: Domain,
+    data: tuple,
+    spec: JobSpec,
+    base: Any,
+    store: ObjectStore,
+    base_key: str,
+    base_file: Path,
+    tmp: Path,
+    events: Events,
+    stop: StopFlag | None,
+) -> dict:
+    """Train, export, validate one domain and commit its manifest. Returns the manifest."""
+    from peft import get_peft_model_state_dict
+
+    from train.gguf_export import quantize, write_adapter_gguf, write_model_gguf
+    from train.model import encode
+    from train.validate import validate_domain
+
+    timings: dict[str, float] = {}
+    prefix = domain_prefix(spec.run_id, d.name)
+    t = time.perf_counter()
+    train_s, held_s, quality, source = data
+    train_ids = encode(train_s, base.tokenizer, spec.params.max_len)
+    held_ids = encode(held_s, base.tokenizer, spec.params.max_len)
+    timings["data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model = attach_lora(base.model, spec.params)
+    try:
+        with model.disable_adapter():
+            loss_before = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
+        result = train_lora(
+            model,
+            train_ids,
+            spec.params,
+            pad_id=base.tokenizer.pad_token_id,
+            store=store,
+            prefix=f"{prefix}/checkpoints",
+            stop=stop,
+            on_step=events.step,
+        )
+        loss_after = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
+        timings["train"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        out = tmp / d.name
+        out.mkdir(exist_ok=True)
+        lora_state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()}
+        adapter = write_adapter_gguf(
+            lora_state, out / "adapter.gguf", alpha=spec.params.alpha, base_name=spec.base_model
+        )
+        files = {"adapter": adapter}
+        if spec.merged:
+            merged = copy.deepcopy(model).float().cpu().merge_and_unload()
+            f16 = write_model_gguf(
+                merged, base.tokenizer, out / "merged-f16.gguf", name=f"{spec.base_model}-{d.name}"
+            )
+            files["merged_q4_k_m"] = quantize(f16, out / "model-Q4_K_M.gguf", "Q4_K_M")
+            f16.unlink()
+        timings["export"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        validation = validate_domain(model, base, files, base_file, held_s[0].prompt, spec)
+        timings["validate"] = time.perf_counter() - t
+    finally:
+        base.model = model.unload()  # peft injected layers into the shared base: take them out again
+
+    validation["heldout_loss_improved"] = loss_after < loss_before
+    validation["passed"] = validation["passed"] and validation["heldout_loss_improved"]
+    entries = {}
+    for name, path in files.items():
+        key = f"{prefix}/{path.name}"
+        store.put_file(key, path)
+        entries[name] = _file_entry(store, key, path) | {"gguf": validation["files"][name]["summary"]}
+    manifest = {
+        "domain": d.name,
+        "category": d.category,
+        "run_id": spec.run_id,
+        "status": "done" if validation["passed"] else "failed",
+        "base_model": spec.base_model,
+        "base_gguf": _file_entry(store, base_key, base_file),
+        "files": entries,
+        "params": spec.params.model_dump(),
+        "data": {
+            "source": source,
+            "quality": quality.as_dict(),
+            "train": len(train_s),
+            "heldout": len(held_s),
+        },
+        "metrics": {
+            "heldout_loss_before": round(loss_before, 5),
+            "heldout_loss_after": round(loss_after, 5),
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from,
+            "batch_size": result.batch_size,
+            "final_train_loss": round(result.losses[-1], 5) if result.losses else None,
+            "tokens_per_second": round(result.tokens / result.seconds, 1) if result.seconds else None,
+        },
+        "validation": validation,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "created": time.time(),
+        "host": platform.node(),
+    }
+    # a failed domain keeps its checkpoints and gets no manifest, so a rerun retries it
+    name = MANIFEST if validation["passed"] else "failed.json"
+    store.put(f"{prefix}/{name}", json.dumps(manifest, indent=1).encode())
+    if validation["passed"]:
+        store.delete(f"{prefix}/failed.json")
+    return manifest

@@ -1,0 +1,218 @@
+"""Object stores for checkpoints and outputs: `file://` (the embedded default) and `s3://` (boto3).
+
+Keys are '/'-separated paths relative to the store's root. Writes are atomic: a reader sees a whole
+object or none. S3 calls retry transient errors with tenacity; an endpoint that stays unreachable
+becomes a `StoreError` (a one-line, user-facing error).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from train import BadInput
+
+
+class StoreError(RuntimeError):
+    """The store failed after retries (unreachable endpoint, denied access, missing bucket)."""
+
+
+class ObjectStore(Protocol):
+    url: str
+
+    def put(self, key: str, data: bytes) -> None: ...
+    def put_file(self, key: str, path: Path) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def get_file(self, key: str, path: Path) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def local_path(self, key: str) -> Path | None: ...
+
+
+def open_store(url: str, *, endpoint_url: str | None = None) -> ObjectStore:
+    """Open `file:///abs/dir`, `file://./rel/dir`, a plain directory path, or `s3://bucket/prefix`."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("", "file"):
+        path = parsed.netloc + parsed.path if parsed.scheme == "file" else url
+        if not path:
+            raise BadInput(f"bad store URL {url!r}: no directory")
+        return FileStore(Path(path).expanduser())
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise BadInput(f"bad store URL {url!r}: expected s3://bucket/prefix")
+        return S3Store(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url)
+    raise BadInput(f"bad store URL {url!r}: use file://DIR or s3://BUCKET/PREFIX")
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad store key {key!r}")
+    return key
+
+
+class FileStore:
+    """A directory; atomic writes via a temp file and `os.replace`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.url = f"file://{self.root}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store directory {self.root}: {e.strerror}") from e
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.put(key, Path(path).read_bytes())
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def get_file(self, key: str, path: Path) -> None:
+        Path(path).write_bytes(self.get(key))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix.rstrip("/") if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+def _transient(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = exc.response.get("Error", {}).get("Code", "")
+        return status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling")
+    return False
+
+
+def _attempts() -> int:
+    return int(os.environ.get("MEETARA_STORE_RETRIES", "5"))
+
+
+_retry = retry(
+    retry=retry_if_exception(_transient),
+    stop=lambda rs: stop_after_attempt(_attempts())(rs),
+    wait=wait_exponential(multiplier=0.2, max=5),
+    reraise=True,
+)
+
+
+class S3Store:
+    """`s3://bucket/prefix` on AWS or any S3-compatible server (`endpoint_url`, or `AWS_ENDPOINT_URL`).
+
+    Credentials come from boto3's usual chain (env, ~/.aws/credentials); they are never logged."""
+
+    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket, self.prefix = bucket, prefix
+        self.url = f"s3://{bucket}/{prefix}".rstrip("/")
+        # botocore's own retries are off so that tenacity alone decides (one policy, one place).
+        cfg = Config(
+            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=float(os.environ.get("MEETARA_STORE_TIMEOUT", "5")),
+            read_timeout=60,
+            s3={"addressing_style": "path"},
+        )
+        self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=cfg)
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return _retry(fn)(*args, **kwargs)
+        except Exception as e:
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if isinstance(e, ClientError):
+                code = e.response.get("Error", {}).get("Code", "")
+                if code in ("NoSuchKey", "404"):
+                    raise KeyError(what) from None
+                raise StoreError(f"{self.url}: {what} failed: {code or e}") from None
+            if isinstance(e, BotoCoreError):
+                raise StoreError(f"{self.url}: {what} failed: {e}") from None
+            raise
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call(key, self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_file(self, key: str, path: Path) -> None:
+        # upload_file does multipart for big files; a multipart upload is invisible until completed.
+        self._call(key, self.client.upload_file, str(path), self.bucket, self._key(key))
+
+    def get(self, key: str) -> bytes:
+        resp = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        return resp["Body"].read()
+
+    def get_file(self, key: str, path: Path) -> None:
+        self._call(key, self.client.download_file, self.bucket, self._key(key), str(path))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(key, self.client.head_object, Bucket=self.bucket, Key=self._key(key))
+            return True
+        except KeyError:
+            return False
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix.rstrip("/")) + "/" if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+
+        def keys() -> list[str]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            return [o["Key"][strip:] for page in pages for o in page.get("Contents", [])]
+
+        return sorted(self._call(prefix or "list", keys))
+
+    def delete(self, key: str) -> None:
+        self._call(key, self.client.delete_object, Bucket=self.bucket, Key=self._key(key))

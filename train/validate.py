@@ -1,0 +1,147 @@
+"""Validation of a domain's GGUF outputs.
+
+1. Read each file back with `gguf`: architecture, type, file type, tensor types and counts.
+2. Size: the adapter's tensor bytes must equal what the config implies (r, layers, width); the
+   quantized model's must equal what its tensor types imply. Only alignment padding may differ.
+3. llama.cpp (in a subprocess: a malformed GGUF can crash it) loads base + adapter and the merged
+   quantized model, evaluates a held-out prompt and generates; its logits are compared with the
+   transformers model's on the same token ids (tolerances in `pipeline.Tolerance`), and its
+   tokenizer must reproduce the transformers tokenizer's ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.gguf_export import expected_quantized_bytes, expected_tensor_bytes, read_gguf_summary
+from train.llama_check import LlamaCheckError, run_llama_check
+
+
+def _compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    return {
+        "max_abs_diff": float(np.max(np.abs(ref - got))),
+        "top1_agreement": float(np.mean(ref.argmax(-1) == got.argmax(-1))),
+    }
+
+
+def _size_check(summary: dict, expected: int) -> dict:
+    actual = summary["tensor_data_bytes"]
+    slack = summary["alignment"] * summary["tensor_count"]  # each tensor may be padded to the alignment
+    return {
+        "expected_tensor_bytes": expected,
+        "actual_tensor_bytes": actual,
+        "ok": expected <= actual <= expected + slack,
+    }
+
+
+def _llama(
+    model: Path, ids: list[int], ref: np.ndarray, *, lora: Path | None = None, text: str | None = None
+) -> dict:
+    try:
+        out = run_llama_check(model, ids, lora=lora, generate=8, text=text)
+    except LlamaCheckError as e:
+        return {"loaded": False, "error": str(e)}
+    res = {"loaded": True, "generated_tokens": len(out["generated"]), "generated_text": out["text"]}
+    res |= _compare(ref, np.asarray(out["logits"])[:, : ref.shape[-1]])
+    if text is not None:
+        res["tokenizer_matches"] = out.get("tokenize_check") == ids
+    return res
+
+
+def reference_logits(model: Any, ids: list[int], adapter: bool = True) -> np.ndarray:
+    """Logits of the transformers model (eval mode, fp32 output) for `ids`."""
+    import contextlib
+
+    import torch
+
+    dev = next(model.parameters()).device
+    ctx = contextlib.nullcontext() if adapter else model.disable_adapter()
+    was = model.training
+    model.eval()
+    with torch.no_grad(), ctx:
+        logits = model(input_ids=torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()
+    model.train(was)
+    return logits
+
+
+def validate_domain(
+    model: Any, base: Any, files: dict[str, Path], base_file: Path, prompt: str, spec: Any
+) -> dict:
+    """Run every check on a domain's files; `passed` is True only if all of them pass."""
+    tol = spec.tolerance
+    ids = base.tokenizer(prompt)["input_ids"]
+    ref = reference_logits(model, ids)
+    effect = float(np.max(np.abs(ref - reference_logits(model, ids, adapter=False))))
+    report: dict[str, Any] = {"probe_tokens": len(ids), "adapter_effect_max_abs": effect, "files": {}}
+    ok = True
+
+    summary = read_gguf_summary(files["adapter"])
+    n_layer = base.config.n_layer
+    header_ok = (
+        summary["architecture"] == "gpt2"
+        and summary["type"] == "adapter"
+        and summary.get("adapter_type") == "lora"
+        and summary["tensor_count"] == 2 * n_layer
+        and set(summary["tensor_types"]) == {"F32"}
+    )
+    size = _size_check(summary, expected_tensor_bytes(base.config, kind="adapter", r=spec.params.r))
+    run = _llama(base_file, ids, ref, lora=files["adapter"], text=prompt)
+    run_ok = (
+        run["loaded"]
+        and run["generated_tokens"] > 0
+        and run["max_abs_diff"] <= tol.adapter_max_abs
+        and run["top1_agreement"] >= tol.adapter_top1
+        and run["tokenizer_matches"]
+        # if llama.cpp ignored the adapter its logits would sit `effect` away from ours
+        and (effect == 0 or run["max_abs_diff"] < 0.5 * effect)
+    )
+    report["files"]["adapter"] = {
+        "summary": _brief(summary),
+        "header_ok": header_ok,
+        "size": size,
+        "llama_cpp": run,
+        "passed": header_ok and size["ok"] and run_ok,
+    }
+    ok &= report["files"]["adapter"]["passed"]
+
+    if "merged_q4_k_m" in files:
+        summary = read_gguf_summary(files["merged_q4_k_m"])
+        header_ok = summary["architecture"] == "gpt2" and summary["file_type_name"] == "MOSTLY_Q4_K_M"
+        size = _size_check(summary, expected_quantized_bytes(summary["tensors"]))
+        run = _llama(files["merged_q4_k_m"], ids, ref)
+        if run["loaded"]:
+            run["max_rel_diff"] = run["max_abs_diff"] / float(ref.std())
+        run_ok = (
+            run["loaded"]
+            and run["generated_tokens"] > 0
+            and run["max_rel_diff"] <= tol.quantized_max_rel
+            and run["top1_agreement"] >= tol.quantized_top1
+        )
+        report["files"]["merged_q4_k_m"] = {
+            "summary": _brief(summary),
+            "header_ok": header_ok,
+            "size": size,
+            "llama_cpp": run,
+            "passed": header_ok and size["ok"] and run_ok,
+        }
+        ok &= report["files"]["merged_q4_k_m"]["passed"]
+    report["passed"] = bool(ok)
+    return report
+
+
+def _brief(summary: dict) -> dict:
+    """The parts of a GGUF summary worth keeping in a manifest (no per-tensor listing, no local path)."""
+    keep = (
+        "architecture",
+        "type",
+        "file_type",
+        "file_type_name",
+        "tensor_count",
+        "tensor_types",
+        "file_size",
+        "lora_alpha",
+    )
+    return {k: summary[k] for k in keep if k in summary}
