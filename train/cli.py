@@ -49,7 +49,7 @@ def train_command(
     ),
     data_dir: Path = typer.Option(None, help="folder of <domain>.jsonl files that replace generated data"),
     samples: int = typer.Option(200, help="generated conversations per domain"),
-    epochs: float = typer.Option(3.0),
+    epochs: float = typer.Option(2.0),
     lr: float = typer.Option(2e-3),
     r: int = typer.Option(8, "--lora-r"),
     alpha: float = typer.Option(16.0, "--lora-alpha"),

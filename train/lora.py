@@ -33,7 +33,7 @@ class LoraParams(BaseModel):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = ["c_attn"]
     lr: float = Field(2e-3, gt=0)
-    epochs: float = Field(3, gt=0)
+    epochs: float = Field(2, gt=0)
     batch_size: int | None = Field(8, ge=1, description="None: automatic on GPU (largest that fits)")
     max_len: int = Field(128, ge=8)
     warmup_steps: int = Field(5, ge=0)
@@ -223,11 +223,11 @@ def train(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        result.losses.append(float(loss))
+        result.losses.append(loss.item())
         result.tokens += sum(len(x) for x in batch)
         done = step + 1
         if on_step:
-            on_step(done, total, float(loss))
+            on_step(done, total, result.losses[-1])
         if stop is not None and stop.signum is not None and done < total:
             save(done)
             raise Interrupted(f"stopped by signal {stop.signum} at step {done}/{total}; checkpoint saved")

@@ -221,8 +221,10 @@ def train_domain(
             lora_state, out / "adapter.gguf", alpha=spec.params.alpha, base_name=spec.base_model
         )
         files = {"adapter": adapter}
+        # export and validation use an fp32 CPU copy (on the GPU the model is bf16); on CPU, the model itself
+        ref = _fp32_cpu(model)
         if spec.merged:
-            merged = copy.deepcopy(model).float().cpu().merge_and_unload()
+            merged = copy.deepcopy(ref).merge_and_unload()
             f16 = write_model_gguf(
                 merged, base.tokenizer, out / "merged-f16.gguf", name=f"{spec.base_model}-{d.name}"
             )
@@ -231,7 +233,7 @@ def train_domain(
         timings["export"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        validation = validate_domain(model, base, files, base_file, held_s[0].prompt, spec)
+        validation = validate_domain(ref, base, files, base_file, held_s[0].prompt, spec)
         timings["validate"] = time.perf_counter() - t
     finally:
         base.model = model.unload()  # peft injected layers into the shared base: take them out again

@@ -20,10 +20,14 @@ from train.gguf_export import expected_quantized_bytes, expected_tensor_bytes, r
 from train.llama_check import LlamaCheckError, run_llama_check
 
 
-def _compare(ref: np.ndarray, got: np.ndarray) -> dict:
+def _compare(ref: np.ndarray, got: np.ndarray, tie: float = 0.0) -> dict:
+    """Max |logit diff| and top-1 agreement. A position agrees when llama.cpp's top token is also the
+    reference's, or is within `tie` of the reference's best logit: a near-tie may flip under a
+    rounding difference far below the tolerance without the models disagreeing."""
+    picked = np.take_along_axis(ref, got.argmax(-1)[:, None], axis=-1)[:, 0]
     return {
         "max_abs_diff": float(np.max(np.abs(ref - got))),
-        "top1_agreement": float(np.mean(ref.argmax(-1) == got.argmax(-1))),
+        "top1_agreement": float(np.mean(picked >= ref.max(-1) - tie)),
     }
 
 
@@ -38,14 +42,20 @@ def _size_check(summary: dict, expected: int) -> dict:
 
 
 def _llama(
-    model: Path, ids: list[int], ref: np.ndarray, *, lora: Path | None = None, text: str | None = None
+    model: Path,
+    ids: list[int],
+    ref: np.ndarray,
+    *,
+    lora: Path | None = None,
+    text: str | None = None,
+    tie: float = 0.0,
 ) -> dict:
     try:
         out = run_llama_check(model, ids, lora=lora, generate=8, text=text)
     except LlamaCheckError as e:
         return {"loaded": False, "error": str(e)}
     res = {"loaded": True, "generated_tokens": len(out["generated"]), "generated_text": out["text"]}
-    res |= _compare(ref, np.asarray(out["logits"])[:, : ref.shape[-1]])
+    res |= _compare(ref, np.asarray(out["logits"])[:, : ref.shape[-1]], tie)
     if text is not None:
         res["tokenizer_matches"] = out.get("tokenize_check") == ids
     return res
@@ -88,7 +98,7 @@ def validate_domain(
         and set(summary["tensor_types"]) == {"F32"}
     )
     size = _size_check(summary, expected_tensor_bytes(base.config, kind="adapter", r=spec.params.r))
-    run = _llama(base_file, ids, ref, lora=files["adapter"], text=prompt)
+    run = _llama(base_file, ids, ref, lora=files["adapter"], text=prompt, tie=tol.adapter_max_abs)
     run_ok = (
         run["loaded"]
         and run["generated_tokens"] > 0
@@ -111,7 +121,7 @@ def validate_domain(
         summary = read_gguf_summary(files["merged_q4_k_m"])
         header_ok = summary["architecture"] == "gpt2" and summary["file_type_name"] == "MOSTLY_Q4_K_M"
         size = _size_check(summary, expected_quantized_bytes(summary["tensors"]))
-        run = _llama(files["merged_q4_k_m"], ids, ref)
+        run = _llama(files["merged_q4_k_m"], ids, ref)  # strict top-1: its bound is loose already
         if run["loaded"]:
             run["max_rel_diff"] = run["max_abs_diff"] / float(ref.std())
         run_ok = (
