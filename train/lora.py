@@ -107,7 +107,7 @@ def pick_batch_size(model: Any, params: LoraParams, pad_id: int) -> int:
     @find_executable_batch_size(starting_batch_size=256)
     def probe(batch_size: int) -> int:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            lm_loss(model, [[pad_id] * params.max_len] * batch_size, pad_id=-1).backward()
+            lm_loss(model, [[pad_id] * params.max_len] * batch_size, pad_id).backward()
         model.zero_grad(set_to_none=True)
         return batch_size
 

@@ -244,7 +244,7 @@ def train_domain(
     for name, path in files.items():
         key = f"{prefix}/{path.name}"
         store.put_file(key, path)
-        entries[name] = _file_entry(store, key, path) | {"gguf": validation["files"][name]["summary"]}
+        entries[name] = _file_entry(store, key, path) | {"gguf": validation["files"][name].get("summary")}
     manifest = {
         "domain": d.name,
         "category": d.category,

@@ -8,9 +8,12 @@ becomes a `StoreError` (a one-line, user-facing error).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
@@ -75,21 +78,29 @@ class FileStore:
         return self._path(key)
 
     def put(self, key: str, data: bytes) -> None:
+        with self._atomic(key) as f:
+            f.write(data)
+
+    def put_file(self, key: str, path: Path) -> None:
+        with self._atomic(key) as f, open(path, "rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+
+    @contextmanager
+    def _atomic(self, key: str) -> Iterator[BinaryIO]:
+        """Write to a temp file beside the target, fsync, then `os.replace`: readers see all or nothing."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; stored outputs are meant to be shared
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-    def put_file(self, key: str, path: Path) -> None:
-        self.put(key, Path(path).read_bytes())
 
     def get(self, key: str) -> bytes:
         try:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,20 +87,61 @@ def validate_domain(
     ref = reference_logits(model, ids)
     effect = float(np.max(np.abs(ref - reference_logits(model, ids, adapter=False))))
     report: dict[str, Any] = {"probe_tokens": len(ids), "adapter_effect_max_abs": effect, "files": {}}
-    ok = True
 
-    summary = read_gguf_summary(files["adapter"])
-    n_layer = base.config.n_layer
+    report["files"]["adapter"] = _check(
+        files["adapter"],
+        lambda summary: _adapter_ok(summary, base.config, spec),
+        lambda: _llama_adapter(base_file, files["adapter"], ids, ref, prompt, effect, tol),
+    )
+    if "merged_q4_k_m" in files:
+        path = files["merged_q4_k_m"]
+        report["files"]["merged_q4_k_m"] = _check(
+            path, _quantized_ok, lambda: _llama_quantized(path, ids, ref, tol)
+        )
+    report["passed"] = all(f["passed"] for f in report["files"].values())
+    return report
+
+
+def _check(
+    path: Path, header: Callable[[dict], tuple[bool, dict]], run: Callable[[], tuple[dict, bool]]
+) -> dict:
+    """Read a GGUF back (header and size), then run it in llama.cpp; an unreadable file fails, no crash."""
+    try:
+        summary = read_gguf_summary(path)
+        header_ok, size = header(summary)
+    except Exception as e:  # a truncated or foreign file makes the gguf reader raise anything
+        return {"readable": False, "error": f"{type(e).__name__}: {e}", "passed": False}
+    llama, run_ok = run()
+    return {
+        "summary": _brief(summary),
+        "header_ok": header_ok,
+        "size": size,
+        "llama_cpp": llama,
+        "passed": bool(header_ok and size["ok"] and run_ok),
+    }
+
+
+def _adapter_ok(summary: dict, config: Any, spec: Any) -> tuple[bool, dict]:
     header_ok = (
         summary["architecture"] == "gpt2"
         and summary["type"] == "adapter"
         and summary.get("adapter_type") == "lora"
-        and summary["tensor_count"] == 2 * n_layer
+        and summary["tensor_count"] == 2 * config.n_layer
         and set(summary["tensor_types"]) == {"F32"}
     )
-    size = _size_check(summary, expected_tensor_bytes(base.config, kind="adapter", r=spec.params.r))
-    run = _llama(base_file, ids, ref, lora=files["adapter"], text=prompt, tie=tol.adapter_max_abs)
-    run_ok = (
+    return header_ok, _size_check(summary, expected_tensor_bytes(config, kind="adapter", r=spec.params.r))
+
+
+def _quantized_ok(summary: dict) -> tuple[bool, dict]:
+    header_ok = summary["architecture"] == "gpt2" and summary["file_type_name"] == "MOSTLY_Q4_K_M"
+    return header_ok, _size_check(summary, expected_quantized_bytes(summary["tensors"]))
+
+
+def _llama_adapter(
+    base_file: Path, adapter: Path, ids: list[int], ref: np.ndarray, prompt: str, effect: float, tol: Any
+) -> tuple[dict, bool]:
+    run = _llama(base_file, ids, ref, lora=adapter, text=prompt, tie=tol.adapter_max_abs)
+    ok = (
         run["loaded"]
         and run["generated_tokens"] > 0
         and run["max_abs_diff"] <= tol.adapter_max_abs
@@ -108,38 +150,20 @@ def validate_domain(
         # if llama.cpp ignored the adapter its logits would sit `effect` away from ours
         and (effect == 0 or run["max_abs_diff"] < 0.5 * effect)
     )
-    report["files"]["adapter"] = {
-        "summary": _brief(summary),
-        "header_ok": header_ok,
-        "size": size,
-        "llama_cpp": run,
-        "passed": header_ok and size["ok"] and run_ok,
-    }
-    ok &= report["files"]["adapter"]["passed"]
+    return run, ok
 
-    if "merged_q4_k_m" in files:
-        summary = read_gguf_summary(files["merged_q4_k_m"])
-        header_ok = summary["architecture"] == "gpt2" and summary["file_type_name"] == "MOSTLY_Q4_K_M"
-        size = _size_check(summary, expected_quantized_bytes(summary["tensors"]))
-        run = _llama(files["merged_q4_k_m"], ids, ref)  # strict top-1: its bound is loose already
-        if run["loaded"]:
-            run["max_rel_diff"] = run["max_abs_diff"] / float(ref.std())
-        run_ok = (
-            run["loaded"]
-            and run["generated_tokens"] > 0
-            and run["max_rel_diff"] <= tol.quantized_max_rel
-            and run["top1_agreement"] >= tol.quantized_top1
-        )
-        report["files"]["merged_q4_k_m"] = {
-            "summary": _brief(summary),
-            "header_ok": header_ok,
-            "size": size,
-            "llama_cpp": run,
-            "passed": header_ok and size["ok"] and run_ok,
-        }
-        ok &= report["files"]["merged_q4_k_m"]["passed"]
-    report["passed"] = bool(ok)
-    return report
+
+def _llama_quantized(path: Path, ids: list[int], ref: np.ndarray, tol: Any) -> tuple[dict, bool]:
+    run = _llama(path, ids, ref)  # strict top-1: its logit bound is loose already
+    if not run["loaded"]:
+        return run, False
+    run["max_rel_diff"] = run["max_abs_diff"] / float(ref.std())
+    ok = (
+        run["generated_tokens"] > 0
+        and run["max_rel_diff"] <= tol.quantized_max_rel
+        and run["top1_agreement"] >= tol.quantized_top1
+    )
+    return run, ok
 
 
 def _brief(summary: dict) -> dict:
