@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from conftest import ROOT, run_cli
 from train.llama_check import run_llama_check
 from train.store import open_store
 
-FAST = ["--samples", "80", "--epochs", "2", "--checkpoint-every", "3"]
+FAST = ["--samples", "80", "--epochs", "3", "--checkpoint-every", "3"]
 
 
 def adapter_tensors(path) -> dict[str, np.ndarray]:
@@ -95,8 +96,10 @@ def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(tmp_p
     clean = run_cli("--domains", "fitness", "--store", f"file://{tmp_path}/clean", "--no-merged", *FAST)
     assert clean.returncode == 0, clean.stderr[-2000:]
 
+    total = int(re.findall(r"step \d+/(\d+)", clean.stderr)[-1])
+    assert total >= 12
     seed = random.randrange(10**6)
-    kill_at = random.Random(seed).randrange(7, 20)  # after the second checkpoint (every 3 steps)
+    kill_at = random.Random(seed).randrange(7, total - 1)  # after the second checkpoint (every 3 steps)
     proc = _start(f"file://{tmp_path}/killed")
     _wait_for_step(proc, kill_at)
     proc.send_signal(signal.SIGKILL)
