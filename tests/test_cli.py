@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import yaml
 from conftest import ROOT
 
 
@@ -44,3 +45,35 @@ def test_bad_input_is_one_line_and_exit_2():
         r = meetara(*args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, r.stderr)
+
+
+def test_offers_from_the_snapshot_honour_filters(tmp_path):
+    import json
+
+    r = meetara("offers", "--gpu", "A100", "--spot", "--json", "--all")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert rows and all(x["gpu"].startswith("A100") and x["spot"] for x in rows)
+    assert [x["expected_hour"] for x in rows] == sorted(x["expected_hour"] for x in rows)
+    table = meetara("offers", "--on-demand", "--provider", "lambda")
+    assert table.returncode == 0 and "lambda" in table.stdout and "vast" not in table.stdout
+
+
+def test_providers_set_and_show_round_trip(tmp_path):
+    cfg = str(tmp_path / "meetara.yaml")
+    assert meetara("providers", "set", "vast", "--disable", "--config", cfg).returncode == 0
+    assert meetara("providers", "set", "--spot-policy", "on-demand", "--config", cfg).returncode == 0
+    shown = meetara("providers", "--config", cfg)
+    assert shown.returncode == 0 and "spot_policy: on-demand" in shown.stdout
+    saved = yaml.safe_load((tmp_path / "meetara.yaml").read_text())["preferences"]
+    assert saved["providers"]["vast"]["enabled"] is False and saved["providers"]["lambda"]["enabled"] is True
+    for args, expected in (
+        (["providers", "set", "aws", "--enable"], "unknown provider"),
+        (["providers", "set", "vast", "--weight", "-1"], "providers.vast.weight"),
+        (["providers", "set", "--spot-policy", "maybe"], "spot_policy"),
+    ):
+        r = meetara(*args, "--config", cfg)
+        assert r.returncode == 2 and expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, (
+            r.stderr
+        )
+    assert yaml.safe_load((tmp_path / "meetara.yaml").read_text())["preferences"] == saved  # nothing lost

@@ -1,0 +1,93 @@
+"""Live offer fetchers, one module per provider behind one interface.
+
+Each provider module has NAME, DEFAULT_URL, URL_ENV, KEY_ENV, KEY_FILE, NEEDS_KEY,
+`read_key_file(path)` and `fetch(session, base_url, api_key=None, timeout=...) -> Fetched`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from launcher.offers import OfferTable, ProviderError
+from launcher.providers import cache, lambda_cloud, runpod, vast
+from launcher.providers.base import Fetched, http_timeout, redact
+
+log = logging.getLogger("launcher.offers")
+
+MODULES: dict[str, ModuleType] = {m.NAME: m for m in (lambda_cloud, runpod, vast)}
+
+
+def api_key(provider: str) -> str | None:
+    """The provider's API key: its environment variable, else its usual credentials file."""
+    module = MODULES[provider]
+    if key := os.environ.get(module.KEY_ENV, "").strip():
+        return key
+    path = Path(module.KEY_FILE).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        return module.read_key_file(path)
+    except (OSError, ValueError) as e:
+        log.warning("%s: cannot read %s (%s)", provider, module.KEY_FILE, type(e).__name__)
+        return None
+
+
+def base_url(provider: str) -> str:
+    """The provider's API root; its MEETARA_<PROVIDER>_API_URL variable overrides the default."""
+    module = MODULES[provider]
+    return os.environ.get(module.URL_ENV) or module.DEFAULT_URL
+
+
+@dataclass
+class _Outcome:
+    fetched: Fetched | None = None
+    provenance: str = "live"
+    error: str | None = None
+    skipped: str | None = None
+
+
+def _fetch_one(provider: str, refresh: bool) -> _Outcome:
+    module = MODULES[provider]
+    key = api_key(provider)
+    if module.NEEDS_KEY and not key:
+        return _Outcome(skipped=f"no API key: set {module.KEY_ENV} or write {module.KEY_FILE}")
+    url = base_url(provider)
+    if not refresh and (hit := cache.load(provider, url)) is not None:
+        return _Outcome(fetched=hit, provenance="cache")
+    import requests
+
+    try:
+        with requests.Session() as session:
+            fetched = module.fetch(session, url, api_key=key, timeout=http_timeout())
+    except ProviderError as e:
+        return _Outcome(error=redact(str(e), key))
+    except Exception as e:  # a bug in one parser must not cost the other providers' offers
+        return _Outcome(error=redact(f"unexpected {type(e).__name__}: {e}", key))
+    cache.save(provider, url, fetched)
+    return _Outcome(fetched=fetched)
+
+
+def fetch_all(providers: list[str], refresh: bool = False) -> OfferTable:
+    """Ask each provider in parallel; collect offers, per-provider errors and skips."""
+    with ThreadPoolExecutor(max_workers=max(1, len(providers))) as pool:
+        outcomes = list(pool.map(lambda p: _fetch_one(p, refresh), providers))
+    table = OfferTable(offers=[], source="live")
+    for provider, outcome in zip(providers, outcomes, strict=True):
+        if outcome.skipped:
+            log.info("%s: skipped (%s)", provider, outcome.skipped)
+            table.skipped[provider] = outcome.skipped
+        elif outcome.fetched is None:
+            log.warning("%s: no offers (%s)", provider, outcome.error)
+            table.errors[provider] = str(outcome.error)
+        else:
+            log.info("%s: %d offers (%s)", provider, len(outcome.fetched.offers), outcome.provenance)
+            table.offers.extend(outcome.fetched.offers)
+            table.provenance[provider] = outcome.provenance
+            if outcome.fetched.bad_rows:
+                table.bad_rows[provider] = outcome.fetched.bad_rows
+    return table

@@ -1,0 +1,105 @@
+"""RunPod: GraphQL `POST /graphql`, `gpuTypes` with the secure cloud's lowest 1-GPU price.
+
+RunPod ended spot (interruptible) pods in September 2026: offers are on-demand, but spot prices
+are still read when the API sends a positive one.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launcher.offers import Offer, ProviderError, normalize_gpu
+from launcher.providers.base import Fetched, field_of, parse_rows, positive, request_json, rows_of
+
+if TYPE_CHECKING:
+    import requests
+
+NAME = "runpod"
+DEFAULT_URL = "https://api.runpod.io"
+URL_ENV = "MEETARA_RUNPOD_API_URL"
+KEY_ENV = "RUNPOD_API_KEY"
+KEY_FILE = "~/.runpod/config.toml"
+# The gpuTypes query answers without a key; a key, when there is one, is sent anyway.
+NEEDS_KEY = False
+
+QUERY = """
+query GpuTypes($lowestPriceInput: GpuLowestPriceInput) {
+  gpuTypes {
+    id displayName manufacturer memoryInGb maxGpuCount
+    securePrice communityPrice secureSpotPrice communitySpotPrice
+    lowestPrice(input: $lowestPriceInput) {
+      minimumBidPrice uninterruptablePrice minVcpu minMemory stockStatus countryCode
+    }
+  }
+}
+"""
+GPU_COUNT = 1
+
+
+def read_key_file(path: Path) -> str | None:
+    """`api_key` of the `[default]` profile in runpodctl's / runpod-python's config.toml."""
+    profile = tomllib.loads(path.read_text(encoding="utf-8")).get("default", {})
+    key = profile.get("api_key") if isinstance(profile, dict) else None
+    return key.strip() if isinstance(key, str) and key.strip() else None
+
+
+def _parse(gpu: Any, fetched_at: datetime) -> list[Offer]:
+    lowest = gpu["lowestPrice"]
+    # A null lowestPrice or stockStatus means no machine of this type is free right now.
+    if lowest is None or lowest.get("stockStatus") is None:
+        return []
+    if str(gpu.get("manufacturer") or "Nvidia").lower() != "nvidia":
+        return []  # the training image is CUDA-only
+    price = positive(gpu.get("securePrice")) or positive(lowest.get("uninterruptablePrice"))
+    spot = positive(gpu.get("secureSpotPrice")) or positive(lowest.get("minimumBidPrice"))
+    if price is None and spot is None:
+        return []
+    return [
+        Offer(
+            provider=NAME,
+            instance_type=gpu["id"],
+            gpu=normalize_gpu(gpu["displayName"], gpu["memoryInGb"]),
+            gpu_count=GPU_COUNT,
+            gpu_mem_gb=gpu["memoryInGb"],
+            vcpus=lowest["minVcpu"],
+            mem_gb=lowest["minMemory"],
+            region=lowest.get("countryCode") or "any",
+            price_hour=None if price is None else price * GPU_COUNT,
+            spot_price_hour=None if spot is None else spot * GPU_COUNT,
+            fetched_at=fetched_at,
+            source="live",
+        )
+    ]
+
+
+def fetch(
+    session: requests.Session, base_url: str, api_key: str | None = None, timeout: float = 15.0
+) -> Fetched:
+    """RunPod's GPU types in stock on the secure cloud, priced for one GPU."""
+    # The key goes in a header, not the documented `?api_key=` query: URLs end up in logs.
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    payload = {
+        "query": QUERY,
+        "variables": {"lowestPriceInput": {"gpuCount": GPU_COUNT, "secureCloud": True}},
+    }
+    body = request_json(
+        session,
+        "POST",
+        f"{base_url.rstrip('/')}/graphql",
+        json=payload,
+        headers=headers,
+        timeout=timeout,
+        secret=api_key,
+    )
+    # GraphQL reports query errors with HTTP 200 and an `errors` list.
+    if isinstance(body, dict) and body.get("errors"):
+        errors = body["errors"]
+        first = errors[0] if isinstance(errors, list) and errors else errors
+        message = first.get("message") if isinstance(first, dict) else first
+        raise ProviderError(f"GraphQL error: {str(message)[:200]}")
+    rows = rows_of(field_of(field_of(body, "data"), "gpuTypes"), "GPU types")
+    now = datetime.now(UTC)
+    return parse_rows(NAME, rows, lambda gpu: _parse(gpu, now))

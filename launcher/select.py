@@ -1,0 +1,80 @@
+"""Offer selection: rank every allowed (offer, spot or on-demand) pair for a job by expected price.
+
+Expected price = what the provider bills per hour (disk included) times (1 + preemption overhead)
+for spot, the plain on-demand price otherwise; the ranking score multiplies it by the provider's
+weight. The whole ranked list is kept: it is the fallback order after a preemption or a failed launch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from launcher.offers import Offer
+from launcher.preferences import Preferences
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a job needs from one machine."""
+
+    gpu_mem_gb: float = 0
+    gpu_count: int = 1
+
+
+@dataclass(frozen=True)
+class Choice:
+    offer: Offer
+    spot: bool
+    price_hour: float  # billed $/h for the instance, disk included
+    expected_hour: float  # price_hour with the expected preemption overhead
+    score: float  # expected_hour x provider weight: the ranking key
+
+    @property
+    def label(self) -> str:
+        kind = "spot" if self.spot else "on-demand"
+        o = self.offer
+        return f"{o.provider} {o.gpu_count}x{o.gpu} {o.region} {kind} ${self.price_hour:.2f}/h"
+
+
+def _modes(policy: str) -> tuple[bool, ...]:
+    return {"spot": (True,), "on-demand": (False,), "auto": (True, False)}[policy]
+
+
+def why_excluded(offer: Offer, prefs: Preferences, needs: Needs) -> str | None:
+    """The first preference or need the offer breaks (prices aside), or None if it is allowed."""
+    pp = prefs.provider(offer.provider)
+    gpu = offer.gpu.lower()
+    if not pp.enabled:
+        return f"provider {offer.provider} is disabled"
+    if pp.regions and offer.region not in pp.regions:
+        return f"region {offer.region} not allowed for {offer.provider}"
+    if prefs.allowed_gpus and gpu not in {g.lower() for g in prefs.allowed_gpus}:
+        return f"GPU {offer.gpu} not in allowed GPUs"
+    if gpu in {g.lower() for g in prefs.blocked_gpus}:
+        return f"GPU {offer.gpu} is blocked"
+    if offer.gpu_mem_gb < max(needs.gpu_mem_gb, prefs.min_gpu_mem_gb):
+        return f"{offer.gpu_mem_gb:g} GB GPU memory is too little"
+    if offer.gpu_count < needs.gpu_count:
+        return f"{offer.gpu_count} GPUs, {needs.gpu_count} needed"
+    return None
+
+
+def rank(offers: Iterable[Offer], prefs: Preferences, needs: Needs | None = None) -> list[Choice]:
+    """Every allowed (offer, spot/on-demand) pair, cheapest expected score first."""
+    needs = needs or Needs()
+    out: list[Choice] = []
+    for offer in offers:
+        if why_excluded(offer, prefs, needs):
+            continue
+        pp = prefs.provider(offer.provider)
+        caps = [c for c in (pp.max_price_per_gpu_hour, prefs.max_price_per_gpu_hour) if c is not None]
+        for spot in _modes(prefs.spot_policy):
+            price = offer.effective_price(spot)
+            if price is None or any(price / offer.gpu_count > cap for cap in caps):
+                continue
+            expected = price * (1 + prefs.preemption_overhead) if spot else price
+            out.append(Choice(offer, spot, price, expected, expected * pp.weight))
+    # ties break on stable fields so that the same input always gives the same plan
+    out.sort(key=lambda c: (c.score, c.offer.provider, c.offer.instance_type, c.offer.region, c.spot))
+    return out
