@@ -164,6 +164,8 @@ def providers_set(
     config: Path = typer.Option(None, help="preferences file"),
 ) -> None:
     """Change preferences and write them back to the file."""
+    from pydantic import ValidationError
+
     from launcher.preferences import PROVIDERS, Preferences, load_preferences, save_preferences
     from train import BadInput
 
@@ -196,9 +198,8 @@ def providers_set(
             data.update({k: v for k, v in changes.items() if v is not None})
         try:
             prefs = Preferences.model_validate(data)
-        except ValueError as e:
-            err = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
-            raise BadInput(f"invalid {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+        except ValidationError as e:
+            raise BadInput.from_validation(e) from None
     except BadInput as e:
         raise fail(str(e)) from None
     typer.echo(f"saved {save_preferences(prefs, config)}")

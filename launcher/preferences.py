@@ -94,9 +94,7 @@ def load_preferences(path: Path | None = None, overrides: dict | None = None) ->
     try:
         return Preferences.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise BadInput(f"{path}: invalid {loc}: {err['msg']}") from None
+        raise BadInput.from_validation(e, f"{path}: ") from None
 
 
 def save_preferences(prefs: Preferences, path: Path | None = None) -> Path:

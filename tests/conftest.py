@@ -50,6 +50,15 @@ def bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
     return name
 
 
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: an unreachable endpoint."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(
     *args: str, env: dict | None = None, cwd: Path | None = None, module: str = "train", timeout: float = 600
 ) -> subprocess.CompletedProcess:

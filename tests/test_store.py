@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+from conftest import closed_port
 
 from train import BadInput, checkpoint
 from train.store import FileStore, S3Store, StoreError, open_store
@@ -85,15 +84,9 @@ def test_bad_urls(url):
         open_store(url)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_endpoint_is_a_store_error(monkeypatch):
     monkeypatch.setenv("MEETARA_STORE_RETRIES", "2")
-    store = S3Store("b", "p", endpoint_url=f"http://127.0.0.1:{_closed_port()}")
+    store = S3Store("b", "p", endpoint_url=f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(StoreError, match="failed") as e:
         store.put("k", b"x")
     assert "testing" not in str(e.value)  # the secret never appears in errors

@@ -8,13 +8,12 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import gguf
 import numpy as np
-from conftest import ROOT, run_cli
+from conftest import ROOT, closed_port, run_cli
 
 from train.llama_check import run_llama_check
 from train.store import open_store
@@ -134,12 +133,6 @@ def test_sigterm_checkpoints_and_exits_with_the_interrupted_code(tmp_path):
     assert steps and int(steps[-1].name.split("-")[1]) >= 5
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -155,7 +148,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
                 "--store",
                 "s3://b/p",
                 "--endpoint-url",
-                f"http://127.0.0.1:{_closed_port()}",
+                f"http://127.0.0.1:{closed_port()}",
             ],
             "failed",
         ),

@@ -87,8 +87,7 @@ def train_command(
             ),
         )
     except ValidationError as e:
-        first = e.errors()[0]
-        raise fail(f"invalid {'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from None
+        raise fail(str(BadInput.from_validation(e))) from None
     stop = StopFlag()
     stop.install()
     try:

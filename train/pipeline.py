@@ -163,7 +163,7 @@ def _fp32_cpu(model: Any) -> Any:
     )
 
 
-def _file_entry(store: ObjectStore, key: str, path: Path) -> dict:
+def _file_entry(key: str, path: Path) -> dict:
     data = path.read_bytes()
     return {"key": key, "sha256": checkpoint.sha256(data), "size": len(data)}
 
@@ -244,14 +244,14 @@ def train_domain(
     for name, path in files.items():
         key = f"{prefix}/{path.name}"
         store.put_file(key, path)
-        entries[name] = _file_entry(store, key, path) | {"gguf": validation["files"][name].get("summary")}
+        entries[name] = _file_entry(key, path) | {"gguf": validation["files"][name].get("summary")}
     manifest = {
         "domain": d.name,
         "category": d.category,
         "run_id": spec.run_id,
         "status": "done" if validation["passed"] else "failed",
         "base_model": spec.base_model,
-        "base_gguf": _file_entry(store, base_key, base_file),
+        "base_gguf": _file_entry(base_key, base_file),
         "files": entries,
         "params": spec.params.model_dump(),
         "data": {
