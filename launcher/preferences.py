@@ -45,6 +45,17 @@ class Preferences(BaseModel):
         0.15, ge=0, le=5, description="expected extra cost of spot from preemptions (lost work, restarts)"
     )
     max_recoveries: int = Field(3, ge=0, le=100)
+    # how domains are packed into jobs (launcher/plan.py)
+    max_domains_per_job: int = Field(32, ge=1, le=1000)
+    max_hours_per_job: float = Field(4.0, gt=0, le=168)
+    job_startup_minutes: float = Field(
+        6.0, ge=0, description="a cloud job's fixed start-up: provisioning, setup, base model download"
+    )
+    fallbacks: int = Field(5, ge=0, le=50, description="ranked fallback offers kept per job")
+    backend: Literal["auto", "local", "skypilot"] = Field(
+        "auto", description="auto: skypilot when it is installed and a provider has credentials, else local"
+    )
+    local_price_hour: float = Field(0.0, ge=0, description="$/h charged for jobs on the local backend")
 
     @field_validator("providers")
     @classmethod
@@ -61,6 +72,8 @@ ENV = {
     "MEETARA_MIN_GPU_MEM_GB": "min_gpu_mem_gb",
     "MEETARA_MAX_RECOVERIES": "max_recoveries",
     "MEETARA_PREEMPTION_OVERHEAD": "preemption_overhead",
+    "MEETARA_BACKEND": "backend",
+    "MEETARA_LOCAL_PRICE_HOUR": "local_price_hour",
 }
 
 
@@ -86,7 +99,14 @@ def load_preferences(path: Path | None = None, overrides: dict | None = None) ->
             raise BadInput(f"{path}{where}: not valid YAML") from None
         if not isinstance(raw, dict):
             raise BadInput(f"{path}: expected a mapping of settings")
-        raw = dict(raw.get("preferences", raw))
+        # the same file may hold other sections (`budgets:`); preferences are under `preferences:`
+        if "preferences" in raw:
+            raw = raw["preferences"] or {}
+        else:
+            raw = {k: v for k, v in raw.items() if k != "budgets"}
+        if not isinstance(raw, dict):
+            raise BadInput(f"{path}: `preferences` must be a mapping of settings")
+        raw = dict(raw)
     for var, field in ENV.items():
         if os.environ.get(var):
             raw[field] = os.environ[var]
@@ -101,7 +121,15 @@ def save_preferences(prefs: Preferences, path: Path | None = None) -> Path:
     """Write the preferences as YAML (stable key order, defaults included, so diffs stay readable)."""
     path = config_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {}
+    if path.exists():  # keep the file's other sections (`budgets:`)
+        old = yaml.safe_load(path.read_text())
+        if isinstance(old, dict) and "preferences" in old:
+            doc = {k: v for k, v in old.items() if k != "preferences"}
+        elif isinstance(old, dict) and "budgets" in old:
+            doc = {"budgets": old["budgets"]}
+    doc["preferences"] = prefs.model_dump(mode="json")
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump({"preferences": prefs.model_dump(mode="json")}, sort_keys=False))
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     os.replace(tmp, path)
     return path

@@ -5,11 +5,25 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Set before any test module is imported (SkyPilot writes ~/.sky on import): the developer's HOME,
+# credentials, config and state never leak into the tests, and the tests never touch them.
+_SANDBOX = Path(tempfile.mkdtemp(prefix="meetara-tests-"))
+os.environ.update(
+    HOME=str(_SANDBOX / "home"),
+    MEETARA_STATE_DIR=str(_SANDBOX / "state"),
+    MEETARA_CONFIG=str(_SANDBOX / "no-config.yaml"),
+    SKYPILOT_DISABLE_USAGE_COLLECTION="1",
+)
+(_SANDBOX / "home").mkdir()
+for _var in ("MEETARA_BACKEND", "RUNPOD_API_KEY", "VAST_API_KEY", "LAMBDA_API_KEY", "XDG_STATE_HOME"):
+    os.environ.pop(_var, None)
 
 
 @pytest.fixture(scope="session", autouse=True)

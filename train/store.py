@@ -32,6 +32,7 @@ class ObjectStore(Protocol):
     def put_file(self, key: str, path: Path) -> None: ...
     def get(self, key: str) -> bytes: ...
     def get_file(self, key: str, path: Path) -> None: ...
+    def resume_file(self, key: str, path: Path) -> None: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
@@ -110,6 +111,14 @@ class FileStore:
 
     def get_file(self, key: str, path: Path) -> None:
         Path(path).write_bytes(self.get(key))
+
+    def resume_file(self, key: str, path: Path) -> None:
+        """Download the rest of the object into `path`, which holds a prefix of it (or nothing)."""
+        if not self.exists(key):
+            raise KeyError(key)
+        with open(self._path(key), "rb") as src, open(path, "ab") as out:
+            src.seek(out.tell())
+            shutil.copyfileobj(src, out, 1 << 20)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -207,6 +216,24 @@ class S3Store:
 
     def get_file(self, key: str, path: Path) -> None:
         self._call(key, self.client.download_file, self.bucket, self._key(key), str(path))
+
+    def resume_file(self, key: str, path: Path) -> None:
+        """Download the rest of the object into `path`, which holds a prefix of it (HTTP range requests;
+        a retry after a dropped connection goes on from where the last one stopped)."""
+
+        def fetch() -> None:
+            with open(path, "ab") as out:
+                start = out.tell()
+                if start:
+                    resp = self.client.get_object(
+                        Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-"
+                    )
+                else:
+                    resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+                for chunk in resp["Body"].iter_chunks(1 << 20):
+                    out.write(chunk)
+
+        self._call(key, fetch)
 
     def exists(self, key: str) -> bool:
         try:

@@ -1,0 +1,54 @@
+"""The backend interface: launch a rendered task, ask its state, cancel it, read its logs.
+
+Backends are stateless objects: everything a later process needs to find a job again is in its handle
+(a string), so a launcher that crashed can pick its jobs up after a restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+
+class JobState(StrEnum):
+    PENDING = "PENDING"  # accepted, not running yet (provisioning, queued)
+    RUNNING = "RUNNING"
+    RECOVERING = "RECOVERING"  # preempted; the backend itself is bringing it back (SkyPilot managed jobs)
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"  # the run command failed (exit != 0): a domain failed validation, bad input
+    PREEMPTED = "PREEMPTED"  # the machine went away under the job; relaunching resumes from checkpoints
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.PREEMPTED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    state: JobState
+    started_at: datetime | None = None  # when billing began (the machine was up)
+    ended_at: datetime | None = None
+    exit_code: int | None = None
+    detail: str = ""
+
+
+class BackendError(RuntimeError):
+    """The backend cannot do what was asked (missing SkyPilot, missing credentials, unknown handle)."""
+
+
+class Backend(Protocol):
+    name: str
+    max_parallel: int  # jobs the conductor runs at once on this backend
+
+    def launch(self, task: dict, name: str) -> str:
+        """Start the task (a SkyPilot task mapping, see launcher/task.py); return a handle."""
+        ...
+
+    def status(self, handle: str) -> JobStatus: ...
+
+    def cancel(self, handle: str) -> None: ...
+
+    def logs(self, handle: str, tail: int = 50) -> str: ...

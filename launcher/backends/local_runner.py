@@ -1,0 +1,47 @@
+"""Runs one local job: the task's `setup`, then its `run`, in bash, with the task's envs.
+
+Started by the local backend in a session of its own, so the backend can signal the whole job as one
+process group. It records the exit code in `rc` (written atomically) when the job ends; a job whose
+runner vanished without an `rc` was killed from outside, which the backend reports as a preemption.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(job_dir: str) -> int:
+    d = Path(job_dir)
+    task = yaml.safe_load((d / "task.yaml").read_text())
+    env = {**os.environ, **{k: str(v) for k, v in (task.get("envs") or {}).items() if v is not None}}
+    # SIGTERM goes to the whole group: the training process checkpoints and exits 75; the runner
+    # stays to record that exit code
+    # (a handler, not SIG_IGN: an ignored signal would stay ignored in the children)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    rc = 0
+    for phase in ("setup", "run"):
+        script = task.get(phase)
+        if not script:
+            continue
+        print(f"[meetara local] {phase}", flush=True)
+        rc = subprocess.call(["bash", "-c", script], env=env, cwd=task.get("workdir") or None)
+        if rc != 0:
+            break
+    _write(d / "rc", str(rc))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,99 @@
+"""Pulling outputs: sha256-verified, atomic, resumable; a bad download never replaces a good file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from launcher.pull import pull, pull_domain
+from train.store import open_store
+
+
+def entry(key: str, data: bytes) -> dict:
+    return {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def publish(store, run: str, domain: str, status: str = "done", size: int = 300_000) -> dict[str, bytes]:
+    """A finished domain as the training job leaves it: files first, the manifest last."""
+    files = {
+        "adapter": os.urandom(size),
+        "merged_q4_k_m": os.urandom(size // 3),
+    }
+    base = b"GGUF" + hashlib.sha256(run.encode()).digest() * 30  # one base per run, shared by its domains
+    names = {"adapter": "adapter.gguf", "merged_q4_k_m": "model-Q4_K_M.gguf"}
+    prefix = f"runs/{run}/domains/{domain}"
+    for name, data in files.items():
+        store.put(f"{prefix}/{names[name]}", data)
+    store.put(f"runs/{run}/base/tiny-f16.gguf", base)
+    manifest = {
+        "domain": domain,
+        "status": status,
+        "validation": {"passed": status == "done"},
+        "base_gguf": entry(f"runs/{run}/base/tiny-f16.gguf", base),
+        "files": {n: entry(f"{prefix}/{names[n]}", d) for n, d in files.items()},
+    }
+    store.put(f"{prefix}/{'manifest.json' if status == 'done' else 'failed.json'}", json.dumps(manifest).encode())
+    return files
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return open_store(f"file://{tmp_path}/store")
+    s3 = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("bucket")
+    return open_store(f"s3://{bucket}/p", endpoint_url=s3)
+
+
+def test_pull_verifies_and_is_idempotent(store, tmp_path):
+    files = publish(store, "r", "legal")
+    dest = tmp_path / "models"
+    first = pull_domain(store, "r", "legal", dest)
+    assert first.status == "pulled"
+    assert (dest / "legal" / "adapter.gguf").read_bytes() == files["adapter"]
+    assert (dest / "legal" / "model-Q4_K_M.gguf").read_bytes() == files["merged_q4_k_m"]
+    assert (dest / "base" / "tiny-f16.gguf").exists()
+    assert json.loads((dest / "legal" / "manifest.json").read_text())["domain"] == "legal"
+    assert not list(dest.rglob(".*.part"))
+    again = pull_domain(store, "r", "legal", dest)
+    assert (again.status, again.bytes) == ("up-to-date", 0)
+
+
+def test_corrupt_object_is_refused_and_the_previous_file_kept(store, tmp_path):
+    publish(store, "r", "legal")
+    dest = tmp_path / "models"
+    old = b"an adapter from an earlier pull"
+    (dest / "legal").mkdir(parents=True)
+    (dest / "legal" / "adapter.gguf").write_bytes(old)
+    # the store's object no longer matches what its manifest recorded (bit rot, a half-written upload)
+    store.put("runs/r/domains/legal/adapter.gguf", b"garbage" * 1000)
+    r = pull_domain(store, "r", "legal", dest)
+    assert r.status == "error" and "sha256" in r.detail and "previous local file is kept" in r.detail
+    assert (dest / "legal" / "adapter.gguf").read_bytes() == old
+    assert not (dest / "legal" / "manifest.json").exists()
+    assert not list(dest.rglob(".*.part"))
+
+
+def test_partial_download_is_resumed(store, tmp_path):
+    files = publish(store, "r", "legal", size=2_000_000)
+    dest = tmp_path / "models"
+    part = dest / "legal" / ".adapter.gguf.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(files["adapter"][:1_200_000])  # an earlier pull stopped here
+    r = pull_domain(store, "r", "legal", dest)
+    assert r.status == "pulled"
+    assert (dest / "legal" / "adapter.gguf").read_bytes() == files["adapter"]
+    # only the rest of the adapter was fetched (plus the other files in full)
+    others = len(files["merged_q4_k_m"]) + (dest / "base" / "tiny-f16.gguf").stat().st_size
+    assert r.bytes == 800_000 + others
+
+
+def test_unfinished_and_failed_domains_are_not_pulled(store, tmp_path):
+    publish(store, "r", "legal")
+    publish(store, "r", "nutrition", status="failed")
+    results = {x.domain: x.status for x in pull(store, "r", ["legal", "nutrition", "finance"], tmp_path / "m")}
+    assert results == {"legal": "pulled", "nutrition": "failed-validation", "finance": "not-finished"}
+    assert not (tmp_path / "m" / "nutrition").exists()
