@@ -1,5 +1,6 @@
-"""A TCP proxy on 127.0.0.1 in front of a real server that drops the first N connections: a network
-fault the client cannot tell from a real one."""
+"""A TCP proxy on 127.0.0.1 in front of a real server, for network faults the client cannot tell from
+real ones: the first N connections reset, or an outage that starts after a given number of HTTP
+requests (open connections are reset, new ones refused) and ends after some refused connections."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ import contextlib
 import socket
 import threading
 
+LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close() sends a RST
+
 
 class FlakyProxy:
-    def __init__(self, target_host: str, target_port: int, drop_first: int) -> None:
+    def __init__(self, target_host: str, target_port: int, drop_first: int = 0) -> None:
         self.target = (target_host, target_port)
-        self.drop_left = drop_first
+        self.drop_left: float = drop_first
         self.dropped = 0
+        self.requests = 0
+        self._outage_at: int | None = None
+        self._outage_refuse: float = 0
+        self._open: set[socket.socket] = set()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -24,6 +31,17 @@ class FlakyProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def outage(self, after_requests: int, refuse: int | None = None) -> None:
+        """Once `after_requests` more HTTP requests went through, reset every open connection and
+        refuse the next `refuse` connections (None: until `heal`)."""
+        with self._lock:
+            self._outage_at = self.requests + after_requests
+            self._outage_refuse = float("inf") if refuse is None else refuse
+
+    def heal(self) -> None:
+        with self._lock:
+            self.drop_left, self._outage_at = 0, None
 
     def _serve(self) -> None:
         while True:
@@ -37,17 +55,38 @@ class FlakyProxy:
                     self.drop_left -= 1
                     self.dropped += 1
             if drop:
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                client.close()  # RST: the client sees a connection reset
+                self._reset(client)
                 continue
             upstream = socket.create_connection(self.target)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            with self._lock:
+                self._open.update((client, upstream))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
     @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _reset(s: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+            s.close()
+
+    def _count(self, data: bytes) -> bool:
+        """Count request lines going upstream; True if this chunk starts the outage."""
+        with self._lock:
+            self.requests += data.count(b" HTTP/1.1\r\n")
+            if self._outage_at is None or self.requests <= self._outage_at:
+                return False
+            self._outage_at = None
+            self.drop_left = self._outage_refuse
+            doomed, self._open = self._open, set()
+        for s in doomed:
+            self._reset(s)
+        return True
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
         try:
             while data := src.recv(65536):
+                if upstream and self._count(data):
+                    return  # the request that crossed the line never reaches the server
                 dst.sendall(data)
         except OSError:
             pass
@@ -55,6 +94,8 @@ class FlakyProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+            with self._lock:
+                self._open.difference_update((src, dst))
 
     def close(self) -> None:
         self.sock.close()

@@ -131,3 +131,40 @@ def test_prune_keeps_the_newest(store):
     assert checkpoint.prune(store, prefix, keep=2) == [3, 2, 1]
     assert checkpoint.steps(store, prefix) == [5, 4]
     assert checkpoint.latest(store, prefix).step == 5
+
+
+def _proxied_store(bucket: str, s3_server: str):
+    from faults import FlakyProxy
+
+    host, port = s3_server.removeprefix("http://").split(":")
+    proxy = FlakyProxy(host, int(port))
+    return proxy, open_store(f"s3://{bucket}/p", endpoint_url=proxy.url)
+
+
+def test_an_outage_mid_checkpoint_is_retried_through(bucket, s3_server):
+    """The server goes away after the first part of a checkpoint is uploaded and comes back after two
+    refused connections: the upload retries and the checkpoint commits."""
+    proxy, store = _proxied_store(bucket, s3_server)
+    try:
+        proxy.outage(after_requests=1, refuse=2)
+        checkpoint.save(store, "d/checkpoints", 10, {"a.bin": b"a" * 5000, "b.bin": b"b" * 5000}, {"n": 10})
+        assert proxy.dropped == 2
+        ckpt = checkpoint.latest(store, "d/checkpoints")
+        assert ckpt.step == 10 and ckpt.parts == {"a.bin": b"a" * 5000, "b.bin": b"b" * 5000}
+    finally:
+        proxy.close()
+
+
+def test_a_checkpoint_cut_off_by_an_outage_is_never_resumed_from(bucket, s3_server):
+    proxy, store = _proxied_store(bucket, s3_server)
+    try:
+        checkpoint.save(store, "d/checkpoints", 10, {"a.bin": b"old", "b.bin": b"old"})
+        proxy.outage(after_requests=1)  # the server stays away: the rest of step 20 never arrives
+        with pytest.raises(StoreError):
+            checkpoint.save(store, "d/checkpoints", 20, {"a.bin": b"new", "b.bin": b"new"})
+        proxy.heal()
+        assert "d/checkpoints/step-00000020/a.bin" in store.list("d/checkpoints")  # a part did arrive
+        ckpt = checkpoint.latest(store, "d/checkpoints")
+        assert ckpt.step == 10 and ckpt.parts["a.bin"] == b"old"
+    finally:
+        proxy.close()
