@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -22,7 +23,6 @@ app.command("train", help="Train domains here (the embedded default: local CPU/G
 @app.command("domains")
 def domains_command(category: str = typer.Option(None, help="only this category")) -> None:
     """List the domain registry (tasks/domains.yaml)."""
-    from rich.console import Console
     from rich.table import Table
 
     from train import BadInput
@@ -38,7 +38,15 @@ def domains_command(category: str = typer.Option(None, help="only this category"
     for d in reg.domains:
         if not category or d.category == category:
             table.add_row(d.name, d.category, d.description)
-    Console().print(table)
+    _console().print(table)
+
+
+def _console(stderr: bool = False):
+    """A rich console; when output goes to a file or pipe, wide enough that tables keep one row per line."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=160)
 
 
 def main() -> None:
@@ -105,7 +113,7 @@ def offers_command(
             f"{c.price_hour / o.gpu_count:.3f}",
             f"{c.expected_hour:.3f}",
         )
-    Console().print(out)
+    _console().print(out)
 
 
 providers_app = typer.Typer(
@@ -123,7 +131,6 @@ def providers_show(ctx: typer.Context, config: Path = typer.Option(None, help="p
     """Show the preferences in force (file, then env)."""
     if ctx.invoked_subcommand:
         return
-    from rich.console import Console
     from rich.table import Table
 
     from launcher.preferences import config_path, load_preferences
@@ -142,7 +149,7 @@ def providers_show(ctx: typer.Context, config: Path = typer.Option(None, help="p
             "-" if p.max_price_per_gpu_hour is None else f"{p.max_price_per_gpu_hour:g}",
             ",".join(p.regions) or "any",
         )
-    console = Console()
+    console = _console()
     console.print(t)
     for key, value in prefs.model_dump(exclude={"providers"}).items():
         console.print(f"{key}: {value}", highlight=False)
@@ -203,3 +210,512 @@ def providers_set(
     except BadInput as e:
         raise fail(str(e)) from None
     typer.echo(f"saved {save_preferences(prefs, config)}")
+
+
+# ---- plan / launch / status / pull / doctor ------------------------------------------------------
+
+DOMAINS_HELP = "'all', a category, or comma-separated domain names"
+
+
+def _plan_options(
+    domains: str,
+    backend: str | None,
+    run_id: str,
+    base_model: str | None,
+    samples: int,
+    epochs: float,
+    config: Path | None,
+):
+    """Shared front half of `plan` and `launch`: preferences, domains, backend, workload."""
+    from launcher.launch import resolve_backend, select
+    from launcher.plan import Workload
+    from launcher.preferences import load_preferences
+
+    prefs = load_preferences(config)
+    names = select(domains)
+    backend = resolve_backend(prefs, backend)
+    model = base_model or ("tiny" if backend == "local" else "microsoft/DialoGPT-medium")
+    from launcher.throughput import model_params
+
+    model_params(model)  # unknown models fail here, before anything is planned
+    return prefs, names, backend, Workload(base_model=model, samples=samples, epochs=epochs)
+
+
+def _plan_table(plan) -> object:
+    from rich.table import Table
+
+    title = f"run {plan.run_id}: {sum(len(j.domains) for j in plan.jobs)} domains in {len(plan.jobs)} jobs"
+    src = plan.offers_source + (f" of {plan.snapshot_date}" if plan.snapshot_date else "")
+    t = Table(
+        title=title,
+        caption=f"offers: {src}; throughput: {plan.throughput_source}; base {plan.workload.base_model}",
+    )
+    for h in ("job", "domains", "offer", "$/h", "hours", "cost $", "fallbacks"):
+        t.add_column(h, overflow="fold")
+    for j in plan.jobs:
+        shown = ", ".join(j.domains[:3]) + (f" +{len(j.domains) - 3}" if len(j.domains) > 3 else "")
+        t.add_row(
+            j.name,
+            f"{len(j.domains)}: {shown}",
+            j.offer.label,
+            f"{j.offer.expected_hour:.3f}",
+            f"{j.hours:.2f}",
+            f"{j.cost:.2f}",
+            str(len(j.fallbacks)),
+        )
+    t.add_row("total", "", "", "", f"{plan.total_hours:.2f}", f"{plan.total_cost:.2f}", "", style="bold")
+    return t
+
+
+@app.command("plan")
+def plan_command(
+    domains: str = typer.Option(..., "--domains", "-d", help=DOMAINS_HELP),
+    backend: str = typer.Option(None, help="local, skypilot or auto (default from preferences: auto)"),
+    run_id: str = typer.Option("default", "--run-id", envvar="MEETARA_RUN_ID"),
+    base_model: str = typer.Option(None, help="default: tiny (local), microsoft/DialoGPT-medium (cloud)"),
+    samples: int = typer.Option(200, min=16, help="conversations per domain"),
+    epochs: float = typer.Option(2.0, min=0.01),
+    live: bool = typer.Option(False, help="price from the providers' live APIs"),
+    provider: list[str] = typer.Option(None, "--provider", "-p"),
+    config: Path = typer.Option(None, help="preferences file"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Dry run: the offer, the jobs and their projected cost. Launches nothing."""
+
+    from launcher.launch import make_plan
+    from train import BadInput
+
+    try:
+        prefs, names, backend, work = _plan_options(
+            domains, backend, run_id, base_model, samples, epochs, config
+        )
+        plan = make_plan(
+            names, backend=backend, prefs=prefs, work=work, run_id=run_id, live=live, providers=provider
+        )
+    except (BadInput, ValueError) as e:
+        raise fail(str(e)) from None
+    if as_json:
+        typer.echo(plan.model_dump_json(indent=1))
+        return
+    _console().print(_plan_table(plan))
+
+
+@app.command("launch")
+def launch_command(
+    domains: str = typer.Option(..., "--domains", "-d", help=DOMAINS_HELP),
+    budget: float = typer.Option(..., min=0, help="most this launch may cost, USD"),
+    backend: str = typer.Option(None, help="local, skypilot or auto (default from preferences: auto)"),
+    run_id: str = typer.Option(
+        "default", "--run-id", envvar="MEETARA_RUN_ID", help="same id = resume that run"
+    ),
+    store: str = typer.Option(None, help="file://DIR or s3://BUCKET/PREFIX (env MEETARA_STORE)"),
+    endpoint_url: str = typer.Option(None, "--endpoint-url", envvar="MEETARA_S3_ENDPOINT_URL"),
+    base_model: str = typer.Option(None, help="default: tiny (local), microsoft/DialoGPT-medium (cloud)"),
+    samples: int = typer.Option(200, min=16, help="conversations per domain"),
+    epochs: float = typer.Option(2.0, min=0.01),
+    live: bool = typer.Option(False, help="price from the providers' live APIs"),
+    provider: list[str] = typer.Option(None, "--provider", "-p"),
+    models_dir: Path = typer.Option(Path("models"), help="where validated GGUFs land"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask before spending money"),
+    poll: float = typer.Option(2.0, min=0.1, help="seconds between status polls"),
+    preempt_every: float = typer.Option(
+        None,
+        min=0.1,
+        help="local backend: inject a preemption (SIGKILL) within this many seconds of training",
+    ),
+    preempt_seed: int = typer.Option(0, help="seed of the injected preemptions"),
+    preempt_max: int = typer.Option(3, min=0, help="at most this many injected preemptions"),
+    config: Path = typer.Option(None, help="preferences file"),
+) -> None:
+    """Plan, check the budget, launch, follow the jobs, pull validated GGUFs into ./models."""
+    from launcher.conductor import Chaos
+    from train import BadInput
+
+    try:
+        prefs, names, backend, work = _plan_options(
+            domains, backend, run_id, base_model, samples, epochs, config
+        )
+    except (BadInput, ValueError) as e:
+        raise fail(str(e)) from None
+    if preempt_every is not None and backend != "local":
+        raise fail("--preempt-every injects preemptions on the local backend only")
+    chaos = Chaos(preempt_every, preempt_seed, preempt_max) if preempt_every else None
+    _launch(
+        names,
+        prefs,
+        backend,
+        work,
+        run_id,
+        store,
+        endpoint_url,
+        models_dir,
+        budget,
+        yes,
+        poll,
+        live,
+        provider,
+        chaos,
+    )
+
+
+def _launch(
+    names,
+    prefs,
+    backend,
+    work,
+    run_id,
+    store,
+    endpoint_url,
+    models_dir,
+    budget,
+    yes,
+    poll,
+    live=False,
+    provider=None,
+    chaos=None,
+) -> None:
+    """The body of `launch` and `recover`: skip done domains, plan the rest, check, launch, follow, pull."""
+    from rich.console import Console
+
+    from launcher import launch as L
+    from launcher.backends.base import BackendError
+    from train import BadInput
+    from train.store import StoreError, open_store
+
+    out = Console(stderr=True)
+    try:
+        store_url = L.absolute_store(store or L.default_store(backend))
+        if backend == "skypilot" and store_url.startswith("file://"):
+            raise BadInput("cloud jobs cannot write to a local folder: pass --store s3://BUCKET/PREFIX")
+        st = open_store(store_url, endpoint_url=endpoint_url)
+        be = L.make_backend(backend)
+        rec = L.still_running(run_id, be)
+        if rec is not None:
+            out.print(f"run {run_id} has jobs still running: following them", highlight=False)
+        else:
+            todo = L.todo_domains(st, run_id, names)
+            if len(todo) < len(names):
+                out.print(
+                    f"{len(names) - len(todo)} of {len(names)} domains already done in {st.url}: skipped"
+                )
+            if todo:
+                plan = L.make_plan(
+                    todo,
+                    backend=backend,
+                    prefs=prefs,
+                    work=work,
+                    run_id=run_id,
+                    live=live,
+                    providers=provider,
+                )
+                out.print(_plan_table(plan))
+                L.check_budget(plan, budget)
+                if plan.total_cost > 0 and not yes:
+                    if not sys.stdin.isatty():
+                        raise BadInput("not a terminal, so nobody can confirm the spend: pass --yes")
+                    if not typer.confirm(f"launch for about ${plan.total_cost:.2f}?"):
+                        raise typer.Exit(1)
+                rec = L.new_run(
+                    plan, store=store_url, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget
+                )
+    except (BadInput, StoreError, BackendError, ValueError) as e:
+        raise fail(str(e)) from None
+    if rec is None:  # everything was done already: make sure the files are here
+        _pull_and_report(st, run_id, names, models_dir)
+        return
+    code = _conduct(rec, be, st, prefs, poll, chaos)
+    _pull_and_report(st, run_id, [d for j in rec.jobs.values() for d in j.domains], models_dir, rec)
+    raise typer.Exit(code)
+
+
+@app.command("recover")
+def recover_command(
+    run_id: str = typer.Argument(None, help="the run to resume; omit to list runs with unfinished domains"),
+    budget: float = typer.Option(None, min=0, help="most the relaunch may cost, USD (needed to relaunch)"),
+    yes: bool = typer.Option(False, "--yes", "-y"),
+    poll: float = typer.Option(2.0, min=0.1),
+    config: Path = typer.Option(None, help="preferences file"),
+) -> None:
+    """Resume a run: finished domains are skipped, unfinished ones resume from their checkpoints."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher.launch import unfinished
+    from launcher.preferences import load_preferences
+    from launcher.runs import list_runs, load_run
+    from train import BadInput
+
+    try:
+        prefs = load_preferences(config)
+        runs = [load_run(run_id)] if run_id else list_runs()
+        if run_id and runs[0] is None:
+            raise BadInput(f"no run {run_id!r} on this machine (meetara recover lists them)")
+        rows = [(rec, unfinished(rec)) for rec in runs]
+    except BadInput as e:
+        raise fail(str(e)) from None
+    t = Table("run", "backend", "store", "unfinished", "planned $/h", title="runs with unfinished domains")
+    for rec, todo in rows:
+        if todo:
+            rates = {f"{j.offer.expected_hour:.3f}" for j in rec.plan.jobs}
+            t.add_row(
+                rec.run_id, rec.backend, rec.store, f"{len(todo)}: {', '.join(todo[:4])}", ",".join(rates)
+            )
+    Console(stderr=True).print(t)
+    if not run_id:
+        return
+    rec, todo = rows[0]
+    if not todo:
+        Console(stderr=True).print(f"run {run_id}: every domain is done")
+        return
+    if budget is None:
+        raise fail("pass --budget to relaunch (the table above shows what is left)")
+    _launch(
+        todo,
+        prefs,
+        rec.backend,
+        rec.plan.workload,
+        rec.run_id,
+        rec.store,
+        rec.endpoint_url,
+        Path(rec.models_dir),
+        budget,
+        yes,
+        poll,
+    )
+
+
+def _conduct(rec, backend, store, prefs, poll: float, chaos=None) -> int:
+    """Follow the run with a progress bar per job; Ctrl-C cancels the jobs (they checkpoint first)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from launcher.conductor import Conductor, Hooks
+    from launcher.launch import task_factory
+
+    err = Console(stderr=True)
+    tty = err.is_terminal
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not tty,
+    )
+    bars = {n: progress.add_task(n, total=len(j.domains), state="planned") for n, j in rec.jobs.items()}
+    seen: dict[str, tuple] = {}
+
+    def on_job(job, done: int) -> None:
+        progress.update(bars[job.name], completed=done, state=f"{job.state.lower()} {job.offer.label}")
+        key = (job.state, done, job.preemptions)
+        if not tty and seen.get(job.name) != key:
+            seen[job.name] = key
+            err.print(f"{job.name}: {job.state.lower()}, {done}/{len(job.domains)} domains", highlight=False)
+
+    def on_pulled(r) -> None:
+        if not tty or r.status == "error":
+            err.print(f"{r.domain}: {r.status} {r.detail}".rstrip(), highlight=False)
+
+    conductor = Conductor(
+        rec,
+        backend,
+        store,
+        task_factory(rec, prefs),
+        prefs.max_recoveries,
+        poll,
+        Hooks(on_job, on_pulled),
+        chaos=chaos,
+    )
+    try:
+        with progress:
+            conductor.run()
+    except KeyboardInterrupt:
+        names = conductor.cancel_all("interrupted by the user")
+        err.print(
+            f"interrupted: cancelled {len(names)} job(s); checkpoints are kept, the same command resumes",
+            highlight=False,
+        )
+        return 75
+    failed = [j for j in rec.jobs.values() if j.state != "SUCCEEDED"]
+    for j in failed:
+        tail = backend.logs(j.handle, 5) if j.handle else ""
+        err.print(f"{j.name}: {j.state.lower()} (exit code {j.exit_code})\n{tail}", highlight=False)
+    return 1 if failed else 0
+
+
+def _pull_and_report(store, run_id: str, domains: list[str], models_dir: Path, rec=None) -> None:
+    """Pull what is not here yet and print one row per domain (stdout: the summary table)."""
+    from rich.table import Table
+
+    from launcher.pull import pull
+
+    results = pull(store, run_id, domains, models_dir)
+    t = Table(title=f"run {run_id}: models in {models_dir}")
+    for h in ("domain", "status", "files", "MB"):
+        t.add_column(h)
+    for r in results:
+        size = sum(Path(p).stat().st_size for k, p in r.files.items() if k != "base") / 1e6
+        t.add_row(
+            r.domain,
+            r.status,
+            ", ".join(Path(p).name for k, p in r.files.items() if k != "base"),
+            f"{size:.2f}",
+        )
+    ok = sum(r.status in ("pulled", "up-to-date") for r in results)
+    cost = ""
+    if rec is not None:
+        hours = sum(j.run_seconds for j in rec.jobs.values()) / 3600
+        spent = sum(j.run_seconds / 3600 * j.offer.price_hour for j in rec.jobs.values())
+        cost = f"; {hours:.2f} machine-hours, ${spent:.2f} at the offers' rates"
+    t.caption = f"{ok}/{len(results)} domains validated and here{cost}"
+    _console().print(t)
+    bad = [r for r in results if r.status == "error"]
+    if bad:
+        raise fail(f"{len(bad)} download(s) refused: {bad[0].detail}", 1)
+
+
+@app.command("pull")
+def pull_command(
+    run_id: str = typer.Option("default", "--run-id", envvar="MEETARA_RUN_ID"),
+    domains: str = typer.Option("all", "--domains", "-d", help=DOMAINS_HELP),
+    store: str = typer.Option(None, help="default: the run's store, else MEETARA_STORE or ./store"),
+    endpoint_url: str = typer.Option(None, "--endpoint-url", envvar="MEETARA_S3_ENDPOINT_URL"),
+    models_dir: Path = typer.Option(Path("models")),
+) -> None:
+    """Download a run's validated GGUFs (sha256-checked, atomic, resumable) into ./models."""
+    from launcher.launch import absolute_store, default_store, select
+    from launcher.runs import load_run
+    from train import BadInput
+    from train.store import StoreError, open_store
+
+    try:
+        rec = load_run(run_id)
+        url = store or (rec.store if rec else None) or default_store("local")
+        st = open_store(absolute_store(url), endpoint_url=endpoint_url or (rec.endpoint_url if rec else None))
+        _pull_and_report(st, run_id, select(domains), models_dir)
+    except (BadInput, StoreError) as e:
+        raise fail(str(e)) from None
+
+
+@app.command("status")
+def status_command(
+    run_id: str = typer.Argument(None, help="a run id; default: every run this machine launched"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Runs and their jobs: state, domains done, preemptions, machine time."""
+    from rich.table import Table
+
+    from launcher.launch import make_backend
+    from launcher.runs import ACTIVE, list_runs, load_run
+    from train import BadInput
+    from train.store import StoreError, open_store
+
+    try:
+        runs = [load_run(run_id)] if run_id else list_runs()
+        if run_id and runs[0] is None:
+            raise BadInput(f"no run {run_id!r} on this machine (see meetara status)")
+    except BadInput as e:
+        raise fail(str(e)) from None
+    rows = []
+    for rec in runs:
+        try:
+            done = set()
+            st = open_store(rec.store, endpoint_url=rec.endpoint_url)
+            prefix = f"runs/{rec.run_id}/domains"
+            done = {k.split("/")[3] for k in st.list(prefix) if k.endswith("/manifest.json")}
+        except StoreError:
+            pass
+        backend = None
+        for job in rec.jobs.values():
+            if job.state in ACTIVE and job.handle:
+                try:
+                    backend = backend or make_backend(rec.backend)
+                    job.state = backend.status(job.handle).state.value
+                except Exception as e:  # status is best effort here; the conductor decides
+                    job.note(f"status unavailable: {type(e).__name__}")
+            rows.append(
+                {
+                    "run": rec.run_id,
+                    "job": job.name,
+                    "state": job.state,
+                    "domains_done": sum(d in done for d in job.domains),
+                    "domains": len(job.domains),
+                    "offer": job.offer.label,
+                    "launches": job.launches,
+                    "preemptions": job.preemptions,
+                    "recomputed_steps": job.lost_steps,
+                    "lost_seconds": round(job.lost_seconds, 1),
+                    "machine_seconds": round(job.run_seconds, 1),
+                }
+            )
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    t = Table(title="runs")
+    for h in (
+        "run",
+        "job",
+        "state",
+        "domains",
+        "offer",
+        "launches",
+        "preempted",
+        "steps redone",
+        "lost s",
+        "machine s",
+    ):
+        t.add_column(h)
+    for r in rows:
+        t.add_row(
+            r["run"],
+            r["job"],
+            r["state"].lower(),
+            f"{r['domains_done']}/{r['domains']}",
+            r["offer"],
+            str(r["launches"]),
+            str(r["preemptions"]),
+            str(r["recomputed_steps"]),
+            f"{r['lost_seconds']:.1f}",
+            f"{r['machine_seconds']:.0f}",
+        )
+    _console().print(t)
+
+
+@app.command("doctor")
+def doctor_command(config: Path = typer.Option(None, help="preferences file")) -> None:
+    """What is installed and configured: training deps, SkyPilot and provider credentials, store, state."""
+    import importlib.util
+    import platform
+
+    from rich.table import Table
+
+    from launcher.preferences import config_path, load_preferences
+    from train import BadInput
+
+    rows: list[tuple[str, bool, str]] = [("python", sys.version_info >= (3, 11), platform.python_version())]
+    for mod, what in (("torch", "training"), ("peft", "training"), ("llama_cpp", "GGUF validation")):
+        ok = importlib.util.find_spec(mod) is not None
+        rows.append((mod, ok, what if ok else f'missing: pip install -e ".[train]" ({what})'))
+    try:
+        prefs = load_preferences(config)
+        rows.append(("preferences", True, str(config_path(config))))
+    except BadInput as e:
+        prefs = None
+        rows.append(("preferences", False, str(e)))
+    from budgets import state_dir
+
+    rows.append(("state directory", True, str(state_dir())))
+    from launcher.backends import skypilot
+
+    rows.extend(skypilot.doctor())
+    if prefs is not None:
+        from launcher.launch import resolve_backend
+
+        rows.append(("backend", True, resolve_backend(prefs)))
+    t = Table("check", "ok", "detail", title="meetara doctor")
+    for name, ok, detail in rows:
+        t.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", detail)
+    _console().print(t)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Set before any test module is imported (SkyPilot writes ~/.sky on import): the developer's HOME,
 # credentials, config and state never leak into the tests, and the tests never touch them.
 _SANDBOX = Path(tempfile.mkdtemp(prefix="meetara-tests-"))
+atexit.register(shutil.rmtree, _SANDBOX, ignore_errors=True)
 os.environ.update(
     HOME=str(_SANDBOX / "home"),
     MEETARA_STATE_DIR=str(_SANDBOX / "state"),

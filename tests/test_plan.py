@@ -33,7 +33,9 @@ def offer(provider: str, gpu: str, price: float, spot: float | None = None, **kw
     )
 
 
-@pytest.mark.parametrize("n,max_domains,max_hours,expected", [(62, 32, 4, [31, 31]), (62, 16, 4, [16, 16, 15, 15])])
+@pytest.mark.parametrize(
+    "n,max_domains,max_hours,expected", [(62, 32, 4, [31, 31]), (62, 16, 4, [16, 16, 15, 15])]
+)
 def test_pack_balances_jobs_within_caps(n, max_domains, max_hours, expected):
     prefs = Preferences(max_domains_per_job=max_domains, max_hours_per_job=max_hours)
     groups = pack(NAMES[:n], per_domain_h=0.01, startup_h=0.1, prefs=prefs)
@@ -63,7 +65,9 @@ def test_plan_costs_add_up_and_match_hours_times_price():
     assert sorted(d for j in plan.jobs for d in j.domains) == sorted(NAMES)
     for j in plan.jobs:
         assert j.cost == pytest.approx(j.hours * j.offer.expected_hour, rel=1e-3)
-        assert j.hours == pytest.approx(6 / 60 + len(j.domains) * domain_hours(j.offer.gpu, CLOUD)[0], rel=1e-3)
+        assert j.hours == pytest.approx(
+            6 / 60 + len(j.domains) * domain_hours(j.offer.gpu, CLOUD)[0], rel=1e-3
+        )
     assert plan.total_cost == pytest.approx(sum(j.cost for j in plan.jobs), abs=1e-3)
 
 
@@ -87,7 +91,9 @@ def test_big_models_need_big_gpus():
 def test_throughput_table_scales_with_tflops_and_model_size():
     h100, a100 = speed("H100", "microsoft/DialoGPT-medium"), speed("A100-80GB", "microsoft/DialoGPT-medium")
     assert h100.source == "reported" and a100.source == "scaled"
-    assert h100.tokens_per_s / a100.tokens_per_s == pytest.approx(GPU_TFLOPS["H100"] / GPU_TFLOPS["A100-80GB"])
+    assert h100.tokens_per_s / a100.tokens_per_s == pytest.approx(
+        GPU_TFLOPS["H100"] / GPU_TFLOPS["A100-80GB"]
+    )
     assert speed("H100", "gpt2-large").tokens_per_s < h100.tokens_per_s
     assert speed("Mystery9000", "gpt2").source == "unknown-gpu"
     with pytest.raises(ValueError, match="unknown base model"):

@@ -35,7 +35,9 @@ def publish(store, run: str, domain: str, status: str = "done", size: int = 300_
         "base_gguf": entry(f"runs/{run}/base/tiny-f16.gguf", base),
         "files": {n: entry(f"{prefix}/{names[n]}", d) for n, d in files.items()},
     }
-    store.put(f"{prefix}/{'manifest.json' if status == 'done' else 'failed.json'}", json.dumps(manifest).encode())
+    store.put(
+        f"{prefix}/{'manifest.json' if status == 'done' else 'failed.json'}", json.dumps(manifest).encode()
+    )
     return files
 
 
@@ -94,6 +96,8 @@ def test_partial_download_is_resumed(store, tmp_path):
 def test_unfinished_and_failed_domains_are_not_pulled(store, tmp_path):
     publish(store, "r", "legal")
     publish(store, "r", "nutrition", status="failed")
-    results = {x.domain: x.status for x in pull(store, "r", ["legal", "nutrition", "finance"], tmp_path / "m")}
+    results = {
+        x.domain: x.status for x in pull(store, "r", ["legal", "nutrition", "finance"], tmp_path / "m")
+    }
     assert results == {"legal": "pulled", "nutrition": "failed-validation", "finance": "not-finished"}
     assert not (tmp_path / "m" / "nutrition").exists()

@@ -1,7 +1,12 @@
 """`python -m train`: train domains in order and print a final JSON summary.
 
 Exit codes: 0 done, 1 a domain failed validation, 2 bad input (unknown domain, malformed JSONL, bad
-store URL, unreachable store), 75 interrupted by SIGTERM/SIGINT after a checkpoint (rerun resumes).
+store URL, unreachable store), 75 interrupted by SIGTERM/SIGINT after a checkpoint (rerun resumes),
+77 stopped at MEETARA_STOP_AT (the job's budget reservation runs out then; rerun resumes).
+
+The in-job budget guard: the launcher gives each cloud job the time its reservation pays for
+(`MEETARA_STOP_AT`, Unix seconds). Training checkpoints and stops by itself when that time comes, so a
+cap holds even when the launcher's machine sleeps or crashes and nobody cancels the job.
 """
 
 from __future__ import annotations
@@ -9,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -18,7 +25,7 @@ from rich.console import Console
 
 from train import BadInput
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 75
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BUDGET = 1, 2, 75, 77
 err = Console(stderr=True)
 
 
@@ -91,15 +98,33 @@ def train_command(
     stop = StopFlag()
     stop.install()
     try:
+        guard_deadline(stop)
         summary = run_with_progress(spec, stop, quiet)
     except (BadInput, StoreError) as e:
         raise fail(str(e)) from None
     except Interrupted as e:
+        if stop.signum == signal.SIGALRM:
+            raise fail(f"stopped: budget (the job's reservation ends now): {e}", EXIT_BUDGET) from None
         raise fail(f"interrupted: {e}", EXIT_INTERRUPTED) from None
     typer.echo(json.dumps(summary_view(summary), indent=1))
     failed = [n for n, d in summary["domains"].items() if d.get("status") == "failed"]
     if failed:
         raise fail(f"validation failed for {', '.join(failed)} (see failed.json in the store)", EXIT_FAILED)
+
+
+def guard_deadline(stop) -> None:
+    """Arm SIGALRM for MEETARA_STOP_AT (Unix seconds): at that time the job checkpoints and stops."""
+    raw = os.environ.get("MEETARA_STOP_AT")
+    if not raw:
+        return
+    try:
+        left = float(raw) - time.time()
+    except ValueError:
+        raise BadInput(f"MEETARA_STOP_AT={raw!r} is not a Unix time") from None
+    if left <= 0:
+        raise fail("stopped: budget (MEETARA_STOP_AT has passed before training started)", EXIT_BUDGET)
+    signal.signal(signal.SIGALRM, stop._handle)
+    signal.setitimer(signal.ITIMER_REAL, left)
 
 
 def summary_view(summary: dict) -> dict:
@@ -145,15 +170,19 @@ def run_with_progress(spec, stop, quiet: bool) -> dict:
             )
 
         every = int(os.environ.get("MEETARA_LOG_EVERY", "25"))
-        current = {"name": ""}
+        current: dict = {"name": "", "t": 0.0, "step": 0}
 
         def start(name: str, i: int, n: int) -> None:
-            current["name"] = name
+            current.update(name=name, t=time.perf_counter(), step=None)
             err.print(f"{name}: domain {i + 1}/{n}", highlight=False)
 
         def step(done: int, total: int, loss: float) -> None:
+            # the launcher reads these lines to count the work a preemption cost (launcher/conductor.py)
             if every and (done % every == 0 or done == total):
-                err.print(f"{current['name']}: step {done}/{total} loss {loss:.4f}", highlight=False)
+                now, last = time.perf_counter(), current["step"]
+                rate = f" ({(now - current['t']) / (done - last):.3f} s/step)" if last is not None else ""
+                err.print(f"{current['name']}: step {done}/{total} loss {loss:.4f}{rate}", highlight=False)
+                current.update(t=now, step=done)
 
         return run_job(spec, events=Events(start, step, end), stop=stop)
     with Progress(
@@ -198,6 +227,14 @@ def run_app(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> 
         message = e.format_message() if hasattr(e, "format_message") else str(e)
         err.print(f"[bold red]error:[/] {message} (see {prog_name} --help)", soft_wrap=True, highlight=False)
         rc = EXIT_BAD_INPUT
+    except Exception as e:  # a bug, not bad input: say so in one line; MEETARA_LOG=DEBUG shows where
+        logging.getLogger("meetara").debug("internal error", exc_info=True)
+        err.print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {e} (MEETARA_LOG=DEBUG for the traceback)",
+            soft_wrap=True,
+            highlight=False,
+        )
+        rc = EXIT_FAILED
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

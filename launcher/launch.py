@@ -1,0 +1,178 @@
+"""`meetara plan` / `launch` as functions: the CLI, the tests and the MCP server call these.
+
+launch = plan the unfinished domains -> check the budget -> record the run -> the conductor launches
+the jobs, follows them and pulls each finished domain into the models folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from launcher.backends.base import Backend, BackendError
+from launcher.plan import Plan, Workload, plan_cloud, plan_local
+from launcher.preferences import Preferences
+from launcher.runs import ACTIVE, JobRecord, RunRecord, load_run
+from train import BadInput
+from train.domains import load_registry, select_domains
+from train.pipeline import is_done
+from train.store import ObjectStore, open_store
+
+
+def resolve_backend(prefs: Preferences, name: str | None = None) -> str:
+    """`local` or `skypilot`. `auto` means skypilot when it is installed and some provider has
+    credentials, else the embedded local backend."""
+    name = name or prefs.backend
+    if name not in ("auto", "local", "skypilot"):
+        raise BadInput(f"unknown backend {name!r}; use local, skypilot or auto")
+    if name != "auto":
+        return name
+    from launcher.backends import configured_clouds, skypilot_installed
+
+    return "skypilot" if skypilot_installed() and configured_clouds() else "local"
+
+
+def make_backend(name: str) -> Backend:
+    if name == "local":
+        from launcher.backends.local import LocalBackend
+
+        return LocalBackend()
+    from launcher.backends.skypilot import SkyPilotBackend
+
+    return SkyPilotBackend()
+
+
+def default_store(backend: str) -> str:
+    url = os.environ.get("MEETARA_STORE")
+    if url:
+        return url
+    if backend == "skypilot":
+        raise BadInput("cloud jobs need an s3:// store they can reach: pass --store s3://BUCKET/PREFIX")
+    return f"file://{Path('store').resolve()}"
+
+
+def absolute_store(url: str) -> str:
+    """file:// URLs made absolute, so a job started elsewhere (another cwd) writes to the same place."""
+    if url.startswith("file://"):
+        return f"file://{Path(url[7:]).expanduser().resolve()}"
+    if "://" not in url:
+        return f"file://{Path(url).expanduser().resolve()}"
+    return url
+
+
+def select(domains: str) -> list[str]:
+    return [
+        d.name for d in select_domains([x for x in domains.split(",") if x.strip()] or [""], load_registry())
+    ]
+
+
+def make_plan(
+    domains: Sequence[str],
+    *,
+    backend: str,
+    prefs: Preferences,
+    work: Workload,
+    run_id: str,
+    live: bool = False,
+    providers: list[str] | None = None,
+) -> Plan:
+    """Plan `domains` for `backend`; raises BadInput when nothing can run them."""
+    if backend == "local":
+        return plan_local(domains, prefs, work, run_id)
+    from launcher.offers import gather_offers
+    from launcher.plan import NoOffer
+
+    try:
+        table = gather_offers(live=live, providers=providers)
+        return plan_cloud(
+            domains,
+            table.offers,
+            prefs,
+            work,
+            run_id,
+            offers_source=table.source,
+            snapshot_date=str(table.snapshot_date) if table.snapshot_date else None,
+        )
+    except (NoOffer, ValueError) as e:
+        raise BadInput(str(e)) from None
+
+
+def todo_domains(store: ObjectStore, run_id: str, domains: Sequence[str]) -> list[str]:
+    """The domains whose manifest is not in the store yet (finished work is never paid for twice)."""
+    return [d for d in domains if not is_done(store, run_id, d)]
+
+
+def check_budget(plan: Plan, budget: float | None) -> None:
+    if budget is not None and plan.total_cost > budget + 1e-9:
+        raise BadInput(
+            f"the plan costs ${plan.total_cost:.2f} (expected, preemption overhead included), over --budget "
+            f"${budget:.2f}: raise the budget, choose fewer domains, or loosen provider preferences"
+        )
+
+
+def still_running(run_id: str, backend: Backend) -> RunRecord | None:
+    """An earlier launcher's record of this run if some of its jobs are still running (adopt them
+    instead of launching the same work twice)."""
+    rec = load_run(run_id)
+    if rec is None or rec.backend != backend.name:
+        return None
+    alive = False
+    for job in rec.jobs.values():
+        if job.state in ACTIVE and job.handle:
+            try:
+                alive |= not backend.status(job.handle).state.finished
+            except BackendError:
+                job.state = "planned"  # the backend forgot it: it will be launched again
+    return rec if alive else None
+
+
+def new_run(
+    plan: Plan, *, store: str, endpoint_url: str | None, models_dir: Path, budget: float | None
+) -> RunRecord:
+    rec = RunRecord(
+        run_id=plan.run_id,
+        backend=plan.backend,
+        store=store,
+        endpoint_url=endpoint_url,
+        models_dir=str(models_dir.resolve()),
+        budget=budget,
+        plan=plan,
+        jobs={j.name: JobRecord.of(j) for j in plan.jobs},
+    )
+    rec.save()
+    return rec
+
+
+def task_factory(rec: RunRecord, prefs: Preferences):
+    """The task each launch of a job runs (its current offer first, then the rest as fallbacks)."""
+    from launcher.task import render_task
+
+    def task_for(job: JobRecord) -> dict:
+        plan_job = rec.plan.job(job.name).model_copy(
+            update={"offer": job.offer, "fallbacks": job.offers[job.offer_index + 1 :]}
+        )
+        return render_task(
+            rec.plan,
+            plan_job,
+            store=rec.store,
+            endpoint_url=rec.endpoint_url,
+            prefs=prefs,
+            backend=rec.backend,
+            # step lines let the conductor count the work a preemption cost (every step locally,
+            # every 10th in the cloud, where steps are many and fast)
+            extra_envs={"MEETARA_LOG_EVERY": "1" if rec.backend == "local" else "10"},
+        )
+
+    return task_for
+
+
+def unfinished(rec: RunRecord) -> list[str]:
+    """The run's domains without a manifest in its store (unreachable store: all of them)."""
+    from train.store import StoreError
+
+    names = [d for j in rec.plan.jobs for d in j.domains]
+    try:
+        return todo_domains(open_store(rec.store, endpoint_url=rec.endpoint_url), rec.run_id, names)
+    except StoreError:
+        return names

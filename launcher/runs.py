@@ -1,0 +1,112 @@
+"""What the launcher remembers about a run: its plan, and per job its handle, state and history.
+
+One JSON file per run under the state directory, replaced atomically on every change, so a launcher
+that crashed (or a second terminal running `meetara status`) reads a consistent picture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError
+
+from launcher.plan import JobPlan, OfferRef, Plan
+
+ACTIVE = {"PENDING", "RUNNING", "RECOVERING"}
+# "planned": not launched yet, or waiting to be relaunched after a preemption
+FINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "GAVE-UP", "STOPPED-BUDGET"}
+
+
+def runs_dir() -> Path:
+    from budgets import state_dir
+
+    return state_dir() / "runs"
+
+
+class JobRecord(BaseModel):
+    name: str
+    domains: list[str]
+    offers: list[OfferRef]  # planned offer first, then the fallbacks
+    offer_index: int = 0  # which of `offers` the current launch uses
+    handle: str | None = None
+    state: str = "planned"
+    launches: int = 0
+    preemptions: int = 0
+    status_errors: int = 0
+    started_at: datetime | None = None  # current launch
+    ended_at: datetime | None = None
+    run_seconds: float = 0.0  # billed seconds of earlier launches of this job
+    exit_code: int | None = None
+    reservation_id: int | None = None
+    history: list[str] = []
+    # per preemption: when, the domain and last step the log showed, the step training resumed from
+    preemption_log: list[dict] = []
+
+    @property
+    def lost_steps(self) -> int:
+        return sum(p.get("lost_steps") or 0 for p in self.preemption_log)
+
+    @property
+    def lost_seconds(self) -> float:
+        return sum(p.get("lost_seconds") or 0.0 for p in self.preemption_log)
+
+    @property
+    def offer(self) -> OfferRef:
+        return self.offers[min(self.offer_index, len(self.offers) - 1)]
+
+    def note(self, text: str) -> None:
+        self.history.append(f"{datetime.now(UTC).isoformat(timespec='seconds')} {text}")
+
+    @classmethod
+    def of(cls, job: JobPlan) -> JobRecord:
+        return cls(name=job.name, domains=job.domains, offers=[job.offer, *job.fallbacks])
+
+
+class RunRecord(BaseModel):
+    run_id: str
+    backend: str
+    store: str
+    endpoint_url: str | None = None
+    models_dir: str
+    budget: float | None = None
+    plan: Plan
+    jobs: dict[str, JobRecord] = {}
+    pulled: list[str] = []
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    def path(self) -> Path:
+        return runs_dir() / f"{self.run_id}.json"
+
+    def save(self) -> None:
+        path = self.path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.model_dump_json(indent=1))
+        os.replace(tmp, path)
+
+
+def load_run(run_id: str) -> RunRecord | None:
+    """The run's record, or None if this machine never launched it."""
+    path = runs_dir() / f"{run_id}.json"
+    if not path.exists():
+        return None
+    try:
+        return RunRecord.model_validate(json.loads(path.read_text()))
+    except (ValueError, ValidationError) as e:
+        from train import BadInput
+
+        raise BadInput(
+            f"{path}: unreadable run record ({type(e).__name__}); move it away to start over"
+        ) from None
+
+
+def list_runs() -> list[RunRecord]:
+    out = []
+    for p in sorted(runs_dir().glob("*.json")) if runs_dir().is_dir() else []:
+        rec = load_run(p.stem)
+        if rec is not None:
+            out.append(rec)
+    return sorted(out, key=lambda r: r.created_at)
