@@ -116,6 +116,17 @@ def offers_command(
     _console().print(out)
 
 
+def _register_budget_commands() -> None:
+    from budgets.cli import budget_command, report_command
+
+    app.command("report", help="Cost reports from the ledger: by provider, domain, day or run.")(
+        report_command
+    )
+    app.command("budget", help="Caps, spent, reserved and remaining per window.")(budget_command)
+
+
+_register_budget_commands()
+
 providers_app = typer.Typer(
     help="Show and edit provider preferences (a YAML file to keep in version control)."
 )
@@ -355,6 +366,7 @@ def launch_command(
         live,
         provider,
         chaos,
+        config,
     )
 
 
@@ -373,58 +385,56 @@ def _launch(
     live=False,
     provider=None,
     chaos=None,
+    config=None,
 ) -> None:
-    """The body of `launch` and `recover`: skip done domains, plan the rest, check, launch, follow, pull."""
+    """The body of `launch` and `recover`: skip done domains, plan the rest, reserve, launch, follow, pull."""
     from rich.console import Console
 
+    from budgets import BudgetExceeded, LedgerError
     from launcher import launch as L
     from launcher.backends.base import BackendError
     from train import BadInput
-    from train.store import StoreError, open_store
+    from train.store import StoreError
 
     out = Console(stderr=True)
     try:
-        store_url = L.absolute_store(store or L.default_store(backend))
-        if backend == "skypilot" and store_url.startswith("file://"):
-            raise BadInput("cloud jobs cannot write to a local folder: pass --store s3://BUCKET/PREFIX")
-        st = open_store(store_url, endpoint_url=endpoint_url)
-        be = L.make_backend(backend)
-        rec = L.still_running(run_id, be)
+        prep = L.prepare(
+            names,
+            prefs=prefs,
+            backend=backend,
+            work=work,
+            run_id=run_id,
+            store=store,
+            endpoint_url=endpoint_url,
+            budget=budget,
+            live=live,
+            providers=provider,
+            config=config,
+        )
+        if prep.settled:
+            out.print(f"settled {len(prep.settled)} reservation(s) an earlier launcher left open")
+        rec = prep.rec
         if rec is not None:
             out.print(f"run {run_id} has jobs still running: following them", highlight=False)
-        else:
-            todo = L.todo_domains(st, run_id, names)
-            if len(todo) < len(names):
-                out.print(
-                    f"{len(names) - len(todo)} of {len(names)} domains already done in {st.url}: skipped"
-                )
-            if todo:
-                plan = L.make_plan(
-                    todo,
-                    backend=backend,
-                    prefs=prefs,
-                    work=work,
-                    run_id=run_id,
-                    live=live,
-                    providers=provider,
-                )
-                out.print(_plan_table(plan))
-                L.check_budget(plan, budget)
-                if plan.total_cost > 0 and not yes:
-                    if not sys.stdin.isatty():
-                        raise BadInput("not a terminal, so nobody can confirm the spend: pass --yes")
-                    if not typer.confirm(f"launch for about ${plan.total_cost:.2f}?"):
-                        raise typer.Exit(1)
-                rec = L.new_run(
-                    plan, store=store_url, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget
-                )
-    except (BadInput, StoreError, BackendError, ValueError) as e:
+        elif prep.skipped:
+            out.print(f"{prep.skipped} of {len(names)} domains already done in {prep.store.url}: skipped")
+        if prep.plan is not None:
+            out.print(_plan_table(prep.plan))
+            if prep.plan.total_cost > 0 and not yes:
+                if not sys.stdin.isatty():
+                    raise BadInput("not a terminal, so nobody can confirm the spend: pass --yes")
+                if not typer.confirm(f"launch for about ${prep.plan.total_cost:.2f}?"):
+                    raise typer.Exit(1)
+            rec = L.commit(prep, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget)
+    except BudgetExceeded as e:
+        raise fail(f"refused: {e}") from None
+    except (BadInput, StoreError, BackendError, LedgerError, ValueError) as e:
         raise fail(str(e)) from None
     if rec is None:  # everything was done already: make sure the files are here
-        _pull_and_report(st, run_id, names, models_dir)
+        _pull_and_report(prep.store, run_id, names, models_dir)
         return
-    code = _conduct(rec, be, st, prefs, poll, chaos)
-    _pull_and_report(st, run_id, [d for j in rec.jobs.values() for d in j.domains], models_dir, rec)
+    code = _conduct(rec, prep, prefs, poll, chaos)
+    _pull_and_report(prep.store, run_id, [d for j in rec.jobs.values() for d in j.domains], models_dir, rec)
     raise typer.Exit(code)
 
 
@@ -481,16 +491,17 @@ def recover_command(
         budget,
         yes,
         poll,
+        config=config,
     )
 
 
-def _conduct(rec, backend, store, prefs, poll: float, chaos=None) -> int:
+def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
     """Follow the run with a progress bar per job; Ctrl-C cancels the jobs (they checkpoint first)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from launcher.conductor import Conductor, Hooks
-    from launcher.launch import task_factory
+    from launcher.conductor import Hooks
+    from launcher.launch import conductor_for
 
     err = Console(stderr=True)
     tty = err.is_terminal
@@ -517,29 +528,23 @@ def _conduct(rec, backend, store, prefs, poll: float, chaos=None) -> int:
         if not tty or r.status == "error":
             err.print(f"{r.domain}: {r.status} {r.detail}".rstrip(), highlight=False)
 
-    conductor = Conductor(
-        rec,
-        backend,
-        store,
-        task_factory(rec, prefs),
-        prefs.max_recoveries,
-        poll,
-        Hooks(on_job, on_pulled),
-        chaos=chaos,
-    )
+    conductor = conductor_for(rec, prep, prefs, poll=poll, hooks=Hooks(on_job, on_pulled), chaos=chaos)
     try:
         with progress:
             conductor.run()
     except KeyboardInterrupt:
         names = conductor.cancel_all("interrupted by the user")
+        conductor.money.after_poll(rec)  # settle what they cost
         err.print(
             f"interrupted: cancelled {len(names)} job(s); checkpoints are kept, the same command resumes",
             highlight=False,
         )
         return 75
+    if conductor.money.stopped_by:
+        err.print(f"stopped: budget: {conductor.money.stopped_by}; checkpoints are kept", highlight=False)
     failed = [j for j in rec.jobs.values() if j.state != "SUCCEEDED"]
     for j in failed:
-        tail = backend.logs(j.handle, 5) if j.handle else ""
+        tail = prep.backend.logs(j.handle, 5) if j.handle else ""
         err.print(f"{j.name}: {j.state.lower()} (exit code {j.exit_code})\n{tail}", highlight=False)
     return 1 if failed else 0
 
@@ -712,9 +717,17 @@ def doctor_command(config: Path = typer.Option(None, help="preferences file")) -
 
     rows.extend(skypilot.doctor())
     if prefs is not None:
-        from launcher.launch import resolve_backend
+        from launcher.launch import open_ledger, resolve_backend
 
         rows.append(("backend", True, resolve_backend(prefs)))
+        from budgets import LedgerError
+
+        try:
+            with open_ledger(config) as ledger:
+                n = len(ledger.open_reservations())
+                rows.append(("ledger", True, f"{ledger.location}; {n} open reservation(s)"))
+        except (LedgerError, BadInput) as e:
+            rows.append(("ledger", False, str(e)))
     t = Table("check", "ok", "detail", title="meetara doctor")
     for name, ok, detail in rows:
         t.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", detail)

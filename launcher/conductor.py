@@ -82,6 +82,7 @@ class Conductor:
     stop: threading.Event = field(default_factory=threading.Event)
     results: dict[str, PullResult] = field(default_factory=dict)
     chaos: Chaos | None = None
+    money: object | None = None  # launcher.money.Money when budgets are enforced (set by conductor_for)
     confirm_polls: int = 2  # a lost job must look lost this many polls in a row before it is relaunched
     _suspect: dict[str, int] = field(default_factory=dict)
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from launcher.backends.base import Backend, BackendError
 from launcher.plan import Plan, Workload, plan_cloud, plan_local
@@ -28,9 +30,9 @@ def resolve_backend(prefs: Preferences, name: str | None = None) -> str:
         raise BadInput(f"unknown backend {name!r}; use local, skypilot or auto")
     if name != "auto":
         return name
-    from launcher.backends import configured_clouds, skypilot_installed
+    from launcher.backends import skypilot
 
-    return "skypilot" if skypilot_installed() and configured_clouds() else "local"
+    return "skypilot" if skypilot.available() and skypilot.configured_clouds() else "local"
 
 
 def make_backend(name: str) -> Backend:
@@ -140,7 +142,6 @@ def new_run(
         plan=plan,
         jobs={j.name: JobRecord.of(j) for j in plan.jobs},
     )
-    rec.save()
     return rec
 
 
@@ -161,7 +162,10 @@ def task_factory(rec: RunRecord, prefs: Preferences):
             backend=rec.backend,
             # step lines let the conductor count the work a preemption cost (every step locally,
             # every 10th in the cloud, where steps are many and fast)
-            extra_envs={"MEETARA_LOG_EVERY": "1" if rec.backend == "local" else "10"},
+            extra_envs={
+                "MEETARA_LOG_EVERY": "1" if rec.backend == "local" else "10",
+                **({"MEETARA_STOP_AT": f"{job.stop_at:.0f}"} if job.stop_at else {}),
+            },
         )
 
     return task_for
@@ -176,3 +180,103 @@ def unfinished(rec: RunRecord) -> list[str]:
         return todo_domains(open_store(rec.store, endpoint_url=rec.endpoint_url), rec.run_id, names)
     except StoreError:
         return names
+
+
+def open_ledger(config: Path | None = None):
+    """The budget ledger with the caps of the config file (`budgets:`), env and defaults."""
+    from budgets.caps import load_budget_config
+    from budgets.ledger import Ledger
+    from launcher.preferences import config_path
+
+    return Ledger(config=load_budget_config(config_path(config)))
+
+
+@dataclass
+class Prepared:
+    """What `launch` is about to do, before anything is spent: shown to the user, then committed."""
+
+    names: list[str]
+    store_url: str
+    store: ObjectStore
+    backend: Backend
+    ledger: Any
+    plan: Plan | None = None  # None: nothing left to train (or jobs adopted)
+    rec: RunRecord | None = None  # an earlier launcher's run whose jobs still run
+    skipped: int = 0
+    settled: list[int] = field(default_factory=list)
+
+
+def prepare(
+    names: Sequence[str],
+    *,
+    prefs: Preferences,
+    backend: str,
+    work: Workload,
+    run_id: str,
+    store: str | None,
+    endpoint_url: str | None,
+    budget: float | None,
+    live: bool = False,
+    providers: list[str] | None = None,
+    config: Path | None = None,
+) -> Prepared:
+    """Check everything, settle what a crashed launcher left open, plan the unfinished domains.
+    Raises BadInput / StoreError / BackendError / LedgerError with one-line messages."""
+    from launcher.money import settle_stale
+
+    store_url = absolute_store(store or default_store(backend))
+    if backend == "skypilot" and store_url.startswith("file://"):
+        raise BadInput("cloud jobs cannot write to a local folder: pass --store s3://BUCKET/PREFIX")
+    st = open_store(store_url, endpoint_url=endpoint_url)
+    be = make_backend(backend)
+    ledger = open_ledger(config)
+    prep = Prepared(list(names), store_url, st, be, ledger)
+    prep.rec = still_running(run_id, be)
+    if prep.rec is not None:
+        return prep
+    prep.settled = settle_stale(ledger, run_id, be, load_run(run_id))
+    todo = todo_domains(st, run_id, names)
+    prep.skipped = len(names) - len(todo)
+    if todo:
+        prep.plan = make_plan(
+            todo, backend=backend, prefs=prefs, work=work, run_id=run_id, live=live, providers=providers
+        )
+        check_budget(prep.plan, budget)
+    return prep
+
+
+def commit(prep: Prepared, *, endpoint_url: str | None, models_dir: Path, budget: float | None) -> RunRecord:
+    """Reserve the plan's cost in the ledger (all jobs or none), then record the run."""
+    from launcher.money import Money
+
+    rec = new_run(
+        prep.plan, store=prep.store_url, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget
+    )
+    Money(prep.ledger, rec, prep.backend, poll_s=1).reserve_plan()  # saves the record when all are held
+    return rec
+
+
+def conductor_for(
+    rec: RunRecord, prep: Prepared, prefs: Preferences, *, poll: float, hooks=None, chaos=None, clock=None
+):
+    """A conductor for the run, with the budget hooks (reserve, accrue, watchdog, settle) in place."""
+    from launcher.conductor import Conductor, Hooks
+    from launcher.money import Money, utcnow
+
+    hooks = hooks or Hooks()
+    if hasattr(prep.backend, "offers"):  # SkyPilot places offers from its catalogs: give it the run's
+        prep.backend.offers = [o for j in rec.jobs.values() for o in j.offers]
+    money = Money(prep.ledger, rec, prep.backend, poll_s=poll, clock=clock or utcnow)
+    hooks.before_launch, hooks.after_poll = money.before_launch, money.after_poll
+    c = Conductor(
+        rec,
+        prep.backend,
+        prep.store,
+        task_factory(rec, prefs),
+        prefs.max_recoveries,
+        poll,
+        hooks,
+        chaos=chaos,
+    )
+    c.money = money
+    return c

@@ -10,6 +10,7 @@ expected price includes the spot preemption overhead (launcher/select.py).
 from __future__ import annotations
 
 import math
+import os
 import platform
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -221,6 +222,12 @@ def plan_local(domains: Sequence[str], prefs: Preferences, work: Workload, run_i
     gpu = _local_gpu()
     h, source = domain_hours("cpu" if gpu == "cpu" else "A10", work)
     startup_h = LOCAL_STARTUP_MINUTES / 60
+    # calibration for a machine unlike the one the table was measured on (bench/train_throughput.py)
+    if os.environ.get("MEETARA_LOCAL_TOKENS_S"):
+        h = (work.domain_tokens() / float(os.environ["MEETARA_LOCAL_TOKENS_S"]) + 0.7) / 3600
+        source = "MEETARA_LOCAL_TOKENS_S"
+    if os.environ.get("MEETARA_LOCAL_STARTUP_S"):
+        startup_h = float(os.environ["MEETARA_LOCAL_STARTUP_S"]) / 3600
     ref = OfferRef(
         provider="local",
         instance_type=platform.node() or "localhost",

@@ -41,6 +41,7 @@ class JobRecord(BaseModel):
     run_seconds: float = 0.0  # billed seconds of earlier launches of this job
     exit_code: int | None = None
     reservation_id: int | None = None
+    stop_at: float | None = None  # Unix time the current launch must stop by (in-job budget guard)
     history: list[str] = []
     # per preemption: when, the domain and last step the log showed, the step training resumed from
     preemption_log: list[dict] = []

@@ -123,7 +123,17 @@ def guard_deadline(stop) -> None:
         raise BadInput(f"MEETARA_STOP_AT={raw!r} is not a Unix time") from None
     if left <= 0:
         raise fail("stopped: budget (MEETARA_STOP_AT has passed before training started)", EXIT_BUDGET)
-    signal.signal(signal.SIGALRM, stop._handle)
+
+    def deadline(signum: int, frame: object) -> None:
+        if getattr(stop, "training", False):
+            stop._handle(signum, frame)  # mid-training: checkpoint at the next step, then exit 77
+            return
+        # loading, exporting, uploading: nothing to checkpoint, and store writes are atomic (a domain
+        # cut off here has no manifest and is redone), so stop at once rather than spend on
+        err.print("stopped: budget (the job's reservation ends now); rerun to resume", highlight=False)
+        os._exit(EXIT_BUDGET)
+
+    signal.signal(signal.SIGALRM, deadline)
     signal.setitimer(signal.ITIMER_REAL, left)
 
 

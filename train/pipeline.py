@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from train import BadInput, checkpoint
 from train.data import domain_data
 from train.domains import Domain, load_registry, select_domains
-from train.lora import LoraParams, StopFlag, attach_lora, heldout_loss
+from train.lora import Interrupted, LoraParams, StopFlag, attach_lora, heldout_loss
 from train.lora import train as train_lora
 from train.store import ObjectStore, open_store
 
@@ -133,6 +133,8 @@ def run_job(spec: JobSpec, *, events: Events | None = None, stop: StopFlag | Non
     with tempfile.TemporaryDirectory(prefix="meetara-") as tmp:
         base_key, base_file = _ensure_base_gguf(store, spec, base, Path(tmp))
         for i, (d, data) in enumerate(todo):
+            if stop is not None and stop.signum is not None:
+                raise Interrupted(f"stopped by signal {stop.signum} before {d.name}")
             events.domain_start(d.name, i, len(todo))
             result = train_domain(d, data, spec, base, store, base_key, base_file, Path(tmp), events, stop)
             summary["domains"][d.name] = result
@@ -200,6 +202,8 @@ def train_domain(
     try:
         with model.disable_adapter():
             loss_before = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
+        if stop is not None:
+            stop.training = True  # a deadline now means: checkpoint at the next step, then stop
         result = train_lora(
             model,
             train_ids,
@@ -210,6 +214,8 @@ def train_domain(
             stop=stop,
             on_step=events.step,
         )
+        if stop is not None:
+            stop.training = False
         loss_after = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
         timings["train"] = time.perf_counter() - t
 

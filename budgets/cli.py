@@ -1,0 +1,158 @@
+"""`meetara report` and `meetara budget`: plain functions that launcher/cli.py registers with typer.
+
+Bad input (config values, dates) and an unreadable ledger end in one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import typer
+
+from budgets import LedgerError
+from budgets.caps import load_budget_config, midnight, utcnow
+from train import BadInput
+from train.cli import fail
+
+
+def open_ledger(config: Path | None = None):
+    """The ledger the config file (`--config`, else the preferences file's usual place) points to."""
+    from budgets.ledger import Ledger
+    from launcher.preferences import config_path  # one place decides where the config file is
+
+    return Ledger(config=load_budget_config(config_path(config)))
+
+
+def parse_when(text: str, zone: ZoneInfo, *, end: bool = False, flag: str = "--since") -> datetime:
+    """YYYY-MM-DD (local midnight in `zone`; with end=True the midnight after, so the day is included),
+    an ISO time (naive = in `zone`), 'today', 'yesterday', or Nd (N x 24 hours ago)."""
+    text = text.strip()
+    now = utcnow()
+    if text in ("today", "yesterday"):
+        day = now.astimezone(zone).date() - timedelta(days=text == "yesterday")
+        return midnight(day + timedelta(days=1) if end else day, zone)
+    if m := re.fullmatch(r"(\d+)d", text):
+        return now - timedelta(days=int(m.group(1)))
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            day = date.fromisoformat(text)
+            return midnight(day + timedelta(days=1) if end else day, zone)
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadInput(
+            f"{flag}: cannot read {text!r} (YYYY-MM-DD, an ISO time, today, yesterday or Nd)"
+        ) from None
+    return t if t.tzinfo else t.replace(tzinfo=zone)
+
+
+def report_command(
+    by: str = typer.Option("provider", "--by", help="provider, domain, day or run"),
+    since: str = typer.Option(
+        None, help="YYYY-MM-DD (budget time zone), an ISO time, 'today', 'yesterday' or Nd"
+    ),
+    until: str = typer.Option(
+        None, help="YYYY-MM-DD (that day included), an ISO time, 'today' or 'yesterday'"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    csv_path: Path = typer.Option(None, "--csv", help="also write CSV here ('-': stdout)"),
+    plot_path: Path = typer.Option(None, "--plot", help="also write a PNG bar chart here"),
+    config: Path = typer.Option(None, help="config file (its `budgets:` section)"),
+) -> None:
+    """Cost per provider, domain, day or run, from the budget ledger."""
+    from budgets import report as rep
+
+    try:
+        if by not in rep.BY:
+            raise BadInput(f"--by: {by!r} is not one of {', '.join(rep.BY)}")
+        with open_ledger(config) as ledger:
+            zone = ledger.config.zone
+            start = parse_when(since, zone) if since else None
+            stop = parse_when(until, zone, end=True, flag="--until") if until else None
+            if start and stop and start >= stop:
+                raise BadInput(f"--since {since} is not before --until {until}")
+            rows = rep.report(ledger, by, start, stop)
+            total = (rep.report(ledger, "total", start, stop) or [rep.Row("total")])[0]
+    except (BadInput, LedgerError) as e:
+        raise fail(str(e)) from None
+    if plot_path is not None:
+        try:
+            rep.plot(rows, plot_path, by=by, since=start, until=stop)
+        except OSError as e:
+            raise fail(f"{plot_path}: cannot write the chart ({e.strerror or e})") from None
+        typer.echo(f"wrote {plot_path}", err=True)
+    if csv_path is not None:
+        text = rep.to_csv(rows)
+        if str(csv_path) == "-":
+            typer.echo(text, nl=False)
+        else:
+            try:
+                csv_path.write_text(text)
+            except OSError as e:
+                raise fail(f"{csv_path}: cannot write the CSV ({e.strerror or e})") from None
+            typer.echo(f"wrote {csv_path}", err=True)
+    if as_json:
+        typer.echo(rep.to_json(rows, by=by, since=start, until=stop, total=total))
+    elif str(csv_path) != "-":
+        from rich.console import Console
+
+        title = f"cost by {by}, {rep.period_label(start, stop)}"
+        Console().print(rep.render_table(rows, by=by, title=title, total=total))
+
+
+def budget_command(
+    config: Path = typer.Option(None, help="config file (its `budgets:` section)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Caps, spent, reserved and remaining per window (day, week, month in the budget time zone)."""
+    from budgets.report import money
+
+    try:
+        with open_ledger(config) as ledger:
+            windows = ledger.window_status()
+            held = ledger.open_reservations()
+            location, tz = ledger.location, ledger.config.timezone
+    except (BadInput, LedgerError) as e:
+        raise fail(str(e)) from None
+    if as_json:
+        doc = {
+            "timezone": tz,
+            "ledger": location,
+            "open_reservations": len(held),
+            "windows": [
+                {
+                    "window": w.name,
+                    "start": w.start.isoformat(),
+                    "end": w.end.isoformat(),
+                    "cap": w.cap,
+                    "spent": round(w.spent, 6),
+                    "reserved": round(w.reserved, 6),
+                    "remaining": None if w.remaining is None else round(w.remaining, 6),
+                }
+                for w in windows
+            ],
+        }
+        typer.echo(json.dumps(doc, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"meetara budget ({tz})")
+    t.add_column("window")
+    t.add_column("period")
+    for name in ("cap", "spent", "reserved", "remaining"):
+        t.add_column(name, justify="right")
+    for w in windows:
+        last = (w.end - timedelta(days=1)).date()
+        period = w.start.date().isoformat() + ("" if w.name == "daily" else f" to {last.isoformat()}")
+        if w.remaining is None:
+            left = "no cap"
+        else:
+            left = f"[red]{money(w.remaining)}[/]" if w.remaining <= 0 else money(w.remaining)
+        cap = "none" if w.cap is None else money(w.cap)
+        t.add_row(w.name, period, cap, money(w.spent), money(w.reserved), left)
+    t.caption = f"{len(held)} open reservation(s); ledger: {location}"
+    Console().print(t)

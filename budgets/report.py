@@ -1,0 +1,267 @@
+"""Cost reports from the ledger: per provider, domain, day or run; as a table, JSON, CSV or PNG chart."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from budgets.ledger import PREEMPTED, SETTLED, Event, Ledger, Reservation
+
+BY = ("provider", "domain", "day", "run")
+FIELDS = ("key", "cost", "gpu_hours", "domains_done", "dollars_per_domain", "preemptions")
+NO_DOMAIN, UNKNOWN = "(no domain)", "(unknown)"
+
+
+@dataclass
+class Row:
+    key: str
+    cost: float = 0.0  # USD: sum of accruals
+    gpu_hours: float = 0.0  # accrued seconds / 3600 x the reservation's GPU count
+    domains_done: int = 0
+    dollars_per_domain: float | None = None  # cost / domains_done
+    preemptions: int = 0
+
+
+def report(
+    ledger: Ledger, by: str, since: datetime | None = None, until: datetime | None = None
+) -> list[Row]:
+    """Cost per provider, domain, day (in the budget time zone) or run, for accruals in [since, until).
+
+    - cost: sum of accrual amounts; gpu_hours: accrued seconds x GPU count (accruals without seconds,
+      such as settlement corrections, add cost but no hours).
+    - domains_done: distinct domains of settled reservations (ended in the range) not closed by a stop.
+    - preemptions: 'preempted' events in the range, keyed through the reservation they name (else the
+      run's latest reservation of that job).
+    - by='domain': a job trains several domains on one machine, so its cost and GPU-hours are split
+      evenly across its domains, and a preemption of the job counts for each of its domains (so the
+      domain rows' preemptions can add up to more than the events).
+    - by='total' gives a single row over everything.
+    Rows: by day in date order, otherwise by cost, highest first."""
+    if by not in (*BY, "total"):
+        raise ValueError(f"by must be one of {', '.join(BY)}, not {by!r}")
+    zone = ledger.config.zone
+    rows: dict[str, Row] = {}
+
+    def row(key: str) -> Row:
+        return rows.setdefault(key, Row(key))
+
+    for e in ledger.entries(since, until):
+        for key, share in _keys(by, e.provider, e.run_id, e.domains, e.at, zone):
+            r = row(key)
+            r.cost += e.amount * share
+            r.gpu_hours += (e.seconds or 0.0) / 3600 * e.gpu_count * share
+    reservations = ledger.reservations()
+    by_id = {r.id: r for r in reservations}
+    done: dict[str, set[str]] = defaultdict(set)
+    for res in reservations:
+        if res.domains and res.state == SETTLED and not res.stopped and _within(res.ended_at, since, until):
+            for key, _ in _keys(by, res.provider, res.run_id, res.domains, res.ended_at, zone):
+                done[key].update([key] if by == "domain" else res.domains)
+    for ev in ledger.events(since, until, kind=PREEMPTED):
+        res = event_reservation(ev, reservations, by_id)
+        provider, domains = (res.provider, res.domains) if res else (UNKNOWN, (UNKNOWN,))
+        for key, _ in _keys(by, provider, ev.run_id, domains, ev.at, zone):
+            row(key).preemptions += 1
+    for key, names in done.items():
+        row(key).domains_done = len(names)
+    for r in rows.values():
+        r.dollars_per_domain = r.cost / r.domains_done if r.domains_done else None
+    if by == "day":
+        return sorted(rows.values(), key=lambda r: r.key)
+    return sorted(rows.values(), key=lambda r: (-r.cost, r.key))
+
+
+def _keys(by: str, provider: str, run_id: str, domains: Iterable[str], at: datetime, zone: ZoneInfo):
+    """The report keys one accrual / reservation / event counts for, with its share of the amount."""
+    if by == "provider":
+        return [(provider, 1.0)]
+    if by == "run":
+        return [(run_id, 1.0)]
+    if by == "day":
+        return [(at.astimezone(zone).date().isoformat(), 1.0)]
+    if by == "total":
+        return [("total", 1.0)]
+    names = list(dict.fromkeys(domains)) or [NO_DOMAIN]
+    return [(d, 1.0 / len(names)) for d in names]
+
+
+def _within(t: datetime | None, since: datetime | None, until: datetime | None) -> bool:
+    return t is not None and (since is None or t >= since) and (until is None or t < until)
+
+
+def event_reservation(
+    ev: Event, reservations: list[Reservation], by_id: dict[int, Reservation] | None = None
+) -> Reservation | None:
+    """The reservation an event belongs to: the one it names, else the run's latest one for its job
+    made at or before the event."""
+    if ev.reservation_id is not None:
+        if by_id is not None:
+            return by_id.get(ev.reservation_id)
+        return next((r for r in reservations if r.id == ev.reservation_id), None)
+    candidates = [
+        r
+        for r in reservations
+        if r.run_id == ev.run_id and (ev.job is None or r.job == ev.job) and r.created_at <= ev.at
+    ]
+    return max(candidates, key=lambda r: (r.created_at, r.id), default=None)
+
+
+# -- renderers -------------------------------------------------------------------------------------------
+
+
+def _round(x: float | None) -> float | None:
+    # one rounding for JSON and CSV: micro-dollars, so both carry the same numbers
+    return None if x is None else round(x, 6)
+
+
+def as_dicts(rows: Iterable[Row]) -> list[dict]:
+    return [{k: (_round(v) if isinstance(v, float) else v) for k, v in asdict(r).items()} for r in rows]
+
+
+def to_json(
+    rows: list[Row],
+    *,
+    by: str,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    total: Row | None = None,
+) -> str:
+    doc = {
+        "by": by,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
+        "rows": as_dicts(rows),
+    }
+    if total is not None:
+        doc["total"] = as_dicts([total])[0]
+    return json.dumps(doc, indent=1)
+
+
+def to_csv(rows: list[Row]) -> str:
+    """CSV with a header row (FIELDS); an empty cell where dollars_per_domain is undefined."""
+    out = io.StringIO()
+    w = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
+    w.writeheader()
+    for d in as_dicts(rows):
+        w.writerow({k: ("" if v is None else v) for k, v in d.items()})
+    return out.getvalue()
+
+
+def money(x: float) -> str:
+    """$1,234.50; three decimals under a dollar so that small local runs do not read as $0.00."""
+    places = 2 if abs(x) >= 1 or x == 0 else 3
+    return f"-${-x:,.{places}f}" if x < 0 else f"${x:,.{places}f}"
+
+
+def period_label(since: datetime | None, until: datetime | None) -> str:
+    """'2025-03-01 to 2025-03-31' (an `until` at midnight is shown as the day before: it is exclusive)."""
+    start = since.date().isoformat() if since else "start"
+    if until is None:
+        end = "now"
+    else:
+        last = until - timedelta(days=1) if until.time() == datetime.min.time() else until
+        end = last.date().isoformat()
+    return f"{start} to {end}"
+
+
+def _fill_days(rows: list[Row], most: int = 62) -> list[Row]:
+    """Day rows with the days between that had no spending as zero rows (for spans up to `most` days),
+    so that a chart's gaps show as gaps."""
+    from datetime import date
+
+    if not rows:
+        return []
+    have = {r.key: r for r in rows}
+    first, last = date.fromisoformat(min(have)), date.fromisoformat(max(have))
+    if (last - first).days >= most:
+        return sorted(rows, key=lambda r: r.key)
+    days = [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+    return [have.get(d) or Row(d) for d in days]
+
+
+def render_table(rows: list[Row], *, by: str, title: str | None = None, total: Row | None = None):
+    """A rich Table of the rows (and a total row)."""
+    from rich.table import Table
+
+    t = Table(title=title or f"cost by {by}")
+    t.add_column(by)
+    for name in ("cost", "GPU-hours", "domains done", "$ / domain", "preemptions"):
+        t.add_column(name, justify="right")
+
+    def cells(r: Row) -> list[str]:
+        per = money(r.dollars_per_domain) if r.dollars_per_domain is not None else "-"
+        return [r.key, money(r.cost), f"{r.gpu_hours:.2f}", str(r.domains_done), per, str(r.preemptions)]
+
+    for r in rows:
+        t.add_row(*cells(r))
+    if total is not None:
+        t.add_section()
+        t.add_row(*cells(total), style="bold")
+    if by == "domain":
+        t.caption = "a job's cost is split evenly across the domains it trained"
+    return t
+
+
+def plot(
+    rows: list[Row],
+    path: Path | str,
+    *,
+    by: str = "provider",
+    since: datetime | None = None,
+    until: datetime | None = None,
+    max_bars: int = 40,
+) -> Path:
+    """A PNG horizontal bar chart of cost per key, dollar values on the bars; returns the path.
+
+    Past `max_bars` keys the cheapest are summed into one 'others' bar (days are never merged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never a display
+    import matplotlib.pyplot as plt
+
+    rows = _fill_days(rows) if by == "day" else sorted(rows, key=lambda r: -r.cost)
+    if by != "day" and len(rows) > max_bars:
+        rest = rows[max_bars - 1 :]
+        rows = [*rows[: max_bars - 1], Row(f"others ({len(rest)})", cost=sum(r.cost for r in rest))]
+    labels = [r.key for r in rows][::-1]  # barh draws bottom-up: first row on top
+    costs = [r.cost for r in rows][::-1]
+    total = sum(r.cost for r in rows)
+
+    fig, ax = plt.subplots(figsize=(9, max(2.8, 0.42 * len(rows) + 1.6)), dpi=110)
+    bars = ax.barh(labels, costs, color="#3b75af", height=0.65)
+    top = max([*costs, 0.0])
+    ax.set_xlim(min([*costs, 0.0]) * 1.25, top * 1.22 if top > 0 else 1.0)
+    # one number format per chart: cents, unless every bar is under a dollar
+    places = 2 if max([abs(c) for c in costs], default=0) >= 1 else 3
+    ax.bar_label(
+        bars, labels=[f"{'-' if c < 0 else ''}${abs(c):,.{places}f}" for c in costs], padding=4, fontsize=10
+    )
+    ax.set_xlabel("cost (USD)", fontsize=11)
+    zone = since.tzinfo if since is not None and by == "day" else None
+    ax.set_ylabel(f"day ({zone})" if zone else by, fontsize=11)
+    ax.set_title(f"meetara cost by {by}, {period_label(since, until)} (total {money(total)})", fontsize=12)
+    ax.xaxis.set_major_formatter(lambda x, _: f"${x:,.2f}".rstrip("0").rstrip("."))
+    ax.tick_params(axis="y", labelsize=10)
+    ax.margins(y=0.02)  # bars from top to bottom, no empty band
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if not rows:
+        ax.text(0.5, 0.5, "no spending in this period", ha="center", va="center", transform=ax.transAxes)
+    if by == "domain":
+        fig.text(
+            0.01, 0.01, "a job's cost is split evenly across the domains it trained", fontsize=8, alpha=0.7
+        )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path

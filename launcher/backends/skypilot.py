@@ -1,0 +1,308 @@
+"""The SkyPilot backend: each job is a SkyPilot managed job (spot recovery, ordered fallbacks).
+
+Written against skypilot 0.14's client SDK, where every call returns a request id that `sky.get`
+resolves through SkyPilot's API server (started locally on first use). The handle is the managed job
+id. Store credentials are read at launch, attached to the in-memory `sky.Task` the way `sky jobs launch
+--secret NAME` does it, and never written by meetara; SkyPilot redacts them from its own records.
+
+Credentials: SkyPilot's checks read files, not environment variables: Lambda `~/.lambda_cloud/
+lambda_keys` (`api_key = ...`), RunPod `~/.runpod/config.toml` (`[default] api_key`), Vast
+`~/.config/vastai/vast_api_key` (sky/clouds/*.py). `doctor()` reports them offline.
+"""
+
+from __future__ import annotations
+
+import configparser
+import copy
+import importlib.util
+import io
+import os
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from launcher.backends.base import BackendError, JobState, JobStatus
+
+if TYPE_CHECKING:
+    from launcher.offers import Offer
+    from launcher.plan import OfferRef
+
+INSTALL_HINT = 'SkyPilot is not installed: pip install "meetara[cloud]"'
+# the files SkyPilot's own credential checks read, and the variable meetara's fetchers also accept
+SKY_CREDENTIALS = {
+    "lambda": ("~/.lambda_cloud/lambda_keys", "LAMBDA_API_KEY"),
+    "runpod": ("~/.runpod/config.toml", "RUNPOD_API_KEY"),
+    "vast": ("~/.config/vastai/vast_api_key", "VAST_API_KEY"),
+}
+STORE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+# SkyPilot's ManagedJobStatus values -> meetara's JobState, with why where the mapping is a choice
+_STATES: dict[str, JobState] = {
+    "PENDING": JobState.PENDING,
+    "SUBMITTED": JobState.PENDING,  # DEPRECATED_SUBMITTED, still in old job tables
+    "STARTING": JobState.PENDING,  # the controller is provisioning the machine
+    "RUNNING": JobState.RUNNING,  # setting up or running
+    "WINDING_DOWN": JobState.RUNNING,
+    "RECOVERING": JobState.RECOVERING,  # preempted; SkyPilot is relaunching it
+    "CANCELLING": JobState.RUNNING,  # the machine is still up (and billed) until CANCELLED
+    "SUCCEEDED": JobState.SUCCEEDED,
+    "CANCELLED": JobState.CANCELLED,
+    "FAILED": JobState.FAILED,  # `run` exited non-zero (after max_restarts_on_errors reruns)
+    "FAILED_SETUP": JobState.FAILED,
+    "FAILED_PRECHECKS": JobState.FAILED,  # the task or the credentials are wrong: relaunching won't help
+    # no listed offer had capacity, or the controller died under the job: the work is safe in the
+    # store and a relaunch (on the next offer) resumes it, which is what PREEMPTED asks the conductor for
+    "FAILED_NO_RESOURCE": JobState.PREEMPTED,
+    "FAILED_CONTROLLER": JobState.PREEMPTED,
+}
+_EXIT_CODE = re.compile(r"exit codes?\D{0,3}(\d+)", re.I)
+
+
+def available() -> bool:
+    """SkyPilot is installed (found, not imported: `import sky` takes seconds)."""
+    return importlib.util.find_spec("sky") is not None
+
+
+def sky_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("skypilot")
+    except PackageNotFoundError:
+        return None
+
+
+def _credential_file(provider: str) -> Path | None:
+    """The provider's credential file if SkyPilot's check would find a key in it."""
+    path = Path(SKY_CREDENTIALS[provider][0]).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    if provider == "lambda":
+        ok = any(line.split(" = ")[0].strip() == "api_key" for line in text.splitlines() if " = " in line)
+    elif provider == "runpod":
+        import tomllib
+
+        try:
+            ok = "api_key" in (tomllib.loads(text).get("default") or {})
+        except tomllib.TOMLDecodeError:
+            ok = False
+    else:
+        ok = bool(text.strip())
+    return path if ok else None
+
+
+def configured_clouds() -> list[str]:
+    """Providers whose credential file SkyPilot's own check accepts (offline: files only, no API call)."""
+    return [p for p in SKY_CREDENTIALS if _credential_file(p) is not None]
+
+
+def store_credentials() -> tuple[list[str], str]:
+    """(names of the store credentials found, where), offline: the environment, then ~/.aws/credentials."""
+    names = [n for n in (*STORE_SECRETS, "AWS_SESSION_TOKEN") if os.environ.get(n)]
+    if all(n in names for n in STORE_SECRETS):
+        return names, "environment"
+    path = Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials").expanduser()
+    profile = os.environ.get("AWS_PROFILE") or "default"
+    cp = configparser.ConfigParser()
+    try:
+        cp.read(path, encoding="utf-8")
+    except configparser.Error:
+        return names, "environment"
+    if cp.has_option(profile, "aws_access_key_id") and cp.has_option(profile, "aws_secret_access_key"):
+        return list(STORE_SECRETS), f"{path} [{profile}]"
+    return names, "environment"
+
+
+def doctor() -> list[tuple[str, bool, str]]:
+    """(check, ok, detail) rows about SkyPilot, provider credentials and store credentials. Offline:
+    only the presence of packages and files is looked at, never a value, never the network."""
+    version = sky_version()
+    rows: list[tuple[str, bool, str]] = [
+        (
+            "skypilot",
+            version is not None,
+            version or f"missing: {INSTALL_HINT.split(': ', 1)[1]} (cloud jobs)",
+        )
+    ]
+    for provider, (file, var) in SKY_CREDENTIALS.items():
+        found = _credential_file(provider)
+        if found is not None:
+            rows.append((f"{provider} for SkyPilot", True, f"enabled ({file})"))
+        elif os.environ.get(var):
+            rows.append((f"{provider} for SkyPilot", False, f"{var} is set, but SkyPilot reads {file}"))
+        else:
+            rows.append((f"{provider} for SkyPilot", False, f"no credentials ({file})"))
+    names, where = store_credentials()
+    if all(n in names for n in STORE_SECRETS):
+        rows.append(("store credentials", True, f"{', '.join(names)} from {where}"))
+    else:
+        rows.append(
+            (
+                "store credentials",
+                False,
+                "none for s3:// stores: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+            )
+        )
+    return rows
+
+
+def _import_sky():
+    try:
+        import sky
+    except ImportError:
+        raise BackendError(INSTALL_HINT) from None
+    return sky
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    # SkyPilot's messages carry ANSI colours and multi-line hints; the first line says what happened
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()[0]
+
+
+def _when(ts: float | None) -> datetime | None:
+    return datetime.fromtimestamp(ts, UTC) if ts else None
+
+
+class SkyPilotBackend:
+    """Managed jobs on Lambda / RunPod / Vast through SkyPilot. Stateless: the handle is the job id."""
+
+    name = "skypilot"
+
+    def __init__(
+        self,
+        offers: Sequence[Offer | OfferRef] | None = None,
+        sky_home: Path | None = None,
+        max_parallel: int | None = None,
+    ) -> None:
+        # the offers the plan was made from (or the run's OfferRefs): merged into SkyPilot's catalogs
+        # before a launch, so that it knows and prices every machine a task names (Vast's instance
+        # types are per offer, so SkyPilot's stock catalog never has them)
+        self.offers = list(offers or [])
+        self.sky_home = sky_home
+        self.max_parallel = max_parallel or int(os.environ.get("MEETARA_CLOUD_PARALLEL", "64"))
+
+    def check(self) -> None:
+        """Raise a one-line BackendError unless SkyPilot is installed and some provider has credentials."""
+        if not available():
+            raise BackendError(INSTALL_HINT)
+        if not configured_clouds():
+            files = ", ".join(f for f, _ in SKY_CREDENTIALS.values())
+            raise BackendError(f"no cloud credentials for SkyPilot: put an API key in one of {files}")
+
+    def sky_task(self, task: dict[str, Any], secrets: dict[str, str] | None = None):
+        """The `sky.Task` for a rendered task, its secret names filled from `secrets` (in memory)."""
+        sky = _import_sky()
+        config = copy.deepcopy(task)
+        names = list((config.get("secrets") or {}).keys())
+        values = {k: v for k, v in (secrets or {}).items() if v}
+        missing = [n for n in names if n not in values]
+        if missing and str((config.get("envs") or {}).get("MEETARA_STORE", "")).startswith("s3://"):
+            raise BackendError(
+                f"no value for {', '.join(missing)}: the job needs store credentials "
+                "(environment or ~/.aws/credentials)"
+            )
+        for n in missing:  # an unneeded, unset name would be an unresolved secret reference
+            config["secrets"].pop(n)
+        if not config.get("secrets"):
+            config.pop("secrets", None)
+        # as `sky jobs launch --secret NAME`: the overrides turn the null references into values on
+        # the Task object; the YAML SkyPilot keeps as the user's is dumped before they are applied
+        overrides = [(k, v) for k, v in values.items() if k in names or k == "AWS_SESSION_TOKEN"]
+        try:
+            return sky.Task.from_yaml_config(config, secrets_overrides=overrides or None)
+        except (ValueError, KeyError) as e:
+            raise BackendError(f"invalid task: {_first_line(e)}") from None
+
+    def _write_catalogs(self) -> None:
+        if not self.offers:
+            return
+        from launcher.skycatalog import offers_from_refs, write_catalogs
+
+        home = self.sky_home or Path(os.environ.get("SKY_RUNTIME_DIR") or Path.home())
+        write_catalogs(offers_from_refs(self.offers), home, merge=True)
+
+    def launch(self, task: dict, name: str) -> str:
+        from launcher.task import secret_values, sky_name
+
+        self.check()
+        sky = _import_sky()
+        self._write_catalogs()
+        sky_task = self.sky_task(task, secret_values())
+        try:
+            request_id = sky.jobs.launch(sky_task, name=sky_name(name))
+            job_ids, _controller = sky.get(request_id)
+        except BackendError:
+            raise
+        except Exception as e:  # NoCloudAccessError, ResourcesUnavailableError, API server errors
+            raise BackendError(f"SkyPilot could not launch {name}: {_first_line(e)}") from None
+        if not job_ids:
+            raise BackendError(f"SkyPilot launched {name} but returned no job id")
+        return str(job_ids[0])
+
+    def _job_id(self, handle: str) -> int:
+        if not str(handle).isdigit():
+            raise BackendError(f"not a SkyPilot managed job id: {handle!r}")
+        return int(handle)
+
+    def status(self, handle: str) -> JobStatus:
+        sky = _import_sky()
+        job_id = self._job_id(handle)
+        fields = [
+            "job_id", "task_id", "job_name", "status", "submitted_at", "start_at", "end_at",
+            "recovery_count", "failure_reason", "details", "last_recovered_at",
+        ]  # fmt: skip
+        try:
+            records, *_ = sky.get(sky.jobs.queue_v2(refresh=False, job_ids=[job_id], fields=fields))
+        except Exception as e:
+            raise BackendError(f"SkyPilot job queue: {_first_line(e)}") from None
+        mine = [r for r in records if r.job_id == job_id]
+        if not mine:
+            raise BackendError(f"no SkyPilot managed job {job_id}")
+        return job_status(mine)
+
+    def cancel(self, handle: str) -> None:
+        sky = _import_sky()
+        try:
+            sky.get(sky.jobs.cancel(job_ids=[self._job_id(handle)]))
+        except Exception as e:
+            raise BackendError(f"SkyPilot cancel {handle}: {_first_line(e)}") from None
+
+    def logs(self, handle: str, tail: int = 50) -> str:
+        sky = _import_sky()
+        out = io.StringIO()
+        try:
+            sky.jobs.tail_logs(job_id=self._job_id(handle), follow=False, tail=tail, output_stream=out)
+        except Exception as e:
+            raise BackendError(f"SkyPilot logs {handle}: {_first_line(e)}") from None
+        return out.getvalue()
+
+
+def job_status(records: Sequence[Any]) -> JobStatus:
+    """One JobStatus from a managed job's queue records (one per task; meetara's jobs have one)."""
+    rec = records[-1]
+    status = getattr(rec.status, "value", rec.status)
+    state = _STATES.get(str(status))
+    if state is None:
+        raise BackendError(f"unknown SkyPilot job status {status!r}")
+    reason = rec.failure_reason or rec.details or ""
+    exit_code = None
+    if state is JobState.SUCCEEDED:
+        exit_code = 0
+    elif status == "FAILED":
+        m = _EXIT_CODE.search(reason)
+        exit_code = int(m.group(1)) if m else None
+    detail = str(status)
+    if rec.recovery_count:
+        detail += f", recovered {rec.recovery_count}x"
+    if reason:
+        detail += f": {_first_line(Exception(reason))}"
+    started = min((r.start_at for r in records if r.start_at), default=None)
+    ended = rec.end_at if state.finished else None
+    return JobStatus(
+        state=state, started_at=_when(started), ended_at=_when(ended), exit_code=exit_code, detail=detail
+    )

@@ -1,0 +1,219 @@
+"""The money side of a launch: reserve before launching, accrue while jobs run, stop them at a cap.
+
+- Reserve: each job reserves its planned cost x RESERVE_MARGIN in the ledger before it launches; the
+  ledger refuses (BudgetExceeded) when a daily/weekly/monthly cap or the launch's `--budget` would be
+  passed, atomically across processes.
+- In-job guard: each job is told (MEETARA_STOP_AT) when its reservation runs out at its rate, minus a
+  margin; `python -m train` checkpoints and stops itself then, so a cap holds with nobody watching.
+- Accrue: on every poll, rate x elapsed from the backend's start time (`Ledger.accrue_until`).
+- Watchdog: when the spend would pass a cap (or `--budget`, or a job's reservation) before the next
+  poll, the running jobs are cancelled (they checkpoint) and marked STOPPED-BUDGET. Accrual is brought
+  up to date at every poll and the check looks one poll ahead, so spend passes a cap by at most what
+  the jobs cost between the check and the moment cancellation takes effect: rate x poll interval
+  bounds it when cancelling takes less than a poll.
+- Settle: a finished job's reservation is settled to what it accrued; a rerun settles reservations a
+  crashed launcher left open, from the backend's timestamps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from budgets.ledger import Ledger
+from launcher.backends.base import Backend, BackendError
+from launcher.runs import ACTIVE, JobRecord, RunRecord
+
+RESERVE_MARGIN = 1.25  # estimates err; a job may spend a quarter more than planned before it is stopped
+STOP_MARGIN = 0.1  # the in-job guard fires this share of the reservation early (at most 60 s) ...
+STOP_MARGIN_MAX_S = 60.0  # ... leaving time for the checkpoint upload before the money runs out
+RATE_SOURCE = {"snapshot": "snapshot", "live": "live", "local": "local"}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Money:
+    """Budget hooks for the conductor (see the module docstring)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        rec: RunRecord,
+        backend: Backend,
+        *,
+        poll_s: float,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.ledger, self.rec, self.backend = ledger, rec, backend
+        self.poll_s, self.clock = poll_s, clock
+        self.stopped_by: str | None = None
+        self._billing_from: dict[str, datetime] = {}  # job -> start time given to the ledger
+
+    # -- before launching --------------------------------------------------------------------------
+
+    def reserve_plan(self) -> None:
+        """Reserve every job's planned cost; all or nothing (BudgetExceeded names the cap)."""
+        made: list[JobRecord] = []
+        try:
+            for job in self.rec.jobs.values():
+                if job.reservation_id is None and job.state == "planned":
+                    self._reserve(job)
+                    made.append(job)
+        except BaseException:
+            for job in made:
+                self.ledger.release(job.reservation_id, note="launch refused")
+                job.reservation_id = None
+            raise
+        self.rec.save()
+
+    def _reserve(self, job: JobRecord) -> None:
+        plan_job = self.rec.plan.job(job.name)
+        offer = job.offer
+        job.reservation_id = self.ledger.reserve(
+            self.rec.run_id,
+            job.name,
+            round(plan_job.cost * RESERVE_MARGIN, 6),
+            provider=offer.provider,
+            gpu=offer.gpu,
+            gpu_count=offer.gpu_count,
+            domains=job.domains,
+            rate_per_hour=offer.price_hour,
+            rate_source=RATE_SOURCE.get(offer.source, "snapshot"),
+            launch_cap=self.rec.budget,
+            now=self.clock(),
+        )
+
+    def before_launch(self, job: JobRecord) -> None:
+        """Give the (re)launch its in-job deadline; a job without money left is not launched."""
+        if job.reservation_id is None:
+            self._reserve(job)
+        res = self.ledger.reservation(job.reservation_id)
+        left = res.amount - res.accrued
+        job.stop_at = None
+        if res.rate_per_hour > 0:
+            seconds = left / res.rate_per_hour * 3600
+            if seconds <= 0:
+                job.state = "STOPPED-BUDGET"
+                job.note("not launched: its reservation is used up")
+                self._settle(job, "stopped: budget (reservation used up)")
+                return
+            margin = min(seconds * STOP_MARGIN, STOP_MARGIN_MAX_S)
+            job.stop_at = (utcnow() + timedelta(seconds=seconds - margin)).timestamp()
+
+    # -- every poll --------------------------------------------------------------------------------
+
+    def after_poll(self, rec: RunRecord) -> None:
+        now = self.clock()
+        for job in rec.jobs.values():
+            if job.reservation_id is None:
+                continue
+            if job.started_at is not None and self._billing_from.get(job.name) != job.started_at:
+                self.ledger.start(job.reservation_id, job.started_at)
+                self._billing_from[job.name] = job.started_at
+            if job.state in ACTIVE and job.started_at is not None:
+                self.ledger.accrue_until(job.reservation_id, now)
+            elif job.state == "planned" and job.ended_at is not None:  # preempted, waiting to relaunch
+                self.ledger.accrue_until(job.reservation_id, min(job.ended_at, now))
+                if self._billing_from.pop(job.name, None) is not None:
+                    self.ledger.record_event(
+                        rec.run_id, "preempted", job=job.name, reservation_id=job.reservation_id
+                    )
+            elif job.state not in ACTIVE and job.state != "planned":
+                if job.ended_at is not None:
+                    self.ledger.accrue_until(job.reservation_id, min(job.ended_at, now))
+                self._settle(job, _note(job))
+        self._watchdog(rec, now)
+
+    def _watchdog(self, rec: RunRecord, now: datetime) -> None:
+        running = [j for j in rec.jobs.values() if j.state in ACTIVE and j.started_at and j.reservation_id]
+        if not running:
+            return
+        rate = sum(j.offer.price_hour for j in running)
+        ahead = rate * self.poll_s / 3600  # what the running jobs cost until the next check
+        reason = None
+        for w in self.ledger.window_status(now):
+            if w.cap is not None and w.spent + ahead > w.cap + 1e-9:
+                reason = f"{w.name} cap ${w.cap:.2f} (spent ${w.spent:.2f})"
+                break
+        if reason is None and rec.budget is not None:
+            spent = sum(
+                self.ledger.reservation(j.reservation_id).accrued
+                for j in rec.jobs.values()
+                if j.reservation_id
+            )
+            if spent + ahead > rec.budget + 1e-9:
+                reason = f"--budget ${rec.budget:.2f} (spent ${spent:.2f})"
+        if reason is None:
+            for j in running:
+                res = self.ledger.reservation(j.reservation_id)
+                if res.accrued + j.offer.price_hour * self.poll_s / 3600 > res.amount + 1e-9:
+                    self._stop([j], f"its reservation ${res.amount:.2f} (spent ${res.accrued:.2f})", now)
+            return
+        self._stop(running, reason, now)
+
+    def _stop(self, jobs: list[JobRecord], reason: str, now: datetime) -> None:
+        self.stopped_by = reason
+        for job in jobs:
+            try:
+                self.backend.cancel(job.handle)
+            except BackendError as e:
+                job.note(f"cancel failed: {e}")
+            job.state, job.ended_at = "STOPPED-BUDGET", now
+            job.note(f"stopped: budget: {reason}; checkpoints kept, a later launch resumes")
+            self.ledger.accrue_until(job.reservation_id, now)
+            self._settle(job, f"stopped: budget: {reason}")
+            self.ledger.record_event(self.rec.run_id, "stopped-budget", job=job.name, detail=reason)
+        self.rec.save()
+
+    def _settle(self, job: JobRecord, note: str | None) -> None:
+        res = self.ledger.reservation(job.reservation_id)
+        if res.state == "open":
+            self.ledger.settle(job.reservation_id, ended_at=job.ended_at, note=note, now=self.clock())
+
+
+def _note(job: JobRecord) -> str | None:
+    return {
+        "SUCCEEDED": None,
+        "STOPPED-BUDGET": "stopped: budget (in-job guard)",
+        "CANCELLED": "stopped: cancelled",
+        "GAVE-UP": "stopped: recovery cap reached",
+        "FAILED": "stopped: failed",
+    }.get(job.state, f"stopped: {job.state.lower()}")
+
+
+def settle_stale(ledger: Ledger, run_id: str, backend: Backend, rec: RunRecord | None) -> list[int]:
+    """Settle the reservations of `run_id` that a launcher which died left open: from the backend's
+    start and end times where the job ran, released where it never launched. Returns their ids."""
+    jobs = {j.reservation_id: j for j in (rec.jobs.values() if rec else []) if j.reservation_id}
+    closed = []
+    for res in ledger.open_reservations(run_id):
+        job = jobs.get(res.id)
+        if job is None or job.handle is None:
+            ledger.release(res.id, note="never launched (launcher stopped first)")
+            closed.append(res.id)
+            continue
+        try:
+            st = backend.status(job.handle)
+        except BackendError:
+            ledger.settle(res.id, note="stopped: the backend forgot the job; settled to what was accrued")
+            closed.append(res.id)
+            continue
+        if not st.state.finished:
+            continue  # still running: the launcher that follows it will settle it
+        if st.started_at is not None:
+            if res.started_at is None or res.started_at < st.started_at:
+                ledger.start(res.id, st.started_at)
+            ledger.accrue_until(res.id, st.ended_at or utcnow())
+        note = "stopped: budget (in-job guard)" if st.exit_code == 77 else None
+        if st.state.value != "SUCCEEDED" and note is None:
+            note = f"stopped: {st.state.value.lower()} while no launcher watched"
+        ledger.settle(res.id, ended_at=st.ended_at, note=note)
+        job.state = "STOPPED-BUDGET" if st.exit_code == 77 else st.state.value
+        job.ended_at, job.exit_code = st.ended_at, st.exit_code
+        job.note(f"settled after the launcher stopped: {note or 'finished'}")
+        closed.append(res.id)
+    if rec is not None and closed:
+        rec.save()
+    return closed
