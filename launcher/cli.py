@@ -388,7 +388,6 @@ def _launch(
     config=None,
 ) -> None:
     """The body of `launch` and `recover`: skip done domains, plan the rest, reserve, launch, follow, pull."""
-    from rich.console import Console
 
     from budgets import BudgetExceeded, LedgerError
     from launcher import launch as L
@@ -396,7 +395,7 @@ def _launch(
     from train import BadInput
     from train.store import StoreError
 
-    out = Console(stderr=True)
+    out = _console(stderr=True)
     try:
         prep = L.prepare(
             names,
@@ -470,7 +469,7 @@ def recover_command(
             t.add_row(
                 rec.run_id, rec.backend, rec.store, f"{len(todo)}: {', '.join(todo[:4])}", ",".join(rates)
             )
-    Console(stderr=True).print(t)
+    _console(stderr=True).print(t)
     if not run_id:
         return
     rec, todo = rows[0]

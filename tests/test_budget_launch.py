@@ -151,11 +151,17 @@ def test_a_job_whose_launcher_died_stops_itself_and_the_next_launch_settles(tmp_
     ran = (st.ended_at - st.started_at).total_seconds()
     assert ran * rate_h / 3600 <= res.amount  # it stopped within what was reserved for it
 
-    # the next launch (a realistic estimate now) settles the open reservation, then finishes the work
+    # `meetara recover` lists the run; recovering it (a realistic estimate now) settles the open
+    # reservation, then finishes the work from the checkpoints
     env.pop("MEETARA_LOCAL_TOKENS_S")
     env.pop("MEETARA_LOCAL_STARTUP_S")
+    listed = subprocess.run(
+        [sys.executable, "-m", "launcher", "recover"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert listed.returncode == 0 and "alone" in listed.stderr, listed.stderr
+    assert "3: nutrition, legal, fitness" in listed.stderr
     again = subprocess.run(
-        [sys.executable, "-m", "launcher", *args],
+        [sys.executable, "-m", "launcher", "recover", "alone", "--budget", "1", "--yes", "--poll", "0.2"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -174,3 +180,41 @@ def test_a_job_whose_launcher_died_stops_itself_and_the_next_launch_settles(tmp_
         "legal",
         "nutrition",
     ]
+
+
+def _spend(ledger_path, amount: float) -> None:
+    with Ledger(ledger_path, config=BudgetConfig(daily=None, weekly=None, monthly=None)) as led:
+        rid = led.reserve(
+            "earlier", "j", amount, provider="vast", gpu="RTX3090", rate_per_hour=1, rate_source="billed"
+        )
+        led.settle(rid, actual=amount)
+
+
+def test_a_cap_below_what_is_spent_refuses_and_keeps_every_row(tmp_path):
+    ledger_path = tmp_path / "ledger.sqlite"
+    _spend(ledger_path, 3.0)
+    env = {
+        "MEETARA_STORE": f"file://{tmp_path}/store",
+        "MEETARA_LEDGER_URL": str(ledger_path),
+        "MEETARA_LOCAL_PRICE_HOUR": "1",
+        "MEETARA_DAILY_CAP": "2",  # lowered below today's $3 spend
+    }
+    r = meetara("launch", "-d", "legal", "--budget", "5", "--yes", cwd=tmp_path, env=env)
+    last = [x for x in r.stderr.splitlines() if x.strip()][-1]
+    assert r.returncode == 2 and last.startswith(
+        "error: refused: daily cap $2.00 would be passed: spent $3.00"
+    )
+    (res,) = Ledger(ledger_path).reservations()
+    assert (res.run_id, res.state, res.accrued) == ("earlier", "settled", 3.0)
+
+
+def test_a_corrupt_ledger_is_one_line_and_left_as_it_was(tmp_path):
+    ledger_path = tmp_path / "ledger.sqlite"
+    ledger_path.write_bytes(b"this is not a database" * 100)
+    before = ledger_path.read_bytes()
+    env = {"MEETARA_STORE": f"file://{tmp_path}/store", "MEETARA_LEDGER_URL": str(ledger_path)}
+    for args in (["launch", "-d", "legal", "--budget", "5"], ["budget"], ["report", "--by", "provider"]):
+        r = meetara(*args, cwd=tmp_path, env=env)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and str(ledger_path) in lines[0], (args, r.stderr)
+    assert ledger_path.read_bytes() == before
