@@ -179,6 +179,11 @@ def providers_set(
     blocked_gpus: str = typer.Option(None, help="comma-separated"),
     max_recoveries: int = typer.Option(None, help="relaunches per job after preemptions"),
     preemption_overhead: float = typer.Option(None, help="expected extra cost fraction of spot"),
+    max_domains_per_job: int = typer.Option(None, help="domains packed into one job at most"),
+    max_hours_per_job: float = typer.Option(None, help="planned hours of one job at most"),
+    job_startup_minutes: float = typer.Option(None, help="a cloud job's fixed start-up, minutes"),
+    backend: str = typer.Option(None, help="auto, local or skypilot"),
+    local_price_hour: float = typer.Option(None, help="$/h charged for jobs on the local backend"),
     config: Path = typer.Option(None, help="preferences file"),
 ) -> None:
     """Change preferences and write them back to the file."""
@@ -212,6 +217,11 @@ def providers_set(
                 "max_recoveries": max_recoveries,
                 "preemption_overhead": preemption_overhead,
                 "max_price_per_gpu_hour": max_price,
+                "max_domains_per_job": max_domains_per_job,
+                "max_hours_per_job": max_hours_per_job,
+                "job_startup_minutes": job_startup_minutes,
+                "backend": backend,
+                "local_price_hour": local_price_hour,
             }
             data.update({k: v for k, v in changes.items() if v is not None})
         try:
@@ -425,10 +435,8 @@ def _launch(
                 if not typer.confirm(f"launch for about ${prep.plan.total_cost:.2f}?"):
                     raise typer.Exit(1)
             rec = L.commit(prep, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget)
-    except BudgetExceeded as e:
-        raise fail(f"refused: {e}") from None
-    except (BadInput, StoreError, BackendError, LedgerError, ValueError) as e:
-        raise fail(str(e)) from None
+    except (BudgetExceeded, BadInput, StoreError, BackendError, LedgerError, ValueError) as e:
+        raise fail(L.launch_message(e)) from None
     if rec is None:  # everything was done already: make sure the files are here
         _pull_and_report(prep.store, run_id, names, models_dir)
         return

@@ -280,3 +280,55 @@ def conductor_for(
     )
     c.money = money
     return c
+
+
+def launch_message(e: BaseException) -> str:
+    """The one-line message the CLI prints for a refused launch (the MCP server returns the same)."""
+    from budgets import BudgetExceeded
+
+    return f"refused: {e}" if isinstance(e, BudgetExceeded) else str(e)
+
+
+def run_launch(
+    names: Sequence[str],
+    *,
+    prefs: Preferences,
+    backend: str,
+    work: Workload,
+    run_id: str,
+    budget: float,
+    store: str | None = None,
+    endpoint_url: str | None = None,
+    models_dir: Path = Path("models"),
+    poll: float = 2.0,
+    config: Path | None = None,
+) -> dict:
+    """Launch without asking (the caller has the user's consent for up to `budget`), follow the jobs
+    to the end, pull the outputs. Returns a summary; refusals raise like `prepare` / `commit`."""
+    from launcher.pull import pull
+
+    prep = prepare(
+        names,
+        prefs=prefs,
+        backend=backend,
+        work=work,
+        run_id=run_id,
+        store=store,
+        endpoint_url=endpoint_url,
+        budget=budget,
+        config=config,
+    )
+    rec = prep.rec
+    if rec is None and prep.plan is not None:
+        rec = commit(prep, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget)
+    if rec is not None:
+        conductor_for(rec, prep, prefs, poll=poll).run()
+    results = pull(prep.store, run_id, names, models_dir)
+    return {
+        "run_id": run_id,
+        "backend": backend,
+        "planned_cost": prep.plan.total_cost if prep.plan else 0.0,
+        "jobs": {n: j.state for n, j in rec.jobs.items()} if rec else {},
+        "domains": {r.domain: r.status for r in results},
+        "models_dir": str(models_dir),
+    }
