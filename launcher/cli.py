@@ -618,49 +618,13 @@ def status_command(
     """Runs and their jobs: state, domains done, preemptions, machine time."""
     from rich.table import Table
 
-    from launcher.launch import make_backend
-    from launcher.runs import ACTIVE, list_runs, load_run
+    from launcher.launch import status_rows
     from train import BadInput
-    from train.store import StoreError, open_store
 
     try:
-        runs = [load_run(run_id)] if run_id else list_runs()
-        if run_id and runs[0] is None:
-            raise BadInput(f"no run {run_id!r} on this machine (see meetara status)")
+        rows = status_rows(run_id)
     except BadInput as e:
         raise fail(str(e)) from None
-    rows = []
-    for rec in runs:
-        try:
-            done = set()
-            st = open_store(rec.store, endpoint_url=rec.endpoint_url)
-            prefix = f"runs/{rec.run_id}/domains"
-            done = {k.split("/")[3] for k in st.list(prefix) if k.endswith("/manifest.json")}
-        except StoreError:
-            pass
-        backend = None
-        for job in rec.jobs.values():
-            if job.state in ACTIVE and job.handle:
-                try:
-                    backend = backend or make_backend(rec.backend)
-                    job.state = backend.status(job.handle).state.value
-                except Exception as e:  # status is best effort here; the conductor decides
-                    job.note(f"status unavailable: {type(e).__name__}")
-            rows.append(
-                {
-                    "run": rec.run_id,
-                    "job": job.name,
-                    "state": job.state,
-                    "domains_done": sum(d in done for d in job.domains),
-                    "domains": len(job.domains),
-                    "offer": job.offer.label,
-                    "launches": job.launches,
-                    "preemptions": job.preemptions,
-                    "recomputed_steps": job.lost_steps,
-                    "lost_seconds": round(job.lost_seconds, 1),
-                    "machine_seconds": round(job.run_seconds, 1),
-                }
-            )
     if as_json:
         import json
 

@@ -332,3 +332,53 @@ def run_launch(
         "domains": {r.domain: r.status for r in results},
         "models_dir": str(models_dir),
     }
+
+
+def done_in_store(rec: RunRecord) -> set[str]:
+    """The run's domains with a manifest in its store (empty if the store cannot be reached)."""
+    from train.store import StoreError
+
+    try:
+        st = open_store(rec.store, endpoint_url=rec.endpoint_url)
+        return {
+            k.split("/")[3] for k in st.list(f"runs/{rec.run_id}/domains") if k.endswith("/manifest.json")
+        }
+    except StoreError:
+        return set()
+
+
+def status_rows(run_id: str | None = None) -> list[dict]:
+    """One row per job of one run (or of every run this machine launched): state (asked of the
+    backend for active jobs, best effort), domains done, launches, preemptions, work lost, machine time."""
+    from launcher.runs import list_runs
+
+    runs = [load_run(run_id)] if run_id else list_runs()
+    if run_id and runs[0] is None:
+        raise BadInput(f"no run {run_id!r} on this machine (see meetara status)")
+    rows = []
+    for rec in runs:
+        done = done_in_store(rec)
+        backend = None
+        for job in rec.jobs.values():
+            if job.state in ACTIVE and job.handle:
+                try:
+                    backend = backend or make_backend(rec.backend)
+                    job.state = backend.status(job.handle).state.value
+                except Exception as e:  # status is best effort here; the conductor decides
+                    job.note(f"status unavailable: {type(e).__name__}")
+            rows.append(
+                {
+                    "run": rec.run_id,
+                    "job": job.name,
+                    "state": job.state,
+                    "domains_done": sum(d in done for d in job.domains),
+                    "domains": len(job.domains),
+                    "offer": job.offer.label,
+                    "launches": job.launches,
+                    "preemptions": job.preemptions,
+                    "recomputed_steps": job.lost_steps,
+                    "lost_seconds": round(job.lost_seconds, 1),
+                    "machine_seconds": round(job.run_seconds, 1),
+                }
+            )
+    return rows
