@@ -127,6 +127,15 @@ def _register_budget_commands() -> None:
 
 _register_budget_commands()
 
+
+def _register_notebook_command() -> None:
+    from launcher.notebook import notebook_command
+
+    app.command("notebook", help="Write a Colab notebook that trains domains into a store.")(notebook_command)
+
+
+_register_notebook_command()
+
 providers_app = typer.Typer(
     help="Show and edit provider preferences (a YAML file to keep in version control)."
 )
