@@ -128,13 +128,17 @@ def _register_budget_commands() -> None:
 _register_budget_commands()
 
 
-def _register_notebook_command() -> None:
+def _register_notebook_and_mcp_commands() -> None:
+    from launcher.mcp_server import mcp_command
     from launcher.notebook import notebook_command
 
     app.command("notebook", help="Write a Colab notebook that trains domains into a store.")(notebook_command)
+    app.command("mcp", help="Serve meetara's tools and state over the Model Context Protocol (stdio).")(
+        mcp_command
+    )
 
 
-_register_notebook_command()
+_register_notebook_and_mcp_commands()
 
 providers_app = typer.Typer(
     help="Show and edit provider preferences (a YAML file to keep in version control)."

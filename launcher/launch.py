@@ -355,6 +355,11 @@ def status_rows(run_id: str | None = None) -> list[dict]:
     runs = [load_run(run_id)] if run_id else list_runs()
     if run_id and runs[0] is None:
         raise BadInput(f"no run {run_id!r} on this machine (see meetara status)")
+    return job_rows(runs)
+
+
+def job_rows(runs: Sequence[RunRecord]) -> list[dict]:
+    """`status_rows` for given run records."""
     rows = []
     for rec in runs:
         done = done_in_store(rec)

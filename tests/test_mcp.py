@@ -1,0 +1,156 @@
+"""`meetara mcp` driven through the MCP SDK's own client over stdio, as an MCP client (Claude Desktop,
+an IDE) starts it: tools and resources listed, a plan, a local launch to validated GGUFs, and refusals
+whose text is what the CLI prints after "error: "."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+from conftest import run_cli
+
+TOOLS = {"offers", "plan", "launch", "status", "report", "recover", "pull"}
+
+
+def sandbox(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MEETARA_STORE": f"file://{tmp_path}/store",
+        "MEETARA_STATE_DIR": str(tmp_path / "state"),
+        "MEETARA_LEDGER_URL": str(tmp_path / "ledger.sqlite"),
+        **extra,
+    }
+
+
+@asynccontextmanager
+async def server(tmp_path: Path, env: dict[str, str]):
+    """A `meetara mcp` subprocess in tmp_path and an initialized client session on its stdio."""
+    from mcp import ClientSession, StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "launcher", "mcp"], env=env, cwd=str(tmp_path)
+    )
+    with open(tmp_path / "mcp-server.log", "w") as errlog:
+        async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as s:
+            await s.initialize()
+            yield s
+
+
+def text(result) -> str:
+    return "".join(c.text for c in result.content if c.type == "text")
+
+
+async def call(s, tool: str, **args) -> dict:
+    result = await s.call_tool(tool, args, read_timeout_seconds=600)
+    assert not result.is_error, text(result)
+    return result.structured_content
+
+
+async def refused(s, tool: str, **args) -> str:
+    result = await s.call_tool(tool, args, read_timeout_seconds=60)
+    assert result.is_error, text(result)
+    return text(result)
+
+
+async def resource(s, uri: str) -> dict:
+    return json.loads((await s.read_resource(uri)).contents[0].text)
+
+
+def cli_error(tmp_path: Path, env: dict[str, str], *args: str) -> str:
+    """What `meetara ARGS` prints after "error: " (its last stderr line), run in the same place."""
+    r = run_cli(*args, module="launcher", cwd=tmp_path, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = [x for x in r.stderr.splitlines() if x.strip()][-1]
+    assert last.startswith("error: "), r.stderr
+    return last.removeprefix("error: ").removesuffix(" (see meetara --help)")
+
+
+def test_mcp_lists_plans_launches_and_reports(tmp_path):
+    env = sandbox(tmp_path)
+
+    async def main() -> dict:
+        seen: dict = {}
+        async with server(tmp_path, env) as s:
+            seen["tools"] = {t.name for t in (await s.list_tools()).tools}
+            seen["resources"] = {str(r.uri) for r in (await s.list_resources()).resources}
+            templates = (await s.list_resource_templates()).resource_templates
+            seen["templates"] = {t.uri_template for t in templates}
+            seen["plan"] = await call(s, "plan", domains="nutrition,legal", backend="local")
+            seen["launch"] = await call(
+                s, "launch", domains="nutrition", budget=1, backend="local", samples=80
+            )
+            for name in ("runs/default", "runs", "quality", "budget"):
+                seen[name] = await resource(s, f"meetara://{name}")
+            seen["pull"] = await call(s, "pull", domains="nutrition")
+            seen["status"] = await call(s, "status")
+            seen["recover"] = await call(s, "recover")
+        return seen
+
+    seen = anyio.run(main)  # assertions out here: inside, a failure comes wrapped in task-group noise
+    assert seen["tools"] == TOOLS
+    assert {"meetara://budget", "meetara://runs", "meetara://quality"} <= seen["resources"]
+    assert "meetara://runs/{run_id}" in seen["templates"]
+
+    plan = seen["plan"]
+    assert plan["backend"] == "local" and plan["workload"]["base_model"] == "tiny"
+    assert sorted(d for j in plan["jobs"] for d in j["domains"]) == ["legal", "nutrition"]
+
+    summary = seen["launch"]
+    assert summary["ok"] and list(summary["jobs"].values()) == ["SUCCEEDED"], summary
+    assert summary["domains"]["nutrition"] in ("pulled", "up-to-date")  # the conductor pulls as it goes
+    manifest = json.loads((tmp_path / "models" / "nutrition" / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["validation"]["passed"]
+    assert (tmp_path / "models" / "nutrition" / "adapter.gguf").stat().st_size > 0
+
+    run = seen["runs/default"]
+    [nutrition] = run["domains"]
+    assert (run["done"], run["pending"], run["domains_total"]) == (1, 0, 1)
+    assert nutrition["state"] == "done" and nutrition["validation_passed"] and nutrition["pulled"]
+    assert nutrition["heldout_loss_after"] < nutrition["heldout_loss_before"]
+    assert run["jobs"][0]["state"] == "SUCCEEDED"
+    runs = seen["runs"]["runs"]
+    assert [(r["run_id"], r["domains_done"], r["domains_total"]) for r in runs] == [("default", 1, 1)]
+
+    [q] = seen["quality"]["domains"]
+    assert (q["domain"], q["validation_passed"], q["status"]) == ("nutrition", True, "done")
+    assert 0 < q["acceptance_rate"] <= 1 and q["checks_passed"] == len(q["checks"]) == 2
+    assert q["heldout_loss_after"] == manifest["metrics"]["heldout_loss_after"]
+
+    budget = seen["budget"]
+    assert [w["window"] for w in budget["windows"]] == ["daily", "weekly", "monthly"]
+    assert budget["open_reservations"] == []  # the run's reservation is settled
+
+    assert seen["pull"]["domains"]["nutrition"]["status"] == "up-to-date"
+    jobs = seen["status"]["jobs"]
+    assert [(j["state"], j["domains_done"], j["launches"]) for j in jobs] == [("SUCCEEDED", 1, 1)]
+    assert seen["recover"]["runs"] == []  # nothing unfinished
+
+
+def test_mcp_refusals_are_the_cli_messages(tmp_path):
+    # at $1000/h the local plan for one domain costs ~$10: over a $0.50 budget, and over the $5 daily cap
+    env = sandbox(tmp_path, MEETARA_LOCAL_PRICE_HOUR="1000")
+    cases = [
+        (dict(domains="legal", budget=0.5), ["-d", "legal", "--budget", "0.5"]),
+        (dict(domains="legal", budget=50), ["-d", "legal", "--budget", "50"]),
+        (dict(domains="legall", budget=5), ["-d", "legall", "--budget", "5"]),
+        (dict(domains="legal", budget=-1), ["-d", "legal", "--budget", "-1"]),
+        (dict(domains="legal", budget=5, samples=8), ["-d", "legal", "--budget", "5", "--samples", "8"]),
+        (
+            dict(domains="legal", budget=5, store="ftp://x"),
+            ["-d", "legal", "--budget", "5", "--store", "ftp://x"],
+        ),
+    ]
+
+    async def main():
+        async with server(tmp_path, env) as s:
+            return [await refused(s, "launch", backend="local", **args) for args, _ in cases]
+
+    got = anyio.run(main)
+    want = [cli_error(tmp_path, env, "launch", "--backend", "local", "--yes", *argv) for _, argv in cases]
+    assert got == want
+    assert "over --budget $0.50" in got[0] and got[1].startswith("refused: daily cap $5.00")
+    assert not (tmp_path / "store" / "runs").exists()  # nothing was launched
