@@ -4,12 +4,29 @@ Determinism on CPU: the batch order of each epoch is a seeded permutation, so th
 says which samples come next; the checkpoint carries adapter, optimizer, scheduler and torch RNG
 state. A run killed at any step and resumed from its last checkpoint ends with the same tensors as
 an uninterrupted run.
+
+Throughput (bench/train_throughput.py measures it; bench/RESULTS.md has the numbers):
+- rows: a training step takes `batch_size` rows. A row is one sample padded to the longest row of
+  the step, or, with packing, several whole samples back to back (`model.pack`), attention and
+  labels confined to each sample (`model.collate_rows`). `pack=None` packs when the packed rows
+  need fewer token positions per epoch than padded ones; rows are fixed before training, so the step
+  number alone still says which rows come next.
+- the rows are tensors built once and kept on the training device: a step only gathers its rows
+  there, so no host-side loader has to keep up with the GPU.
+- precision follows the frozen base weights: a bf16 base (the pipeline loads one on CUDA) trains
+  under bf16 autocast while the LoRA weights, their gradients and AdamW's state stay fp32 (peft
+  keeps adapters fp32); an fp32 base trains in fp32.
+- CUDA: fused AdamW, torch.compile of the forward (falls back to eager, once, if compiling fails),
+  rows padded to `max_len` so shapes stay fixed, and an automatic batch size (`batch_size=None`).
+- CPU: `threads` (default: physical cores) for torch's intra-op pool.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
+import os
 import random
 import signal
 import time
@@ -40,6 +57,16 @@ class LoraParams(BaseModel):
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+    pack: bool | None = Field(
+        None, description="pack whole samples into rows of max_len; None: when that computes fewer positions"
+    )
+    torch_compile: bool | None = Field(None, description="torch.compile the forward; None: on CUDA only")
+    pad_to_max_len: bool | None = Field(
+        None, description="pad every row to max_len (fixed shapes); None: when compiling"
+    )
+    threads: int | None = Field(
+        None, ge=0, description="CPU intra-op threads; None: physical cores, 0: leave torch's setting"
+    )
 
 
 class Interrupted(Exception):
@@ -48,12 +75,25 @@ class Interrupted(Exception):
 
 @dataclass
 class TrainResult:
+    """`tokens` counts real tokens (no padding); `positions` counts every position computed, padding
+    included; `step_seconds` and `step_tokens` are per step of this run (after any resume)."""
+
     steps: int
     resumed_from: int
     batch_size: int
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
+    positions: int = 0
+    packed: bool = False
+    rows: int = 0
+    compiled: str = "off"
+    threads: int | None = None
+    step_seconds: list[float] = field(default_factory=list)
+    step_tokens: list[int] = field(default_factory=list)
+
+
+log = logging.getLogger("meetara.train")
 
 
 class StopFlag:
@@ -74,6 +114,52 @@ def batches_for(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int
     order = list(range(n))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (SMT siblings counted once)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for c in cpus:
+        try:
+            topo = f"/sys/devices/system/cpu/cpu{c}/topology"
+            with open(f"{topo}/physical_package_id") as pkg, open(f"{topo}/core_id") as core:
+                cores.add((pkg.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(c)))
+    return max(1, len(cores))
+
+
+@dataclass
+class Layout:
+    """The rows a run trains on: sample indices per row, fixed for the whole run."""
+
+    rows: list[list[int]]
+    packed: bool
+    pad_to_max_len: bool
+
+
+def plan_rows(lengths: list[int], params: LoraParams, batch_size: int, *, compiling: bool) -> Layout:
+    """One sample per row, or packed rows (`params.pack`; None decides: pack when the packed rows
+    compute fewer positions per epoch than one sample per row, epoch 0's batches as the measure)."""
+    from train.model import pack
+
+    static = compiling if params.pad_to_max_len is None else params.pad_to_max_len
+    single = [[i] for i in range(len(lengths))]
+    if params.pack is False:
+        return Layout(single, False, static)
+    packed = pack(lengths, params.max_len, params.seed)
+    if params.pack is None:
+        # positions computed per epoch: every row padded to max_len, or each batch to its longest row
+        def cost(rows: list[list[int]]) -> int:
+            if static:
+                return len(rows) * params.max_len
+            batches = batches_for(len(rows), batch_size, 0, params.seed)
+            return sum(len(b) * max(sum(lengths[i] for i in rows[r]) for r in b) for b in batches)
+
+        if cost(packed) >= cost(single):
+            return Layout(single, False, static)
+    return Layout(packed, True, static)
 
 
 def attach_lora(model: Any, params: LoraParams) -> Any:
@@ -135,13 +221,40 @@ def heldout_loss(model: Any, data: list[list[int]], pad_id: int, batch_size: int
 
 
 def _autocast(model: Any) -> Any:
+    """bf16 autocast when the base weights are bf16 (LoRA weights stay fp32), none for an fp32 base."""
     import contextlib
 
     import torch
 
-    if next(model.parameters()).device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    device = next(model.parameters()).device.type
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        return torch.autocast(device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class _Forward:
+    """The training forward, compiled where asked; the first failure of the compiled one (at any
+    step: a new shape compiles anew) switches to eager for the rest of the run."""
+
+    def __init__(self, model: Any, compile_it: bool) -> None:
+        import torch
+
+        self.eager = lambda batch: model(**batch, use_cache=False).loss
+        self.fn = self.eager
+        self.status = "off"
+        if compile_it:
+            try:
+                self.fn = torch.compile(self.eager)
+                self.status = "on"
+            except Exception as e:  # e.g. torch without a working compiler on this platform
+                self.status = f"unavailable: {type(e).__name__}: {str(e)[:200]}"
+                log.warning("torch.compile %s; training eagerly", self.status)
+
+    def fall_back(self, e: Exception) -> None:
+        self.fn = self.eager
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        self.status = f"fell back to eager: {type(e).__name__}: {first}"
+        log.warning("torch.compile failed, training eagerly: %s", self.status)
 
 
 def train(
@@ -154,25 +267,52 @@ def train(
     prefix: str,
     stop: StopFlag | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Train the LoRA weights of `model` (a peft model) on `data`, checkpointing to `store` under
     `prefix`, resuming from the newest valid checkpoint there. Raises `Interrupted` after saving
-    when `stop` is set."""
+    when `stop` is set. `max_steps` ends the run early (benchmarks); the schedule is unchanged."""
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
     from transformers import get_linear_schedule_with_warmup
 
-    from train.model import lm_loss
+    from train.model import collate_rows
+
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    threads = None
+    if not cuda and params.threads != 0:
+        threads = params.threads or physical_cores()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    compiling = params.torch_compile if params.torch_compile is not None else cuda
 
     ckpt = checkpoint.latest(store, prefix)
     batch_size = ckpt.meta["batch_size"] if ckpt else pick_batch_size(model, params, pad_id)
-    per_epoch = math.ceil(len(data) / batch_size)
+    lengths = [len(x) for x in data]
+    layout = plan_rows(lengths, params, batch_size, compiling=compiling)
+    if ckpt and ckpt.meta.get("packed", False) != layout.packed:
+        # the checkpoint's run decided otherwise (checkpoints without the key predate packing):
+        # keep its rows, so the step number still names the same samples
+        layout = plan_rows(
+            lengths, params.model_copy(update={"pack": not layout.packed}), batch_size, compiling=compiling
+        )
+    rows = layout.rows
+    per_epoch = math.ceil(len(rows) / batch_size)
     total = max(1, round(params.epochs * per_epoch))
+
+    # every row as tensors on the training device, built once; a step gathers its rows there
+    table = {
+        k: v.to(device, non_blocking=True)
+        for k, v in collate_rows([[data[i] for i in row] for row in rows], pad_id, params.max_len).items()
+    }
+    row_len = [sum(lengths[i] for i in row) for row in rows]
+    full = table["input_ids"].shape[1]
+
     trainable = [p for p in model.parameters() if p.requires_grad]
-    fused = next(model.parameters()).device.type == "cuda"
-    opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0, fused=fused)
+    opt = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=0.0, fused=cuda)
     sched = get_linear_schedule_with_warmup(opt, min(params.warmup_steps, total // 4), total)
 
     start = 0
@@ -182,6 +322,8 @@ def train(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if cuda and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
         start = ckpt.step
 
     def save(step: int) -> None:
@@ -191,6 +333,7 @@ def train(
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
                 "step": step,
             },
             buf,
@@ -206,25 +349,60 @@ def train(
                 "total_steps": total,
                 "epoch": step // per_epoch,
                 "position": step % per_epoch,
+                "packed": layout.packed,
+                "rows": len(rows),
             },
         )
         checkpoint.prune(store, prefix, params.keep_checkpoints)
 
-    result = TrainResult(steps=total, resumed_from=start, batch_size=batch_size)
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(start, total):
-        epoch, pos = divmod(step, per_epoch)
-        idx = batches_for(len(data), batch_size, epoch, params.seed)[pos]
-        batch = [data[i] for i in idx]
+    forward = _Forward(model, compiling)
+
+    def step_loss(batch: dict) -> Any:
         with _autocast(model):
-            loss = lm_loss(model, batch, pad_id)
+            loss = forward.fn(batch)
         loss.backward()
+        return loss
+
+    result = TrainResult(
+        steps=total,
+        resumed_from=start,
+        batch_size=batch_size,
+        packed=layout.packed,
+        rows=len(rows),
+        threads=threads,
+    )
+    end = total if max_steps is None else min(total, start + max_steps)
+    t0 = last = time.perf_counter()
+    model.train()
+    for step in range(start, end):
+        epoch, pos = divmod(step, per_epoch)
+        idx = batches_for(len(rows), batch_size, epoch, params.seed)[pos]
+        width = full if layout.pad_to_max_len else max(row_len[i] for i in idx)
+        sel = torch.tensor(idx, device=device)
+        batch = {k: v[:, :width].index_select(0, sel) for k, v in table.items()}
+        if forward.status == "on":
+            rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if cuda else None)
+            try:
+                loss = step_loss(batch)
+            except Exception as e:  # compiling failed: this step again, eagerly, from the same state
+                opt.zero_grad(set_to_none=True)
+                torch.set_rng_state(rng[0])
+                if cuda:
+                    torch.cuda.set_rng_state(rng[1])
+                forward.fall_back(e)
+                loss = step_loss(batch)
+        else:
+            loss = step_loss(batch)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        result.losses.append(loss.item())
-        result.tokens += sum(len(x) for x in batch)
+        result.losses.append(loss.item())  # waits for the step: the times below are whole steps
+        now = time.perf_counter()
+        result.step_seconds.append(now - last)
+        last = now
+        result.step_tokens.append(sum(row_len[i] for i in idx))
+        result.tokens += result.step_tokens[-1]
+        result.positions += len(idx) * width
         done = step + 1
         if on_step:
             on_step(done, total, result.losses[-1])
@@ -233,5 +411,7 @@ def train(
             raise Interrupted(f"stopped by signal {stop.signum} at step {done}/{total}; checkpoint saved")
         if done % params.checkpoint_every == 0 and done < total:
             save(done)
+        last = time.perf_counter()  # checkpoint writes and callbacks are not step time
     result.seconds = time.perf_counter() - t0
+    result.compiled = forward.status
     return result

@@ -195,9 +195,65 @@ def collate(batch: list[list[int]], pad_id: int) -> dict:
 
 
 def lm_loss(model: Any, batch: list[list[int]], pad_id: int) -> Any:
-    """Mean next-token loss of a batch of token-id lists."""
+    """Mean next-token loss of a batch of token-id lists (no KV cache: nothing is generated)."""
     dev = next(model.parameters()).device
-    return model(**{k: v.to(dev) for k, v in collate(batch, pad_id).items()}).loss
+    return model(**{k: v.to(dev) for k, v in collate(batch, pad_id).items()}, use_cache=False).loss
+
+
+def pack(lengths: list[int], max_len: int, seed: int) -> list[list[int]]:
+    """Group samples (by index) into rows of at most `max_len` tokens: best fit, samples taken in a
+    seeded random order, so the same lengths and seed always give the same rows. Every index lands in
+    exactly one row, in no particular order; a sample longer than `max_len` gets a row of its own
+    (`encode` already cut samples to `max_len`). O(n * max_len): rows are bucketed by the room left."""
+    import random
+
+    order = list(range(len(lengths)))
+    random.Random(seed * 7_919 + 17).shuffle(order)
+    rows: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}  # room left -> rows with exactly that room (a stack)
+    for i in order:
+        n = lengths[i]
+        fit = next((r for r in range(n, max_len + 1) if by_room.get(r)), None)
+        if fit is None:
+            rows.append([i])
+            room = max_len - n
+            row = len(rows) - 1
+        else:
+            row = by_room[fit].pop()
+            rows[row].append(i)
+            room = fit - n
+        if room > 0:
+            by_room.setdefault(room, []).append(row)
+    return rows
+
+
+def collate_rows(rows: list[list[list[int]]], pad_id: int, pad_to: int | None = None) -> dict:
+    """Tensors for rows that each hold one or more whole samples back to back (packing), then padding.
+
+    `position_ids` restart at 0 with every sample, and the padding tail counts from 0 as well. Given
+    `position_ids` and no `attention_mask` (and no KV cache: `use_cache=False`), transformers' GPT-2
+    builds a block-diagonal causal mask from the restarts (`masking_utils.find_packed_sequence_indices`),
+    so no token attends across a sample boundary. `labels` are -100 at each sample's first token, so
+    no token is predicted from the sample before it, and on padding; the loss therefore covers each
+    sample's `len - 1` predictions exactly as one sample per padded row would.
+    Rows are padded to the longest row, or to `pad_to` (fixed shapes, for torch.compile)."""
+    import torch
+
+    width = max([sum(len(s) for s in row) for row in rows] + [pad_to or 0])
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for s in row:
+            n = len(s)
+            t = torch.tensor(s, dtype=torch.long)
+            ids[r, at : at + n] = t
+            pos[r, at : at + n] = torch.arange(n)
+            labels[r, at + 1 : at + n] = t[1:]
+            at += n
+        pos[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}
 
 
 def encode(samples: list, tokenizer: Any, max_len: int) -> list[list[int]]:
