@@ -122,18 +122,7 @@ def budget_command(
             "timezone": tz,
             "ledger": location,
             "open_reservations": len(held),
-            "windows": [
-                {
-                    "window": w.name,
-                    "start": w.start.isoformat(),
-                    "end": w.end.isoformat(),
-                    "cap": w.cap,
-                    "spent": round(w.spent, 6),
-                    "reserved": round(w.reserved, 6),
-                    "remaining": None if w.remaining is None else round(w.remaining, 6),
-                }
-                for w in windows
-            ],
+            "windows": [w.as_dict() for w in windows],
         }
         typer.echo(json.dumps(doc, indent=1))
         return

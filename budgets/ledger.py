@@ -140,6 +140,18 @@ class WindowStatus:
     reserved: float  # outstanding reservations (all open ones, whenever made)
     remaining: float | None  # cap - spent - reserved; negative when a cap is already passed
 
+    def as_dict(self) -> dict:
+        """JSON-able, as `meetara budget --json` and the MCP budget resource show it."""
+        return {
+            "window": self.name,
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "cap": self.cap,
+            "spent": round(self.spent, 6),
+            "reserved": round(self.reserved, 6),
+            "remaining": None if self.remaining is None else round(self.remaining, 6),
+        }
+
 
 RES_COLS = (
     "r.id, r.run_id, r.job, r.provider, r.gpu, r.gpu_count, r.domains, r.rate_per_hour, r.rate_source,"

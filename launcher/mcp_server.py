@@ -510,18 +510,7 @@ def build_server(config: Path | None = None):
         return {
             "timezone": tz,
             "ledger": location,
-            "windows": [
-                {
-                    "window": w.name,
-                    "start": w.start.isoformat(),
-                    "end": w.end.isoformat(),
-                    "cap": w.cap,
-                    "spent": round(w.spent, 6),
-                    "reserved": round(w.reserved, 6),
-                    "remaining": None if w.remaining is None else round(w.remaining, 6),
-                }
-                for w in windows
-            ],
+            "windows": [w.as_dict() for w in windows],
             "open_reservations": [
                 {
                     "id": r.id,
