@@ -154,15 +154,17 @@ def test_a_job_whose_launcher_died_stops_itself_and_the_next_launch_settles(tmp_
     # `meetara recover` lists the run; recovering it (a realistic estimate now) settles the open
     # reservation, then finishes the work from the checkpoints
     env.pop("MEETARA_LOCAL_TOKENS_S")
-    # a generous start-up allowance: a busy CI machine must not run out of this reservation too
+    # a generous start-up allowance (300 s = $3 here) so a busy CI machine cannot run out of this
+    # reservation too; the budget and calendar caps are raised to make room for it
     env["MEETARA_LOCAL_STARTUP_S"] = "300"
+    env.update({"MEETARA_DAILY_CAP": "100", "MEETARA_WEEKLY_CAP": "100", "MEETARA_MONTHLY_CAP": "100"})
     listed = subprocess.run(
         [sys.executable, "-m", "launcher", "recover"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert listed.returncode == 0 and "alone" in listed.stderr, listed.stderr
     assert "3: nutrition, legal, fitness" in listed.stderr
     again = subprocess.run(
-        [sys.executable, "-m", "launcher", "recover", "alone", "--budget", "1", "--yes", "--poll", "0.2"],
+        [sys.executable, "-m", "launcher", "recover", "alone", "--budget", "10", "--yes", "--poll", "0.2"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
