@@ -249,6 +249,12 @@ def providers_set(
 # ---- plan / launch / status / pull / doctor ------------------------------------------------------
 
 DOMAINS_HELP = "'all', a category, or comma-separated domain names"
+WARM_START = typer.Option(
+    False,
+    "--warm-start/--no-warm-start",
+    help="order each job's domains as a similarity chain and start each LoRA from the most similar "
+    "domain done (off by default: bench/RESULTS.md measured no gain from the similarity)",
+)
 
 
 def _plan_options(
@@ -259,6 +265,7 @@ def _plan_options(
     samples: int,
     epochs: float,
     config: Path | None,
+    warm_start: bool = False,
 ):
     """Shared front half of `plan` and `launch`: preferences, domains, backend, workload."""
     from launcher.launch import resolve_backend, select
@@ -272,7 +279,8 @@ def _plan_options(
     from launcher.throughput import model_params
 
     model_params(model)  # unknown models fail here, before anything is planned
-    return prefs, names, backend, Workload(base_model=model, samples=samples, epochs=epochs)
+    work = Workload(base_model=model, samples=samples, epochs=epochs, warm_start=warm_start)
+    return prefs, names, backend, work
 
 
 def _plan_table(plan) -> object:
@@ -313,6 +321,7 @@ def plan_command(
     provider: list[str] = typer.Option(None, "--provider", "-p"),
     config: Path = typer.Option(None, help="preferences file"),
     as_json: bool = typer.Option(False, "--json"),
+    warm_start: bool = WARM_START,
 ) -> None:
     """Dry run: the offer, the jobs and their projected cost. Launches nothing."""
 
@@ -321,7 +330,7 @@ def plan_command(
 
     try:
         prefs, names, backend, work = _plan_options(
-            domains, backend, run_id, base_model, samples, epochs, config
+            domains, backend, run_id, base_model, samples, epochs, config, warm_start
         )
         plan = make_plan(
             names, backend=backend, prefs=prefs, work=work, run_id=run_id, live=live, providers=provider
@@ -360,6 +369,7 @@ def launch_command(
     preempt_seed: int = typer.Option(0, help="seed of the injected preemptions"),
     preempt_max: int = typer.Option(3, min=0, help="at most this many injected preemptions"),
     config: Path = typer.Option(None, help="preferences file"),
+    warm_start: bool = WARM_START,
 ) -> None:
     """Plan, check the budget, launch, follow the jobs, pull validated GGUFs into ./models."""
     from launcher.conductor import Chaos
@@ -367,7 +377,7 @@ def launch_command(
 
     try:
         prefs, names, backend, work = _plan_options(
-            domains, backend, run_id, base_model, samples, epochs, config
+            domains, backend, run_id, base_model, samples, epochs, config, warm_start
         )
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None

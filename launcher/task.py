@@ -100,6 +100,7 @@ def render_task(
         MEETARA_BASE_MODEL=work.base_model,
         MEETARA_SAMPLES=str(work.samples),
         MEETARA_EPOCHS=f"{work.epochs:g}",
+        MEETARA_WARM_START="1" if work.warm_start else "0",
     )
     secret_names = [*(task.get("secrets") or {}), *OPTIONAL_SECRET_NAMES]
     for key, value in (extra_envs or {}).items():

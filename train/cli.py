@@ -65,6 +65,14 @@ def train_command(
     keep_checkpoints: int = typer.Option(2),
     seed: int = typer.Option(0),
     merged: bool = typer.Option(True, help="also export the merged model quantized to Q4_K_M"),
+    warm_start: bool = typer.Option(
+        None,
+        "--warm-start/--no-warm-start",
+        envvar="MEETARA_WARM_START",
+        help="start each domain's LoRA from the most similar domain already done in the run "
+        "[default: off; bench/RESULTS.md has the measurement]",
+        show_default=False,
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Train one LoRA adapter per domain and export validated GGUF files to the store."""
@@ -82,6 +90,7 @@ def train_command(
             data_dir=data_dir,
             endpoint_url=endpoint_url,
             merged=merged,
+            **({} if warm_start is None else {"warm_start": warm_start}),  # None: JobSpec's default
             params=LoraParams(
                 lr=lr,
                 epochs=epochs,

@@ -5,13 +5,22 @@ Store layout under the store's root:
     runs/<run>/domains/<domain>/checkpoints/step-N/      training checkpoints (see checkpoint.py)
     runs/<run>/domains/<domain>/adapter.gguf             LoRA adapter (llama.cpp `--lora`)
     runs/<run>/domains/<domain>/model-Q4_K_M.gguf        merged model, quantized
+    runs/<run>/domains/<domain>/adapter.safetensors      final LoRA weights: what warm starts load
+    runs/<run>/domains/<domain>/warm_start.json          which adapter training started from (resumes)
     runs/<run>/domains/<domain>/manifest.json            written last: the domain is done
+
+Warm starts (`JobSpec.warm_start`, off by default: bench/RESULTS.md measured no reliable gain on the
+tiny model): a domain that starts training (no checkpoint yet) takes the final LoRA weights of the
+most similar domain already done in this run (train/similarity.py) instead of a fresh LoRA. The
+manifest says which (`warm_start`); the weights are under `warm_start_weights`, not `files`, so pulls
+fetch only the GGUF files.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import platform
 import re
 import tempfile
@@ -30,7 +39,10 @@ from train.lora import Interrupted, LoraParams, StopFlag, attach_lora, heldout_l
 from train.lora import train as train_lora
 from train.store import ObjectStore, open_store
 
+log = logging.getLogger("meetara.train")
 MANIFEST = "manifest.json"
+WARM_START = "warm_start.json"
+WARM_WEIGHTS = "adapter.safetensors"
 
 
 class Tolerance(BaseModel):
@@ -61,6 +73,9 @@ class JobSpec(BaseModel):
     merged: bool = True
     endpoint_url: str | None = None
     tolerance: Tolerance = Tolerance()
+    warm_start: bool = Field(
+        False, description="start each domain's LoRA from the most similar domain already done in the run"
+    )
 
 
 @dataclass
@@ -170,6 +185,47 @@ def _file_entry(key: str, path: Path) -> dict:
     return {"key": key, "sha256": checkpoint.sha256(data), "size": len(data)}
 
 
+def warm_start(d: Domain, spec: JobSpec, store: ObjectStore, model: Any, prefix: str) -> dict | None:
+    """With `spec.warm_start`, load into `model`'s fresh LoRA the final weights of the most similar
+    domain done in this run (same base model and LoRA shape) and return {"from", "similarity"}; None
+    when off or there is none. A domain resuming from a checkpoint keeps the record it started with."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load as st_load
+
+    from train.similarity import most_similar
+
+    record_key = f"{prefix}/{WARM_START}"
+    if checkpoint.latest(store, f"{prefix}/checkpoints") is not None:
+        return json.loads(store.get(record_key)) if store.exists(record_key) else None
+    record = None
+    if spec.warm_start:
+        registry = load_registry()
+        shape = ("r", "target_modules")
+        done = {}
+        for key in store.list(f"runs/{spec.run_id}/domains"):
+            name = key.split("/")[-2]
+            if key == f"{domain_prefix(spec.run_id, name)}/{MANIFEST}" and name in registry.names:
+                m = json.loads(store.get(key))
+                if (
+                    m.get("warm_start_weights")
+                    and m["base_model"] == spec.base_model
+                    and all(m["params"][k] == getattr(spec.params, k) for k in shape)
+                ):
+                    done[name] = m["warm_start_weights"]
+        best = most_similar(d, [registry.get(n) for n in done], registry)
+        if best is not None:
+            entry = done[best[0]]
+            data = store.get(entry["key"])
+            if checkpoint.sha256(data) == entry["sha256"]:
+                set_peft_model_state_dict(model, st_load(data))
+                record = {"from": best[0], "similarity": best[1]}
+            else:
+                log.warning("warm start: %s does not match its manifest; starting cold", entry["key"])
+    if record is not None or store.exists(record_key):
+        store.put(record_key, json.dumps(record).encode())
+    return record
+
+
 def train_domain(
     d: Domain,
     data: tuple,
@@ -184,6 +240,7 @@ def train_domain(
 ) -> dict:
     """Train, export, validate one domain and commit its manifest. Returns the manifest."""
     from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     from train.gguf_export import quantize, write_adapter_gguf, write_model_gguf
     from train.model import encode
@@ -200,6 +257,7 @@ def train_domain(
     t = time.perf_counter()
     model = attach_lora(base.model, spec.params)
     try:
+        warm = warm_start(d, spec, store, model, prefix)
         with model.disable_adapter():
             loss_before = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
         if stop is not None:
@@ -227,6 +285,7 @@ def train_domain(
             lora_state, out / "adapter.gguf", alpha=spec.params.alpha, base_name=spec.base_model
         )
         files = {"adapter": adapter}
+        save_file(lora_state, out / WARM_WEIGHTS)
         # export and validation use an fp32 CPU copy (on the GPU the model is bf16); on CPU, the model itself
         ref = _fp32_cpu(model)
         if spec.merged:
@@ -251,6 +310,7 @@ def train_domain(
         key = f"{prefix}/{path.name}"
         store.put_file(key, path)
         entries[name] = _file_entry(key, path) | {"gguf": validation["files"][name].get("summary")}
+    store.put_file(f"{prefix}/{WARM_WEIGHTS}", out / WARM_WEIGHTS)
     manifest = {
         "domain": d.name,
         "category": d.category,
@@ -259,6 +319,8 @@ def train_domain(
         "base_model": spec.base_model,
         "base_gguf": _file_entry(base_key, base_file),
         "files": entries,
+        "warm_start_weights": _file_entry(f"{prefix}/{WARM_WEIGHTS}", out / WARM_WEIGHTS),
+        "warm_start": warm,
         "params": spec.params.model_dump(),
         "data": {
             "source": source,
