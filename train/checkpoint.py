@@ -4,6 +4,9 @@ A checkpoint is a folder `<prefix>/step-NNNNNNNN/` holding its parts and, writte
 with each part's sha256 and size. A checkpoint without a manifest, or whose parts do not match it,
 does not exist: resume takes the newest valid one. Pruning deletes the manifest first, so a
 half-deleted checkpoint is never mistaken for a valid one.
+
+`Uploader` moves the upload off the training thread: training serializes the checkpoint to bytes (so
+what is saved is exactly the state at that step) and goes on while one background thread uploads it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from train.store import ObjectStore
 
@@ -104,3 +108,55 @@ def prune(store: ObjectStore, prefix: str, keep: int) -> list[int]:
         for key in store.list(folder):
             store.delete(key)
     return doomed
+
+
+@dataclass
+class Uploader:
+    """Uploads checkpoints (then prunes) on one background thread, one at a time: `submit` returns as
+    soon as the previous upload is done, so training waits on the store only when uploads are slower
+    than the checkpoint interval. An upload's error is raised by the next `submit`, `wait` or `close`.
+
+    `waited` is the seconds training spent waiting for a previous upload; `uploads` the seconds each
+    upload took (store retries included)."""
+
+    store: ObjectStore
+    prefix: str
+    keep: int
+    waited: float = 0.0
+    uploads: list[float] = field(default_factory=list)
+    _pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+    )
+    _pending: Future | None = None
+
+    def submit(self, step: int, parts: dict[str, bytes], meta: dict | None = None) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._upload, step, parts, meta)
+
+    def _upload(self, step: int, parts: dict[str, bytes], meta: dict | None) -> None:
+        t = time.perf_counter()
+        save(self.store, self.prefix, step, parts, meta)
+        prune(self.store, self.prefix, self.keep)
+        self.uploads.append(time.perf_counter() - t)
+
+    def wait(self) -> None:
+        """Block until the upload in flight (if any) is committed; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            t = time.perf_counter()
+            try:
+                pending.result()
+            finally:
+                self.waited += time.perf_counter() - t
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Finish the upload in flight and stop the thread. With `raise_errors=False` (training is
+        already failing) an upload error is logged, not raised, so it cannot hide the first error."""
+        try:
+            self.wait()
+        except Exception as e:
+            if raise_errors:
+                raise
+            log.warning("checkpoint upload failed while training stopped: %s", e)
+        finally:
+            self._pool.shutdown(wait=True)

@@ -56,6 +56,10 @@ class LoraParams(BaseModel):
     warmup_steps: int = Field(5, ge=0)
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    background_upload: bool | None = Field(
+        None,
+        description="upload checkpoints on a background thread; None: when the store is remote (s3://)",
+    )
     seed: int = 0
     pack: bool | None = Field(
         None, description="pack whole samples into rows of max_len; None: when that computes fewer positions"
@@ -91,6 +95,9 @@ class TrainResult:
     threads: int | None = None
     step_seconds: list[float] = field(default_factory=list)
     step_tokens: list[int] = field(default_factory=list)
+    # seconds training waited per periodic checkpoint (serializing, and uploading unless in background)
+    checkpoint_seconds: list[float] = field(default_factory=list)
+    upload_seconds: list[float] = field(default_factory=list)  # per background upload
 
 
 log = logging.getLogger("meetara.train")
@@ -326,7 +333,13 @@ def train(
             torch.cuda.set_rng_state(state["cuda_rng"])
         start = ckpt.step
 
+    background = params.background_upload
+    if background is None:
+        background = not store.url.startswith("file://")
+    uploader = checkpoint.Uploader(store, prefix, params.keep_checkpoints) if background else None
+
     def save(step: int) -> None:
+        """Take the state at `step` as bytes now; upload it now, or on the uploader's thread."""
         buf = io.BytesIO()
         torch.save(
             {
@@ -339,21 +352,20 @@ def train(
             buf,
         )
         adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        checkpoint.save(
-            store,
-            prefix,
-            step,
-            {"adapter.safetensors": st_save(adapter), "state.pt": buf.getvalue()},
-            meta={
-                "batch_size": batch_size,
-                "total_steps": total,
-                "epoch": step // per_epoch,
-                "position": step % per_epoch,
-                "packed": layout.packed,
-                "rows": len(rows),
-            },
-        )
-        checkpoint.prune(store, prefix, params.keep_checkpoints)
+        parts = {"adapter.safetensors": st_save(adapter), "state.pt": buf.getvalue()}
+        meta = {
+            "batch_size": batch_size,
+            "total_steps": total,
+            "epoch": step // per_epoch,
+            "position": step % per_epoch,
+            "packed": layout.packed,
+            "rows": len(rows),
+        }
+        if uploader is not None:
+            uploader.submit(step, parts, meta)
+        else:
+            checkpoint.save(store, prefix, step, parts, meta=meta)
+            checkpoint.prune(store, prefix, params.keep_checkpoints)
 
     forward = _Forward(model, compiling)
 
@@ -374,44 +386,56 @@ def train(
     end = total if max_steps is None else min(total, start + max_steps)
     t0 = last = time.perf_counter()
     model.train()
-    for step in range(start, end):
-        epoch, pos = divmod(step, per_epoch)
-        idx = batches_for(len(rows), batch_size, epoch, params.seed)[pos]
-        width = full if layout.pad_to_max_len else max(row_len[i] for i in idx)
-        sel = torch.tensor(idx, device=device)
-        batch = {k: v[:, :width].index_select(0, sel) for k, v in table.items()}
-        if forward.status == "on":
-            rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if cuda else None)
-            try:
+    try:
+        for step in range(start, end):
+            epoch, pos = divmod(step, per_epoch)
+            idx = batches_for(len(rows), batch_size, epoch, params.seed)[pos]
+            width = full if layout.pad_to_max_len else max(row_len[i] for i in idx)
+            sel = torch.tensor(idx, device=device)
+            batch = {k: v[:, :width].index_select(0, sel) for k, v in table.items()}
+            if forward.status == "on":
+                rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if cuda else None)
+                try:
+                    loss = step_loss(batch)
+                except Exception as e:  # compiling failed: this step again, eagerly, from the same state
+                    opt.zero_grad(set_to_none=True)
+                    torch.set_rng_state(rng[0])
+                    if cuda:
+                        torch.cuda.set_rng_state(rng[1])
+                    forward.fall_back(e)
+                    loss = step_loss(batch)
+            else:
                 loss = step_loss(batch)
-            except Exception as e:  # compiling failed: this step again, eagerly, from the same state
-                opt.zero_grad(set_to_none=True)
-                torch.set_rng_state(rng[0])
-                if cuda:
-                    torch.cuda.set_rng_state(rng[1])
-                forward.fall_back(e)
-                loss = step_loss(batch)
-        else:
-            loss = step_loss(batch)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        result.losses.append(loss.item())  # waits for the step: the times below are whole steps
-        now = time.perf_counter()
-        result.step_seconds.append(now - last)
-        last = now
-        result.step_tokens.append(sum(row_len[i] for i in idx))
-        result.tokens += result.step_tokens[-1]
-        result.positions += len(idx) * width
-        done = step + 1
-        if on_step:
-            on_step(done, total, result.losses[-1])
-        if stop is not None and stop.signum is not None and done < total:
-            save(done)
-            raise Interrupted(f"stopped by signal {stop.signum} at step {done}/{total}; checkpoint saved")
-        if done % params.checkpoint_every == 0 and done < total:
-            save(done)
-        last = time.perf_counter()  # checkpoint writes and callbacks are not step time
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            result.losses.append(loss.item())  # waits for the step: the times below are whole steps
+            now = time.perf_counter()
+            result.step_seconds.append(now - last)
+            last = now
+            result.step_tokens.append(sum(row_len[i] for i in idx))
+            result.tokens += result.step_tokens[-1]
+            result.positions += len(idx) * width
+            done = step + 1
+            if on_step:
+                on_step(done, total, result.losses[-1])
+            if stop is not None and stop.signum is not None and done < total:
+                save(done)
+                if uploader is not None:
+                    uploader.wait()  # "checkpoint saved" means committed
+                raise Interrupted(f"stopped by signal {stop.signum} at step {done}/{total}; checkpoint saved")
+            if done % params.checkpoint_every == 0 and done < total:
+                t = time.perf_counter()
+                save(done)
+                result.checkpoint_seconds.append(time.perf_counter() - t)
+            last = time.perf_counter()  # checkpoint writes and callbacks are not step time
+    except BaseException:
+        if uploader is not None:
+            uploader.close(raise_errors=False)  # the checkpoint in flight still completes
+        raise
+    if uploader is not None:
+        uploader.close()
+        result.upload_seconds = uploader.uploads
     result.seconds = time.perf_counter() - t0
     result.compiled = forward.status
     return result
