@@ -1,10 +1,12 @@
 """Background checkpoint uploads (train/checkpoint.py `Uploader`): training goes on while a checkpoint
 uploads to a real S3 server, the result is the same as with blocking uploads, an outage mid-upload is
-retried through, and an upload that cannot succeed stops training with the store's error."""
+retried through, and an upload that cannot succeed stops training with the store's error. And the
+checkpoint interval derived from the measured cost (`auto_interval`)."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from faults import FlakyProxy
 from test_throughput import _adapter, samples, small_gpt2
 
 from train import checkpoint
-from train.lora import LoraParams, attach_lora, train
+from train.lora import LoraParams, attach_lora, auto_interval, train
 from train.store import StoreError, open_store
 
 PARAMS = LoraParams(batch_size=4, epochs=2, checkpoint_every=3, pack=False, torch_compile=False)
@@ -123,3 +125,45 @@ def test_an_upload_that_cannot_succeed_stops_training_with_the_store_error(bucke
         assert checkpoint.latest(s3, "c").step == 3  # the cut-off checkpoint is never resumed from
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize(
+    "step_s, blocking_s, upload_s, want",
+    [
+        (0.2, 0.02, None, 5),  # 20 ms per checkpoint may block 2 % of 1 s of training: 5 steps
+        (0.2, 0.02, 3.0, 15),  # a 3 s upload must be done before the next checkpoint: 15 steps
+        (7.0, 0.03, 0.2, 1),  # slow steps: every step
+        (0.002, 0.02, 0.5, 500),  # fast GPU steps
+        (0.2, 0.0, None, 1),
+    ],
+)
+def test_auto_interval_follows_the_cost(step_s, blocking_s, upload_s, want):
+    assert auto_interval(step_s, blocking_s, upload_s, 0.02) == want
+
+
+class SlowDisk(HeldStore):
+    """A real file store whose writes take `delay` seconds each (a slow disk)."""
+
+    def __init__(self, store, delay: float) -> None:
+        super().__init__(store)
+        self.delay = delay
+        self.gate.set()
+
+    def put(self, key: str, data: bytes) -> None:
+        time.sleep(self.delay)
+        super().put(key, data)
+
+
+def test_the_default_interval_is_measured_as_training_runs(tmp_path, reference):
+    auto = PARAMS.model_copy(update={"checkpoint_every": None, "background_upload": False})
+    model, r = _train(open_store(f"file://{tmp_path}/auto"), auto)
+    assert r.checkpoint_steps[0] == 1  # the first checkpoint measures the cost
+    gaps = [b - a for a, b in zip(r.checkpoint_steps, r.checkpoint_steps[1:], strict=False)]
+    assert gaps == r.checkpoint_intervals[: len(gaps)] and min(r.checkpoint_intervals) >= 1
+    want, _ = reference
+    got = _adapter(model)
+    assert all(torch.equal(got[k], want[k]) for k in want)  # where checkpoints fall changes nothing
+    # a checkpoint that costs 0.6 s (3 parts x 0.2 s) may take 2 % of 30 s of training: far more
+    # than this run's 20 steps, so after the first there is none
+    _, slow = _train(SlowDisk(open_store(f"file://{tmp_path}/slow"), 0.2), auto)
+    assert slow.checkpoint_steps == [1] and slow.checkpoint_intervals[0] > slow.steps

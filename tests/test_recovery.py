@@ -20,7 +20,7 @@ from launcher.runs import RunRecord, runs_dir
 from train.store import open_store
 
 DOMAINS = "nutrition,legal,financial,fitness,programming"
-CHECKPOINT_EVERY = 10  # the training default
+CHECKPOINT_EVERY = 10  # pinned (the default interval is measured as training runs)
 
 
 def adapters(models: Path) -> dict[str, str]:
@@ -30,7 +30,10 @@ def adapters(models: Path) -> dict[str, str]:
 
 
 def launch(tmp_path: Path, name: str, *extra: str):
-    env = {"MEETARA_STORE": f"file://{tmp_path}/{name}-store"}
+    env = {
+        "MEETARA_STORE": f"file://{tmp_path}/{name}-store",
+        "MEETARA_CHECKPOINT_EVERY": str(CHECKPOINT_EVERY),
+    }
     args = ["launch", "-d", DOMAINS, "--budget", "1", "--samples", "80", "--run-id", name, "--poll", "0.2"]
     args += ["--models-dir", str(tmp_path / f"{name}-models"), *extra]
     return run_cli(*args, module="launcher", cwd=tmp_path, env=env)

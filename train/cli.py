@@ -61,7 +61,14 @@ def train_command(
     r: int = typer.Option(8, "--lora-r"),
     alpha: float = typer.Option(16.0, "--lora-alpha"),
     batch_size: int = typer.Option(8, help="0: the largest that fits (GPU)"),
-    checkpoint_every: int = typer.Option(10, help="steps between checkpoints"),
+    checkpoint_every: int = typer.Option(
+        None,
+        min=1,
+        envvar="MEETARA_CHECKPOINT_EVERY",
+        help="steps between checkpoints [default: auto, the fewest steps for which a checkpoint "
+        "costs at most 2 % of training (measured as it runs)]",
+        show_default=False,
+    ),
     keep_checkpoints: int = typer.Option(2),
     seed: int = typer.Option(0),
     merged: bool = typer.Option(True, help="also export the merged model quantized to Q4_K_M"),

@@ -19,6 +19,13 @@ Throughput (bench/train_throughput.py measures it; bench/RESULTS.md has the numb
 - CUDA: fused AdamW, torch.compile of the forward (falls back to eager, once, if compiling fails),
   rows padded to `max_len` so shapes stay fixed, and an automatic batch size (`batch_size=None`).
 - CPU: `threads` (default: physical cores) for torch's intra-op pool.
+
+Checkpoints: training takes the state as bytes at the step (so what is saved is that step's state
+exactly) and, for a remote store, goes on while a background thread uploads it (`checkpoint.Uploader`,
+one upload in flight). The interval is `checkpoint_every` steps, or by default the fewest steps for
+which a checkpoint blocks at most `checkpoint_overhead` (2 %) of training and an upload is done
+before the next (`auto_interval`, re-derived after each checkpoint from this run's measured costs).
+A preemption redoes at most one interval, plus the steps trained while the newest upload was in flight.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +62,12 @@ class LoraParams(BaseModel):
     batch_size: int | None = Field(8, ge=1, description="None: automatic on GPU (largest that fits)")
     max_len: int = Field(128, ge=8)
     warmup_steps: int = Field(5, ge=0)
-    checkpoint_every: int = Field(10, ge=1)
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="steps between checkpoints; None: derived from the measured checkpoint cost"
+    )
+    checkpoint_overhead: float = Field(
+        0.02, gt=0, lt=1, description="auto interval: most of the training time a checkpoint may block"
+    )
     keep_checkpoints: int = Field(2, ge=1)
     background_upload: bool | None = Field(
         None,
@@ -98,6 +111,8 @@ class TrainResult:
     # seconds training waited per periodic checkpoint (serializing, and uploading unless in background)
     checkpoint_seconds: list[float] = field(default_factory=list)
     upload_seconds: list[float] = field(default_factory=list)  # per background upload
+    checkpoint_steps: list[int] = field(default_factory=list)  # where periodic checkpoints were taken
+    checkpoint_intervals: list[int] = field(default_factory=list)  # steps to the next, chosen after each
 
 
 log = logging.getLogger("meetara.train")
@@ -115,6 +130,15 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
+
+
+def auto_interval(step_s: float, blocking_s: float, upload_s: float | None, overhead: float) -> int:
+    """The fewest steps between checkpoints such that one checkpoint blocks training for at most
+    `overhead` of the time between two, and a background upload is done before the next one starts
+    (else training would wait for it). Fewer steps between checkpoints: less work redone after a
+    preemption. bench/checkpoint_cost.py measures the inputs."""
+    need = max(blocking_s / overhead, upload_s or 0.0)
+    return max(1, math.ceil(need / step_s)) if step_s > 0 else 1
 
 
 def batches_for(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
@@ -264,6 +288,17 @@ class _Forward:
         log.warning("torch.compile failed, training eagerly: %s", self.status)
 
 
+def _auto(result: TrainResult, uploader: checkpoint.Uploader | None, params: LoraParams) -> int:
+    """The auto interval from this run's costs so far: recent steps, checkpoints and uploads."""
+    uploads = uploader.uploads[-3:] if uploader is not None else []
+    return auto_interval(
+        statistics.median(result.step_seconds[-20:]),
+        statistics.median(result.checkpoint_seconds[-3:]),
+        max(uploads) if uploads else None,
+        params.checkpoint_overhead,
+    )
+
+
 def train(
     model: Any,
     data: list[list[int]],
@@ -384,6 +419,7 @@ def train(
         threads=threads,
     )
     end = total if max_steps is None else min(total, start + max_steps)
+    next_auto = start + 1  # the auto interval measures its first checkpoint right away
     t0 = last = time.perf_counter()
     model.train()
     try:
@@ -424,10 +460,15 @@ def train(
                 if uploader is not None:
                     uploader.wait()  # "checkpoint saved" means committed
                 raise Interrupted(f"stopped by signal {stop.signum} at step {done}/{total}; checkpoint saved")
-            if done % params.checkpoint_every == 0 and done < total:
+            if done < total and (
+                done % params.checkpoint_every == 0 if params.checkpoint_every else done >= next_auto
+            ):
                 t = time.perf_counter()
                 save(done)
                 result.checkpoint_seconds.append(time.perf_counter() - t)
+                result.checkpoint_steps.append(done)
+                result.checkpoint_intervals.append(params.checkpoint_every or _auto(result, uploader, params))
+                next_auto = done + result.checkpoint_intervals[-1]
             last = time.perf_counter()  # checkpoint writes and callbacks are not step time
     except BaseException:
         if uploader is not None:

@@ -333,6 +333,8 @@ def train_domain(
             "heldout_loss_after": round(loss_after, 5),
             "steps": result.steps,
             "resumed_from_step": result.resumed_from,
+            "checkpoints": len(result.checkpoint_steps),
+            "checkpoint_interval": result.checkpoint_intervals[-1] if result.checkpoint_intervals else None,
             "batch_size": result.batch_size,
             "final_train_loss": round(result.losses[-1], 5) if result.losses else None,
             "tokens_per_second": round(result.tokens / result.seconds, 1) if result.seconds else None,
