@@ -10,7 +10,8 @@ seed 0, `LoraParams()`: r 8, lr 2e-3, 2 epochs, batch 8, warmup 5, linear decay)
              is the domain's target; its steps-to-target is the first step whose held-out loss is at
              or below that final loss (the full schedule, unless the loss bottoms out earlier).
     similar  the same training, but the LoRA starts from the cold-trained adapter of the most similar
-             OTHER domain (train/similarity.py, all 61 others to choose from).
+             OTHER domain (train/similarity.py: registry text and data profiles, as the pipeline
+             scores them; all 61 others to choose from).
     random   the control: the same, starting from a seeded random other domain's cold adapter. If
              `similar` is no better than `random`, the similarity is not what helps.
     chain    what the pipeline does in one job of all the domains with warm starts on: the domains in
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.lora import LoraParams
     from train.model import encode, load_base
     from train.pipeline import JobSpec
-    from train.similarity import most_similar, similarity, similarity_chain
+    from train.similarity import most_similar, profile, similarity, similarity_chain
     from train.store import open_store
 
     t_start = time.perf_counter()
@@ -173,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         exclude={"checkpoint_every"}
     )
     base = load_base(spec.base_model, registry, device="cpu", dtype=torch.float32)
-    data = {}
+    data, profiles = {}, {}
     for d in domains:
         train_s, held_s, _, _ = domain_data(d, n=spec.samples, seed=params.seed, noise=spec.noise)
+        profiles[d.name] = profile(x for s in train_s for x in (s.prompt, s.response))  # as the pipeline
         data[d.name] = (
             encode(train_s, base.tokenizer, params.max_len),
             encode(held_s, base.tokenizer, params.max_len),
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             others = [o for o in domains if o.name != d.name]
             for v in {"similar", "random"}.intersection(variants):
                 if v == "similar":
-                    src, sim = most_similar(d, others, registry)
+                    src, sim = most_similar(d, others, registry, profiles)
                 else:
                     src = rng.choice(others).name
                     sim = similarity(d, registry.get(src), registry)
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 d = registry.get(name)
                 if v == "chain":
-                    src, sim = most_similar(d, [registry.get(x) for x in order[:i]], registry)
+                    done = {x: profiles[x] for x in [*order[:i], name]}  # profiles of trained ones
+                    src, sim = most_similar(d, [registry.get(x) for x in order[:i]], registry, done)
                 else:
                     src = order[i - 1]
                     sim = similarity(d, registry.get(src), registry)

@@ -12,7 +12,7 @@ from conftest import run_cli
 from test_train import FAST, adapter_tensors
 
 from train.domains import load_registry
-from train.similarity import most_similar, similarity, similarity_chain
+from train.similarity import most_similar, profile, similarity, similarity_chain
 
 REG = load_registry()
 
@@ -60,6 +60,25 @@ def test_most_similar(domain, nearest):
     assert most_similar(REG.get(domain), [REG.get(domain)], REG) is None  # never itself
 
 
+def test_data_profiles_can_outweigh_the_registry():
+    """Your own data counts: nutrition's data here is about code, so its nearest done domain is
+    programming, not fitness as the registry alone says."""
+    code = ["refactor the function and add a unit test", "the compiler rejects this generic type"]
+    sport = ["squats and deadlifts build strength", "warm up before a run, then stretch"]
+    profiles = {"nutrition": profile(code * 3), "programming": profile(code * 2), "fitness": profile(sport)}
+    cands = [REG.get("programming"), REG.get("fitness")]
+    assert most_similar(REG.get("nutrition"), cands, REG)[0] == "fitness"
+    assert most_similar(REG.get("nutrition"), cands, REG, profiles)[0] == "programming"
+    # without a profile of its own a domain is scored on the registry alone
+    assert (
+        most_similar(REG.get("nutrition"), cands, REG, {"programming": profiles["programming"]})[0]
+        == "fitness"
+    )
+    # a profile: the most frequent terms, plural-folded, stopwords dropped, ties alphabetical
+    assert profile(["the betas and alpha alpha", "gamma beta alpha"], top=2) == {"alpha": 3, "beta": 2}
+    assert profile(["gamma beta", "beta gamma"], top=1) == {"beta": 2}
+
+
 def test_similarity_chain_is_a_permutation_starting_at_the_first_name():
     names = REG.names[::-1]
     chain = similarity_chain(names, REG)
@@ -91,7 +110,12 @@ def test_train_with_warm_start_records_the_source_and_validates(tmp_path):
 
     first, second = manifest(warm, "legal"), manifest(warm, "fitness")
     assert first["warm_start"] is None  # nothing was done before it
-    assert second["warm_start"] == {"from": "legal", "similarity": sim("fitness", "legal")}
+    # scored on the registry and on both domains' data profiles (kept in their manifests)
+    profiles = {m["domain"]: m["data"]["profile"] for m in (first, second)}
+    assert len(profiles["legal"]) == 100 and profiles["legal"] != profiles["fitness"]
+    score = most_similar(REG.get("fitness"), [REG.get("legal")], REG, profiles)[1]
+    assert second["warm_start"] == {"from": "legal", "similarity": score}
+    assert score != sim("fitness", "legal")
     assert second["status"] == "done" and second["validation"]["passed"]
     assert second["metrics"]["heldout_loss_after"] < second["metrics"]["heldout_loss_before"]
     assert manifest(cold, "fitness")["warm_start"] is None

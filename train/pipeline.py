@@ -37,6 +37,7 @@ from train.data import domain_data
 from train.domains import Domain, load_registry, select_domains
 from train.lora import Interrupted, LoraParams, StopFlag, attach_lora, heldout_loss
 from train.lora import train as train_lora
+from train.similarity import profile
 from train.store import ObjectStore, open_store
 
 log = logging.getLogger("meetara.train")
@@ -185,10 +186,13 @@ def _file_entry(key: str, path: Path) -> dict:
     return {"key": key, "sha256": checkpoint.sha256(data), "size": len(data)}
 
 
-def warm_start(d: Domain, spec: JobSpec, store: ObjectStore, model: Any, prefix: str) -> dict | None:
+def warm_start(
+    d: Domain, spec: JobSpec, store: ObjectStore, model: Any, prefix: str, terms: dict[str, int]
+) -> dict | None:
     """With `spec.warm_start`, load into `model`'s fresh LoRA the final weights of the most similar
-    domain done in this run (same base model and LoRA shape) and return {"from", "similarity"}; None
-    when off or there is none. A domain resuming from a checkpoint keeps the record it started with."""
+    domain done in this run (same base model and LoRA shape; similarity from the registry and the data
+    profiles, `terms` being this domain's) and return {"from", "similarity"}; None when off or there is
+    none. A domain resuming from a checkpoint keeps the record it started with."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load as st_load
 
@@ -201,7 +205,7 @@ def warm_start(d: Domain, spec: JobSpec, store: ObjectStore, model: Any, prefix:
     if spec.warm_start:
         registry = load_registry()
         shape = ("r", "target_modules")
-        done = {}
+        done, profiles = {}, {d.name: terms}
         for key in store.list(f"runs/{spec.run_id}/domains"):
             name = key.split("/")[-2]
             if key == f"{domain_prefix(spec.run_id, name)}/{MANIFEST}" and name in registry.names:
@@ -212,7 +216,9 @@ def warm_start(d: Domain, spec: JobSpec, store: ObjectStore, model: Any, prefix:
                     and all(m["params"][k] == getattr(spec.params, k) for k in shape)
                 ):
                     done[name] = m["warm_start_weights"]
-        best = most_similar(d, [registry.get(n) for n in done], registry)
+                    if m["data"].get("profile"):
+                        profiles[name] = m["data"]["profile"]
+        best = most_similar(d, [registry.get(n) for n in done], registry, profiles)
         if best is not None:
             entry = done[best[0]]
             data = store.get(entry["key"])
@@ -250,6 +256,7 @@ def train_domain(
     prefix = domain_prefix(spec.run_id, d.name)
     t = time.perf_counter()
     train_s, held_s, quality, source = data
+    terms = profile(x for s in train_s for x in (s.prompt, s.response))
     train_ids = encode(train_s, base.tokenizer, spec.params.max_len)
     held_ids = encode(held_s, base.tokenizer, spec.params.max_len)
     timings["data"] = time.perf_counter() - t
@@ -257,7 +264,7 @@ def train_domain(
     t = time.perf_counter()
     model = attach_lora(base.model, spec.params)
     try:
-        warm = warm_start(d, spec, store, model, prefix)
+        warm = warm_start(d, spec, store, model, prefix, terms)
         with model.disable_adapter():
             loss_before = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
         if stop is not None:
@@ -327,6 +334,7 @@ def train_domain(
             "quality": quality.as_dict(),
             "train": len(train_s),
             "heldout": len(held_s),
+            "profile": terms,  # the most frequent terms: warm starts compare domains by them too
         },
         "metrics": {
             "heldout_loss_before": round(loss_before, 5),

@@ -9,9 +9,14 @@ domain's own words alone leave most pairs near 0 and neighbours by chance (fitne
 team_leadership, by "strength"); the category is the registry's curated grouping and pulls a
 domain's own category together, while strong cross-category overlaps still win (hr_management's
 nearest is career_guidance, in education). IDF is over the registry, so words every domain uses
-weigh little. The generated training data is drawn from these same fields plus templates shared by
-all domains (train/data.py), so its word distribution would add nothing but the shared template
-words, which raise every pair alike. Deterministic, offline, no model.
+weigh little.
+
+Once a domain is trained, its manifest keeps a profile of its training data (the most frequent terms,
+`profile`), and a warm start compares profiles too (`most_similar(profiles=...)`): the score becomes
+the mean of the registry score and the profiles' cosine, IDF taken over the profiles compared, so
+words every domain's data uses (the generator's shared templates) weigh little. That matters for
+your own data (`--data-dir`); generated data is drawn from the same registry fields, so for it the
+profiles mostly agree with the registry. Deterministic, offline, no model.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from train.domains import Domain, Registry, load_registry
 
@@ -41,11 +46,40 @@ def _stem(word: str) -> str:
     return word
 
 
+def _terms(text: str) -> list[str]:
+    return [_stem(w) for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOPWORDS]
+
+
+def profile(texts: Iterable[str], top: int = 100) -> dict[str, int]:
+    """A domain's data as its `top` most frequent terms and their counts (ties: alphabetical)."""
+    counts = Counter(t for text in texts for t in _terms(text))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top])
+
+
+def profile_similarity(a: Mapping[str, int], b: Mapping[str, int], idf: Mapping[str, float]) -> float:
+    """Cosine in [0, 1] of two profiles, each term weighted by log(1 + count) x its IDF."""
+
+    def vec(p: Mapping[str, int]) -> dict[str, float]:
+        v = {w: math.log1p(c) * idf.get(w, 1.0) for w, c in p.items()}
+        n = math.sqrt(sum(x * x for x in v.values())) or 1.0
+        return {w: x / n for w, x in v.items()}
+
+    va, vb = vec(a), vec(b)
+    return round(sum(x * vb.get(w, 0.0) for w, x in va.items()), 6)
+
+
+def profile_idf(profiles: Iterable[Mapping[str, int]]) -> dict[str, float]:
+    """Smoothed IDF of each term over `profiles`: a term in every profile weighs 1, rarer ones more."""
+    ps = list(profiles)
+    df = Counter(w for p in ps for w in p)
+    return {w: math.log((1 + len(ps)) / (1 + c)) + 1 for w, c in df.items()}
+
+
 def words(d: Domain, registry: Registry) -> Counter:
     """Term counts of a domain's text: description, topics, advice, vocabulary x2, category x2."""
     cat = registry.categories[d.category].description if d.category in registry.categories else d.category
     text = " ".join([d.description, *d.topics, *d.advice, *d.vocabulary, *d.vocabulary, cat, cat])
-    return Counter(_stem(w) for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOPWORDS)
+    return Counter(_terms(text))
 
 
 _CACHE: dict[int, tuple[Registry, dict[str, float], dict[str, tuple[Domain, dict[str, float]]]]] = {}
@@ -82,15 +116,24 @@ def similarity(a: Domain, b: Domain, registry: Registry | None = None) -> float:
 
 
 def most_similar(
-    domain: Domain, candidates: Iterable[Domain], registry: Registry | None = None
+    domain: Domain,
+    candidates: Iterable[Domain],
+    registry: Registry | None = None,
+    profiles: Mapping[str, Mapping[str, int]] | None = None,
 ) -> tuple[str, float] | None:
     """The candidate most like `domain` (never `domain` itself) and its score; None if there is none.
-    Ties go to the candidate named first."""
+    With `profiles` (domain name -> `profile` of its data), a candidate whose profile is there, as is
+    `domain`'s, scores the mean of the registry similarity and the profiles'. Ties go to the candidate
+    named first."""
+    profiles = profiles or {}
+    idf = profile_idf(profiles.values())
     best: tuple[str, float] | None = None
     for c in candidates:
         if c.name == domain.name:
             continue
         s = similarity(domain, c, registry)
+        if domain.name in profiles and c.name in profiles:
+            s = round((s + profile_similarity(profiles[domain.name], profiles[c.name], idf)) / 2, 6)
         if best is None or s > best[1]:
             best = (c.name, s)
     return best
