@@ -252,8 +252,9 @@ DOMAINS_HELP = "'all', a category, or comma-separated domain names"
 WARM_START = typer.Option(
     False,
     "--warm-start/--no-warm-start",
-    help="order each job's domains as a similarity chain and start each LoRA from the most similar "
-    "domain done (off by default: bench/RESULTS.md measured no gain from the similarity)",
+    help="order the domains as a similarity chain before packing them into jobs, and start each LoRA "
+    "from the most similar domain done (off by default: bench/RESULTS.md measured no gain from the "
+    "similarity)",
 )
 
 

@@ -80,7 +80,7 @@ class Workload(BaseModel):
     samples: int = Field(200, ge=16)
     epochs: float = Field(2, gt=0)
     max_len: int = Field(128, ge=8)
-    warm_start: bool = False  # order each job's domains as a similarity chain; the job warm-starts them
+    warm_start: bool = False  # plan the domains in similarity-chain order; the jobs warm-start them
 
     def domain_tokens(self) -> float:
         return self.samples * KEPT_SHARE * self.epochs * self.max_len

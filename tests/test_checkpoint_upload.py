@@ -135,10 +135,12 @@ def test_an_upload_that_cannot_succeed_stops_training_with_the_store_error(bucke
         (7.0, 0.03, 0.2, 1),  # slow steps: every step
         (0.002, 0.02, 0.5, 500),  # fast GPU steps
         (0.2, 0.0, None, 1),
+        (0.5, 30.0, None, 600),  # a 30 s checkpoint would want 1,500 s between: capped at 300 s
+        (0.0, 0.02, None, 1),
     ],
 )
 def test_auto_interval_follows_the_cost(step_s, blocking_s, upload_s, want):
-    assert auto_interval(step_s, blocking_s, upload_s, 0.02) == want
+    assert auto_interval(step_s, blocking_s, upload_s, 0.02, 300) == want
 
 
 class SlowDisk(HeldStore):
@@ -154,16 +156,31 @@ class SlowDisk(HeldStore):
         super().put(key, data)
 
 
-def test_the_default_interval_is_measured_as_training_runs(tmp_path, reference):
+def test_the_default_interval_is_measured_and_resumes_exactly(tmp_path, reference):
+    from train.lora import Interrupted, StopFlag
+
     auto = PARAMS.model_copy(update={"checkpoint_every": None, "background_upload": False})
-    model, r = _train(open_store(f"file://{tmp_path}/auto"), auto)
-    assert r.checkpoint_steps[0] == 1  # the first checkpoint measures the cost
-    gaps = [b - a for a, b in zip(r.checkpoint_steps, r.checkpoint_steps[1:], strict=False)]
-    assert gaps == r.checkpoint_intervals[: len(gaps)] and min(r.checkpoint_intervals) >= 1
+    store = open_store(f"file://{tmp_path}/auto")
+    model = attach_lora(small_gpt2(dropout=0.1), auto)
+    stop = StopFlag()
+
+    def on_step(done, total, loss):
+        if done == 7:
+            stop.signum = 15  # SIGTERM: a checkpoint at 7, whatever the interval, then stop
+
+    with pytest.raises(Interrupted):
+        train(model, DATA, auto, pad_id=0, store=store, prefix="c", stop=stop, on_step=on_step)
+    assert checkpoint.latest(store, "c").step == 7
+    model, r = _train(store, auto)  # resumes at 7 with the auto interval, measured afresh
+    assert r.resumed_from == 7 and r.checkpoint_steps[0] == 8  # its first checkpoint measures the cost
     want, _ = reference
     got = _adapter(model)
-    assert all(torch.equal(got[k], want[k]) for k in want)  # where checkpoints fall changes nothing
+    assert all(torch.equal(got[k], want[k]) for k in want)  # the same as one uninterrupted run
     # a checkpoint that costs 0.6 s (3 parts x 0.2 s) may take 2 % of 30 s of training: far more
     # than this run's 20 steps, so after the first there is none
     _, slow = _train(SlowDisk(open_store(f"file://{tmp_path}/slow"), 0.2), auto)
     assert slow.checkpoint_steps == [1] and slow.checkpoint_intervals[0] > slow.steps
+    # and with a cap of 0.05 s of training between checkpoints, they come far more often
+    capped = auto.model_copy(update={"checkpoint_max_seconds": 0.05})
+    _, cap = _train(SlowDisk(open_store(f"file://{tmp_path}/capped"), 0.2), capped)
+    assert len(cap.checkpoint_steps) > 2

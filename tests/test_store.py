@@ -133,6 +133,20 @@ def test_prune_keeps_the_newest(store):
     assert checkpoint.latest(store, prefix).step == 5
 
 
+def test_a_partial_folder_never_takes_a_good_checkpoints_place(store):
+    """A killed upload left step 151 without a manifest; the resumed run commits 102 and prunes to
+    one: 102 stays (not 151); discard_after removes what a resume point has above it."""
+    prefix = "p/checkpoints"
+    checkpoint.save(store, prefix, 101, {"w": b"a"})
+    store.put(f"{prefix}/step-00000151/w", b"partial")
+    checkpoint.save(store, prefix, 102, {"w": b"b"})
+    assert checkpoint.prune(store, prefix, keep=1) == [151, 101]
+    assert checkpoint.latest(store, prefix).step == 102
+    store.put(f"{prefix}/step-00000160/w", b"partial")
+    assert checkpoint.discard_after(store, prefix, 102) == [160]
+    assert checkpoint.steps(store, prefix) == [102]
+
+
 def _proxied_store(bucket: str, s3_server: str):
     from faults import FlakyProxy
 

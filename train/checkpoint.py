@@ -99,15 +99,28 @@ def latest(store: ObjectStore, prefix: str) -> Checkpoint | None:
     return None
 
 
-def prune(store: ObjectStore, prefix: str, keep: int) -> list[int]:
-    """Delete all but the newest `keep` checkpoint folders; returns the deleted steps."""
-    doomed = steps(store, prefix)[keep:]
+def _delete(store: ObjectStore, prefix: str, doomed: list[int]) -> list[int]:
     for step in doomed:
         folder = _folder(prefix, step)
         store.delete(f"{folder}/{MANIFEST}")
         for key in store.list(folder):
             store.delete(key)
     return doomed
+
+
+def prune(store: ObjectStore, prefix: str, keep: int) -> list[int]:
+    """Delete every checkpoint folder but the newest `keep` committed ones (those with a manifest):
+    a partial folder left by a killed upload never takes a good checkpoint's place. Returns the
+    deleted steps."""
+    found = steps(store, prefix)
+    kept = [s for s in found if store.exists(f"{_folder(prefix, s)}/{MANIFEST}")][:keep]
+    return _delete(store, prefix, [s for s in found if s not in kept])
+
+
+def discard_after(store: ObjectStore, prefix: str, step: int) -> list[int]:
+    """Delete the checkpoint folders after `step`, the one training resumes from (0: none): what a
+    killed run left there is invalid, or training would not resume before it. Returns their steps."""
+    return _delete(store, prefix, [s for s in steps(store, prefix) if s > step])
 
 
 @dataclass

@@ -68,6 +68,9 @@ class LoraParams(BaseModel):
     checkpoint_overhead: float = Field(
         0.02, gt=0, lt=1, description="auto interval: most of the training time a checkpoint may block"
     )
+    checkpoint_max_seconds: float = Field(
+        300, gt=0, description="auto interval: most seconds of training between two checkpoints"
+    )
     keep_checkpoints: int = Field(2, ge=1)
     background_upload: bool | None = Field(
         None,
@@ -110,6 +113,7 @@ class TrainResult:
     step_tokens: list[int] = field(default_factory=list)
     # seconds training waited per periodic checkpoint (serializing, and uploading unless in background)
     checkpoint_seconds: list[float] = field(default_factory=list)
+    serialize_seconds: list[float] = field(default_factory=list)  # of which: taking the state as bytes
     upload_seconds: list[float] = field(default_factory=list)  # per background upload
     checkpoint_steps: list[int] = field(default_factory=list)  # where periodic checkpoints were taken
     checkpoint_intervals: list[int] = field(default_factory=list)  # steps to the next, chosen after each
@@ -132,13 +136,18 @@ class StopFlag:
         self.signum = signum
 
 
-def auto_interval(step_s: float, blocking_s: float, upload_s: float | None, overhead: float) -> int:
+def auto_interval(
+    step_s: float, blocking_s: float, upload_s: float | None, overhead: float, max_s: float
+) -> int:
     """The fewest steps between checkpoints such that one checkpoint blocks training for at most
     `overhead` of the time between two, and a background upload is done before the next one starts
-    (else training would wait for it). Fewer steps between checkpoints: less work redone after a
-    preemption. bench/checkpoint_cost.py measures the inputs."""
-    need = max(blocking_s / overhead, upload_s or 0.0)
-    return max(1, math.ceil(need / step_s)) if step_s > 0 else 1
+    (else training would wait for it); but never more than `max_s` seconds of training, the most a
+    preemption may cost. Fewer steps between checkpoints: less work redone after a preemption.
+    bench/checkpoint_cost.py measures the inputs."""
+    if step_s <= 0:
+        return 1
+    need = min(max(blocking_s / overhead, upload_s or 0.0), max_s)
+    return max(1, math.ceil(need / step_s))
 
 
 def batches_for(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
@@ -289,13 +298,19 @@ class _Forward:
 
 
 def _auto(result: TrainResult, uploader: checkpoint.Uploader | None, params: LoraParams) -> int:
-    """The auto interval from this run's costs so far: recent steps, checkpoints and uploads."""
+    """The auto interval from this run's costs so far: recent steps (the first of a run, which may
+    include compiling, only while it is the only one), the checkpoint's own cost (serializing, plus
+    writing when uploads block; waiting for a previous upload is the upload rule's business, not
+    counted here) and recent uploads."""
+    steps = result.step_seconds[1:] or result.step_seconds
+    own = result.serialize_seconds if uploader is not None else result.checkpoint_seconds
     uploads = uploader.uploads[-3:] if uploader is not None else []
     return auto_interval(
-        statistics.median(result.step_seconds[-20:]),
-        statistics.median(result.checkpoint_seconds[-3:]),
+        statistics.median(steps[-20:]),
+        statistics.median(own[-3:]),
         max(uploads) if uploads else None,
         params.checkpoint_overhead,
+        params.checkpoint_max_seconds,
     )
 
 
@@ -332,6 +347,7 @@ def train(
     compiling = params.torch_compile if params.torch_compile is not None else cuda
 
     ckpt = checkpoint.latest(store, prefix)
+    checkpoint.discard_after(store, prefix, ckpt.step if ckpt else 0)
     batch_size = ckpt.meta["batch_size"] if ckpt else pick_batch_size(model, params, pad_id)
     lengths = [len(x) for x in data]
     layout = plan_rows(lengths, params, batch_size, compiling=compiling)
@@ -373,8 +389,9 @@ def train(
         background = not store.url.startswith("file://")
     uploader = checkpoint.Uploader(store, prefix, params.keep_checkpoints) if background else None
 
-    def save(step: int) -> None:
+    def save(step: int, *, blocking: bool = False) -> None:
         """Take the state at `step` as bytes now; upload it now, or on the uploader's thread."""
+        t = time.perf_counter()
         buf = io.BytesIO()
         torch.save(
             {
@@ -396,7 +413,8 @@ def train(
             "packed": layout.packed,
             "rows": len(rows),
         }
-        if uploader is not None:
+        result.serialize_seconds.append(time.perf_counter() - t)
+        if uploader is not None and not blocking:
             uploader.submit(step, parts, meta)
         else:
             checkpoint.save(store, prefix, step, parts, meta=meta)
@@ -456,9 +474,12 @@ def train(
             if on_step:
                 on_step(done, total, result.losses[-1])
             if stop is not None and stop.signum is not None and done < total:
-                save(done)
                 if uploader is not None:
-                    uploader.wait()  # "checkpoint saved" means committed
+                    try:
+                        uploader.wait()
+                    except Exception as e:  # the store may be back: this checkpoint still counts
+                        log.warning("an earlier checkpoint upload failed: %s", e)
+                save(done, blocking=True)  # written before "checkpoint saved": the one to resume from
                 raise Interrupted(f"stopped by signal {stop.signum} at step {done}/{total}; checkpoint saved")
             if done < total and (
                 done % params.checkpoint_every == 0 if params.checkpoint_every else done >= next_auto
@@ -475,7 +496,9 @@ def train(
             uploader.close(raise_errors=False)  # the checkpoint in flight still completes
         raise
     if uploader is not None:
-        uploader.close()
+        # training is done: a checkpoint that failed to upload is no longer needed to resume (and
+        # a store that is still down fails the uploads that follow)
+        uploader.close(raise_errors=False)
         result.upload_seconds = uploader.uploads
     result.seconds = time.perf_counter() - t0
     result.compiled = forward.status

@@ -204,7 +204,7 @@ def warm_start(
     record = None
     if spec.warm_start:
         registry = load_registry()
-        shape = ("r", "target_modules")
+        shape = ("r", "alpha", "target_modules")
         done, profiles = {}, {d.name: terms}
         for key in store.list(f"runs/{spec.run_id}/domains"):
             name = key.split("/")[-2]
