@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import statistics
@@ -71,11 +70,11 @@ def measure(
 
 
 def interval(row: dict, overhead: float) -> int:
-    """The fewest steps with blocking <= overhead x N steps and the upload done within N steps."""
-    need = row["blocking_s"] / overhead
-    if row["upload_s"] is not None:
-        need = max(need, row["upload_s"])
-    return max(1, math.ceil(need / row["step_s"]))
+    """What `python -m train` would pick from these costs (train.lora.auto_interval, default cap)."""
+    from train.lora import LoraParams, auto_interval
+
+    cap = LoraParams().checkpoint_max_seconds
+    return auto_interval(row["step_s"], row["blocking_s"], row["upload_s"], overhead, cap)
 
 
 def main(argv: list[str] | None = None) -> dict:
