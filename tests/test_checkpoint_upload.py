@@ -176,11 +176,12 @@ def test_the_default_interval_is_measured_and_resumes_exactly(tmp_path, referenc
     want, _ = reference
     got = _adapter(model)
     assert all(torch.equal(got[k], want[k]) for k in want)  # the same as one uninterrupted run
-    # a checkpoint that costs 0.6 s (3 parts x 0.2 s) may take 2 % of 30 s of training: far more
+    # a checkpoint that costs 1.2 s (3 parts x 0.4 s) may take 2 % of 60 s of training: far more
     # than this run's 20 steps, so after the first there is none
-    _, slow = _train(SlowDisk(open_store(f"file://{tmp_path}/slow"), 0.2), auto)
+    _, slow = _train(SlowDisk(open_store(f"file://{tmp_path}/slow"), 0.4), auto)
     assert slow.checkpoint_steps == [1] and slow.checkpoint_intervals[0] > slow.steps
-    # and with a cap of 0.05 s of training between checkpoints, they come far more often
-    capped = auto.model_copy(update={"checkpoint_max_seconds": 0.05})
-    _, cap = _train(SlowDisk(open_store(f"file://{tmp_path}/capped"), 0.2), capped)
-    assert len(cap.checkpoint_steps) > 2
+    # a 0.15 s checkpoint would want 7.5 s of training between two; a cap of 1 ms of training (less
+    # than any step here) brings them back to (nearly) every step
+    capped = auto.model_copy(update={"checkpoint_max_seconds": 0.001})
+    _, cap = _train(SlowDisk(open_store(f"file://{tmp_path}/capped"), 0.05), capped)
+    assert len(cap.checkpoint_steps) > 5
