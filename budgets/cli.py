@@ -49,6 +49,24 @@ def parse_when(text: str, zone: ZoneInfo, *, end: bool = False, flag: str = "--s
     return t if t.tzinfo else t.replace(tzinfo=zone)
 
 
+def query_report(config: Path | None, by: str, since: str | None, until: str | None):
+    """`meetara report`'s numbers (CLI and MCP): the rows by `by`, their total, and the period
+    [start, stop) parsed in the budget's time zone. Raises BadInput on a bad `by` or period."""
+    from budgets import report as rep
+
+    if by not in rep.BY:
+        raise BadInput(f"--by: {by!r} is not one of {', '.join(rep.BY)}")
+    with open_ledger(config) as ledger:
+        zone = ledger.config.zone
+        start = parse_when(since, zone) if since else None
+        stop = parse_when(until, zone, end=True, flag="--until") if until else None
+        if start and stop and start >= stop:
+            raise BadInput(f"--since {since} is not before --until {until}")
+        rows = rep.report(ledger, by, start, stop)
+        total = (rep.report(ledger, "total", start, stop) or [rep.Row("total")])[0]
+    return rows, total, start, stop
+
+
 def report_command(
     by: str = typer.Option("provider", "--by", help="provider, domain, day or run"),
     since: str = typer.Option(
@@ -66,16 +84,7 @@ def report_command(
     from budgets import report as rep
 
     try:
-        if by not in rep.BY:
-            raise BadInput(f"--by: {by!r} is not one of {', '.join(rep.BY)}")
-        with open_ledger(config) as ledger:
-            zone = ledger.config.zone
-            start = parse_when(since, zone) if since else None
-            stop = parse_when(until, zone, end=True, flag="--until") if until else None
-            if start and stop and start >= stop:
-                raise BadInput(f"--since {since} is not before --until {until}")
-            rows = rep.report(ledger, by, start, stop)
-            total = (rep.report(ledger, "total", start, stop) or [rep.Row("total")])[0]
+        rows, total, start, stop = query_report(config, by, since, until)
     except (BadInput, LedgerError) as e:
         raise fail(str(e)) from None
     if plot_path is not None:

@@ -483,15 +483,12 @@ def recover_command(
 
     from launcher.launch import unfinished
     from launcher.preferences import load_preferences
-    from launcher.runs import list_runs, load_run
+    from launcher.runs import select_runs
     from train import BadInput
 
     try:
         prefs = load_preferences(config)
-        runs = [load_run(run_id)] if run_id else list_runs()
-        if run_id and runs[0] is None:
-            raise BadInput(f"no run {run_id!r} on this machine (meetara recover lists them)")
-        rows = [(rec, unfinished(rec)) for rec in runs]
+        rows = [(rec, unfinished(rec)) for rec in select_runs(run_id, "meetara recover")]
     except BadInput as e:
         raise fail(str(e)) from None
     t = Table("run", "backend", "store", "unfinished", "planned $/h", title="runs with unfinished domains")

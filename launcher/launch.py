@@ -184,11 +184,9 @@ def unfinished(rec: RunRecord) -> list[str]:
 
 def open_ledger(config: Path | None = None):
     """The budget ledger with the caps of the config file (`budgets:`), env and defaults."""
-    from budgets.caps import load_budget_config
-    from budgets.ledger import Ledger
-    from launcher.preferences import config_path
+    from budgets.cli import open_ledger
 
-    return Ledger(config=load_budget_config(config_path(config)))
+    return open_ledger(config)
 
 
 @dataclass
@@ -350,12 +348,9 @@ def done_in_store(rec: RunRecord) -> set[str]:
 def status_rows(run_id: str | None = None) -> list[dict]:
     """One row per job of one run (or of every run this machine launched): state (asked of the
     backend for active jobs, best effort), domains done, launches, preemptions, work lost, machine time."""
-    from launcher.runs import list_runs
+    from launcher.runs import select_runs
 
-    runs = [load_run(run_id)] if run_id else list_runs()
-    if run_id and runs[0] is None:
-        raise BadInput(f"no run {run_id!r} on this machine (see meetara status)")
-    return job_rows(runs)
+    return job_rows(select_runs(run_id))
 
 
 def job_rows(runs: Sequence[RunRecord]) -> list[dict]:

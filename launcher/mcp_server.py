@@ -143,13 +143,6 @@ def _domains_in_store(rec) -> tuple[dict[str, dict], str | None]:
     return found, None
 
 
-def _status_rows(runs) -> list[dict]:
-    """`meetara status --json`: one row per job (state refreshed from the backend, best effort)."""
-    from launcher.launch import job_rows
-
-    return job_rows(runs)
-
-
 def _quality(manifest: dict) -> dict:
     """The quality numbers of one domain's manifest (or failed.json)."""
     m, v = manifest.get("metrics", {}), manifest.get("validation", {})
@@ -186,9 +179,10 @@ def _quality(manifest: dict) -> dict:
 
 def _run_detail(rec) -> dict:
     """One run: its jobs and, per domain, where it stands (store first, then the job's state)."""
+    from launcher.launch import job_rows
     from launcher.runs import ACTIVE
 
-    rows = _status_rows([rec])
+    rows = job_rows([rec])
     state_of = {r["job"]: r["state"] for r in rows}
     found, error = _domains_in_store(rec)
     models = Path(rec.models_dir)
@@ -253,8 +247,18 @@ def build_server(config: Path | None = None):
     )
     launching = threading.Lock()  # one launch at a time per server: two would race for the same run
 
-    def busy():
-        return _tool_error("another launch or recover is running in this server: wait for it (see status)")
+    def launch_alone(names: list[str], **kwargs: Any) -> dict[str, Any]:
+        """run_launch, one at a time in this server (a second caller is told to wait)."""
+        from launcher.launch import run_launch
+
+        if not launching.acquire(blocking=False):
+            return _tool_error(
+                "another launch or recover is running in this server: wait for it (see status)"
+            )
+        try:
+            return _with_outcome(run_launch(names, config=config, **kwargs))
+        finally:
+            launching.release()
 
     @server.tool()
     @_refusing
@@ -327,31 +331,23 @@ def build_server(config: Path | None = None):
         Finished domains are skipped; a run whose jobs still run is followed, not launched twice. The plan
         must fit `budget` and the ledger's caps, else nothing is launched. Blocks until the jobs end."""
         from launcher.cli import _plan_options
-        from launcher.launch import run_launch
 
         budget = _number("budget", budget)
         samples, epochs = _number("samples", samples), _number("epochs", epochs)
         prefs, names, backend, work = _plan_options(
             domains, backend, run_id, base_model, samples, epochs, config
         )
-        if not launching.acquire(blocking=False):
-            return busy()
-        try:
-            summary = run_launch(
-                names,
-                prefs=prefs,
-                backend=backend,
-                work=work,
-                run_id=run_id,
-                budget=budget,
-                store=store,
-                endpoint_url=os.environ.get("MEETARA_S3_ENDPOINT_URL"),
-                models_dir=Path(models_dir),
-                config=config,
-            )
-        finally:
-            launching.release()
-        return _with_outcome(summary)
+        return launch_alone(
+            names,
+            prefs=prefs,
+            backend=backend,
+            work=work,
+            run_id=run_id,
+            budget=budget,
+            store=store,
+            endpoint_url=os.environ.get("MEETARA_S3_ENDPOINT_URL"),
+            models_dir=Path(models_dir),
+        )
 
     @server.tool()
     @_refusing
@@ -359,13 +355,9 @@ def build_server(config: Path | None = None):
         run_id: Annotated[str | None, Field(description="a run id; default: every run")] = None,
     ) -> dict[str, Any]:
         """Runs and their jobs: state, domains done, preemptions, machine time (`meetara status --json`)."""
-        from launcher.runs import list_runs, load_run
-        from train import BadInput
+        from launcher.launch import status_rows
 
-        runs = [load_run(run_id)] if run_id else list_runs()
-        if run_id and runs[0] is None:
-            raise BadInput(f"no run {run_id!r} on this machine (see meetara status)")
-        return {"jobs": _status_rows(runs)}
+        return {"jobs": status_rows(run_id)}
 
     @server.tool()
     @_refusing
@@ -378,20 +370,9 @@ def build_server(config: Path | None = None):
     ) -> dict[str, Any]:
         """Cost per provider, domain, day or run from the budget ledger (`meetara report --json`)."""
         from budgets import report as rep
-        from budgets.cli import parse_when
-        from launcher.launch import open_ledger
-        from train import BadInput
+        from budgets.cli import query_report
 
-        if by not in rep.BY:
-            raise BadInput(f"--by: {by!r} is not one of {', '.join(rep.BY)}")
-        with open_ledger(config) as ledger:
-            zone = ledger.config.zone
-            start = parse_when(since, zone) if since else None
-            stop = parse_when(until, zone, end=True, flag="--until") if until else None
-            if start and stop and start >= stop:
-                raise BadInput(f"--since {since} is not before --until {until}")
-            rows = rep.report(ledger, by, start, stop)
-            total = (rep.report(ledger, "total", start, stop) or [rep.Row("total")])[0]
+        rows, total, start, stop = query_report(config, by, since, until)
         return json.loads(rep.to_json(rows, by=by, since=start, until=stop, total=total))
 
     @server.tool()
@@ -402,18 +383,15 @@ def build_server(config: Path | None = None):
     ) -> dict[str, Any]:
         """Resume a run: finished domains are skipped, unfinished ones resume from their checkpoints.
         Without run_id: the runs with unfinished domains. With run_id and budget: relaunch and follow."""
-        from launcher.launch import run_launch, unfinished
+        from launcher.launch import unfinished
         from launcher.preferences import load_preferences
-        from launcher.runs import list_runs, load_run
+        from launcher.runs import select_runs
         from train import BadInput
 
         if budget is not None:
             budget = _number("budget", budget)
         prefs = load_preferences(config)
-        runs = [load_run(run_id)] if run_id else list_runs()
-        if run_id and runs[0] is None:
-            raise BadInput(f"no run {run_id!r} on this machine (meetara recover lists them)")
-        rows = [(rec, unfinished(rec)) for rec in runs]
+        rows = [(rec, unfinished(rec)) for rec in select_runs(run_id, "meetara recover")]
         listing = [
             {
                 "run": rec.run_id,
@@ -432,24 +410,17 @@ def build_server(config: Path | None = None):
             return {"run_id": run_id, "unfinished": [], "message": f"run {run_id}: every domain is done"}
         if budget is None:
             raise BadInput("pass --budget to relaunch (the table above shows what is left)")
-        if not launching.acquire(blocking=False):
-            return busy()
-        try:
-            summary = run_launch(
-                todo,
-                prefs=prefs,
-                backend=rec.backend,
-                work=rec.plan.workload,
-                run_id=rec.run_id,
-                budget=budget,
-                store=rec.store,
-                endpoint_url=rec.endpoint_url,
-                models_dir=Path(rec.models_dir),
-                config=config,
-            )
-        finally:
-            launching.release()
-        return _with_outcome(summary)
+        return launch_alone(
+            todo,
+            prefs=prefs,
+            backend=rec.backend,
+            work=rec.plan.workload,
+            run_id=rec.run_id,
+            budget=budget,
+            store=rec.store,
+            endpoint_url=rec.endpoint_url,
+            models_dir=Path(rec.models_dir),
+        )
 
     @server.tool()
     @_refusing
@@ -534,11 +505,12 @@ def build_server(config: Path | None = None):
     @_resource
     def runs_resource() -> dict:
         """Every run this machine launched: backend, budget, domains done of total, per job state."""
+        from launcher.launch import job_rows
         from launcher.runs import list_runs
 
         out = []
         for rec in list_runs():
-            rows = _status_rows([rec])
+            rows = job_rows([rec])
             out.append(
                 {
                     "run_id": rec.run_id,

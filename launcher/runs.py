@@ -104,6 +104,19 @@ def load_run(run_id: str) -> RunRecord | None:
         ) from None
 
 
+def select_runs(run_id: str | None, listed_by: str = "meetara status") -> list[RunRecord]:
+    """That run's record, or every run's when `run_id` is None; an unknown run is a BadInput that
+    names the command listing the runs."""
+    if not run_id:
+        return list_runs()
+    rec = load_run(run_id)
+    if rec is None:
+        from train import BadInput
+
+        raise BadInput(f"no run {run_id!r} on this machine (see {listed_by})")
+    return [rec]
+
+
 def list_runs() -> list[RunRecord]:
     out = []
     for p in sorted(runs_dir().glob("*.json")) if runs_dir().is_dir() else []:
