@@ -14,7 +14,6 @@ one of the credential variables set here.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -37,7 +36,6 @@ SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN
 ENDPOINT_NAME = "MEETARA_S3_ENDPOINT_URL"
 # options the notebook sets from its parameters cell; extra args must not repeat them
 _OWN_OPTIONS = ("--domains", "-d", "--store", "--run-id", "--base-model", "--endpoint-url")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as train.pipeline.JobSpec.run_id
 
 _ABOUT = """\
 # meetara: train LoRA adapters for {what}
@@ -197,12 +195,12 @@ def build_notebook(
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
     from train.domains import load_registry, select_domains
+    from train.names import check_run_id
 
     spec = ",".join(d.strip() for d in ([domains] if isinstance(domains, str) else domains) if d.strip())
     chosen = select_domains(spec, load_registry())
     check_store(store)
-    if not _RUN_ID.match(run_id):
-        raise BadInput(f"invalid run id {run_id!r}: letters, digits, '.', '_', '-' (at most 64)")
+    check_run_id(run_id)
     extra = [str(a) for a in extra_args]
     repeated = [a for a in extra if a.split("=", 1)[0] in _OWN_OPTIONS]
     if repeated:

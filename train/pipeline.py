@@ -37,6 +37,7 @@ from train.data import domain_data
 from train.domains import Domain, load_registry, select_domains
 from train.lora import Interrupted, LoraParams, StopFlag, attach_lora, heldout_loss
 from train.lora import train as train_lora
+from train.names import RunId
 from train.similarity import profile
 from train.store import ObjectStore, open_store
 
@@ -65,7 +66,7 @@ class JobSpec(BaseModel):
 
     domains: list[str] = Field(min_length=1)
     store: str = "file://./store"
-    run_id: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    run_id: RunId = "default"
     base_model: str = "tiny"
     samples: int = Field(200, ge=16, description="generated conversations per domain")
     noise: float = Field(0.1, ge=0, le=1)
