@@ -39,6 +39,10 @@ class OfferRef(BaseModel):
     price_hour: float
     expected_hour: float
     source: str  # snapshot | live | local
+    # the machine's host CPUs and memory (GiB), as the offer stated them; SkyPilot's catalogs need both
+    # positive. 0: not recorded (a run planned before they were kept): launcher/skycatalog.py derives them
+    vcpus: int = 0
+    mem_gb: float = 0.0
 
     @classmethod
     def of(cls, c: Choice) -> OfferRef:
@@ -54,6 +58,8 @@ class OfferRef(BaseModel):
             price_hour=c.price_hour,
             expected_hour=c.expected_hour,
             source=o.source,
+            vcpus=o.vcpus,
+            mem_gb=o.mem_gb,
         )
 
     @property

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import os
 import re
 import time
@@ -159,8 +160,9 @@ def sky_location(provider: str, region: str) -> tuple[str, str | None]:
 
 def offers_from_refs(refs: Sequence[OfferRef | Offer]) -> list[Offer]:
     """Offers for SkyPilot's catalogs from a plan's OfferRefs (what a run record keeps), priced for
-    the market each was planned in; vCPUs and memory are not in a ref and are written as 0. Offers
-    pass through; local refs are left out."""
+    the market each was planned in, with the vCPUs and memory the ref carries (0 in a run record saved
+    before refs kept them: `machine_shape` derives them when the rows are built). Offers pass through;
+    local refs are left out."""
     from datetime import UTC, datetime
 
     out: list[Offer] = []
@@ -177,8 +179,8 @@ def offers_from_refs(refs: Sequence[OfferRef | Offer]) -> list[Offer]:
                 gpu=r.gpu,
                 gpu_count=r.gpu_count,
                 gpu_mem_gb=round(r.gpu_mem_gb),
-                vcpus=0,
-                mem_gb=0,
+                vcpus=max(int(r.vcpus), 0),
+                mem_gb=max(float(r.mem_gb), 0.0),
                 region=r.region,
                 price_hour=None if r.spot else r.price_hour,
                 spot_price_hour=r.price_hour if r.spot else None,
@@ -187,6 +189,117 @@ def offers_from_refs(refs: Sequence[OfferRef | Offer]) -> list[Offer]:
             )
         )
     return out
+
+
+@functools.cache
+def _snapshot_shapes() -> tuple[dict[tuple[str, str, int], tuple[float, float]], list[Offer]]:
+    from launcher.offers import load_snapshot
+
+    snap = [o for o in load_snapshot() if o.vcpus > 0 and o.mem_gb > 0]
+    exact = {(o.provider, o.instance_type, o.gpu_count): (float(o.vcpus), float(o.mem_gb)) for o in snap}
+    return exact, snap
+
+
+def machine_shape(o: Offer) -> tuple[float, float]:
+    """(vCPUs, memory GiB) for the catalog row of `o`: both positive, as SkyPilot requires.
+
+    Every provider states them per offer (Vast: the rental's share of the host's cores and RAM; RunPod:
+    the `minVcpu` / `minMemory` of its cheapest pod of that GPU; Lambda: the instance type's specs), and
+    they are used as stated. Where an offer has none (a run record saved before OfferRefs kept them, or a
+    provider answer with 0), they are derived: from the same machine (provider, instance type, GPU
+    count) in the bundled snapshot, else as the smallest per-GPU figures among the snapshot's offers of
+    that provider and GPU (else of that provider, else of any) times the GPU count. That is a floor for
+    such a machine, in the spirit of SkyPilot's own RunPod fetcher falling back to the API's minimum
+    (sky/catalog/data_fetchers/fetch_runpod.py, `get_gpu_info`); SkyPilot only uses the figures to
+    validate and display resources, and to filter when a task asks for cpus / memory (meetara's don't).
+    """
+    if o.vcpus > 0 and o.mem_gb > 0:
+        return float(o.vcpus), float(o.mem_gb)
+    exact, snap = _snapshot_shapes()
+    found = exact.get((o.provider, o.instance_type, o.gpu_count))
+    if found is None:
+        for pool in (
+            [x for x in snap if x.provider == o.provider and x.gpu == o.gpu],
+            [x for x in snap if x.provider == o.provider],
+            snap,
+        ):
+            if pool:
+                per_gpu_cpus = min(x.vcpus / x.gpu_count for x in pool)
+                per_gpu_mem = min(x.mem_gb / x.gpu_count for x in pool)
+                found = (round(per_gpu_cpus * o.gpu_count, 1), round(per_gpu_mem * o.gpu_count, 1))
+                break
+        else:  # an empty snapshot: one vCPU and one GiB per GPU rather than a row SkyPilot refuses
+            found = (float(o.gpu_count), float(o.gpu_count))
+    vcpus, mem = found
+    return (float(o.vcpus) if o.vcpus > 0 else vcpus), (float(o.mem_gb) if o.mem_gb > 0 else mem)
+
+
+def check_catalog_rows(offers: Sequence[OfferRef | Offer]) -> int:
+    """Every catalog row meetara would write for `offers` (OfferRefs or Offers) passes SkyPilot's own
+    validation; returns the number of (row, market) pairs checked. Raises BadInput, one line naming the
+    first bad row, otherwise; BackendError when SkyPilot is not installed.
+
+    The rows are written to a temporary catalog (the real one is not touched) and read back through
+    SkyPilot's catalog readers. Each row, in each market it is priced in, must make a `sky.Resources`
+    (instance type, region, zone, market) with the row's vCPUs and memory (`Resources._set_cpus`,
+    `_set_memory`, `_try_validate_cpus_mem` against the catalog), and survive the round trip
+    `Resources.from_yaml_config(r.to_yaml_config())`: that is where `sky jobs launch` failed with
+    'The "memory" field should be positive' (`to_yaml_config` writes the `memory` property, which
+    reads the catalog's MemoryGiB, and `from_yaml_config` validates it; sky/resources.py).
+    """
+    import tempfile
+
+    from train import BadInput
+
+    rows_of = offers_from_refs(offers)
+    if not rows_of:
+        return 0
+    try:
+        import sky
+    except ImportError:
+        from launcher.backends.base import BackendError
+
+        raise BackendError('SkyPilot is not installed: pip install "meetara[cloud]"') from None
+    cat = build_catalog(rows_of)
+    checked = 0
+    with tempfile.TemporaryDirectory(prefix="meetara-skycat-") as tmp:
+        write_catalogs(rows_of, Path(tmp))
+        providers = sorted({o.provider for o in rows_of})
+        with offline_sky(Path(tmp), providers):
+            for cloud, rows in cat.rows.items():
+                for row in rows:
+                    zone = row.get("AvailabilityZone")
+                    infra = "/".join([cloud, row["Region"], *([zone] if zone else [])])
+                    for spot, price in ((False, row["Price"]), (True, row["SpotPrice"])):
+                        if price is None:
+                            continue
+                        try:
+                            r = sky.Resources(
+                                infra=infra,
+                                instance_type=row["InstanceType"],
+                                use_spot=spot,
+                                cpus=_num(row["vCPUs"]),
+                                memory=_num(row["MemoryGiB"]),
+                            )
+                            sky.Resources.from_yaml_config(r.copy(cpus=None, memory=None).to_yaml_config())
+                        except Exception as e:  # ValueError from SkyPilot's checks, or whatever else
+                            market = "spot" if spot else "on-demand"
+                            raise BadInput(
+                                f"SkyPilot refuses the {cloud} catalog row {row['InstanceType']} in {infra} "
+                                f"({market}; vCPUs {row['vCPUs']}, memory {row['MemoryGiB']} GiB): "
+                                f"{_one_line(e)}"
+                            ) from None
+                        checked += 1
+    return checked
+
+
+def _num(value: float) -> str:
+    return str(float(value))  # as the CSV holds it, so SkyPilot's exact comparison with the catalog holds
+
+
+def _one_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip() or type(e).__name__)
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def catalog_dir(home: Path) -> Path:
@@ -228,7 +341,7 @@ def build_catalog(offers: Sequence[Offer]) -> SkyCatalog:
     two data centres of one country breaks SkyPilot's rule and raises ValueError.
     """
     cat = SkyCatalog()
-    shapes: dict[tuple[str, str], tuple[int, float]] = {}
+    shapes: dict[tuple[str, str], tuple[float, float]] = {}
     keyed: dict[tuple[str, str, str, str | None], dict] = {}
     for o in offers:
         cloud = SKY_CLOUD[o.provider]
@@ -237,7 +350,7 @@ def build_catalog(offers: Sequence[Offer]) -> SkyCatalog:
         region, zone = sky_location(o.provider, o.region)
         cat.gpu_of.setdefault((cloud, acc), o.gpu)
         cat.offers.setdefault((cloud, itype, region), []).append((zone, o))
-        vcpus, mem = shapes.setdefault((cloud, itype), (o.vcpus, o.mem_gb))
+        vcpus, mem = shapes.setdefault((cloud, itype), machine_shape(o))
         mib = o.gpu_mem_gb * 1024
         gpu_info = {
             "Gpus": [

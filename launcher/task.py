@@ -6,6 +6,10 @@ launches exactly what meetara priced and falls back in meetara's order. For the 
 task runs as a subprocess (launcher/backends/local_runner.py): no resources, and a setup that only
 checks that `train` imports, since this machine is installed already.
 
+`resources.job_recovery` lets SkyPilot recover preemptions (it has no cap for them) but never rerun
+the job after a non-zero exit: meetara's conductor relaunches an interrupted job (exit 75) and caps
+all recoveries, SkyPilot's and its own, at `max_recoveries` (launcher/backends/skypilot.py).
+
 Secrets travel by name only: the mapping and its YAML carry `AWS_SECRET_ACCESS_KEY: null`, and
 `secret_values()` reads the values at launch time, in memory, for the SkyPilot backend to attach.
 
@@ -88,6 +92,7 @@ def render_task(
 
     `image` (default: the MEETARA_IMAGE environment variable) is a Docker image for the cloud box, such
     as the one images/Dockerfile builds; `extra_envs` are added to the task's envs (MEETARA_STOP_AT).
+    `prefs.max_recoveries` is not in the task: the conductor holds that cap (see the module docstring).
     """
     task = load_template()
     work = plan.workload
@@ -134,10 +139,11 @@ def render_task(
         if entry not in ordered:
             ordered.append(entry)
     recovery = dict(res.get("job_recovery") or {"strategy": "EAGER_NEXT_REGION"})
-    recovery["max_restarts_on_errors"] = prefs.max_recoveries
-    # 75: the job got SIGTERM (a spot termination notice) and checkpointed: always worth resuming;
-    # 1 (a domain failed validation) and 77 (its budget ran out) are not fixed by running again
-    recovery["recover_on_exit_codes"] = [75]
+    # SkyPilot reruns nothing after a non-zero exit, whatever the file says (see `job_recovery` in
+    # tasks/train.yaml): 1, 2 and 77 end the job, and 75 too, which the conductor then relaunches within
+    # prefs.max_recoveries, the one count that SkyPilot's own preemption recoveries also go into
+    recovery["max_restarts_on_errors"] = 0
+    recovery["recover_on_exit_codes"] = []
     rendered: dict[str, Any] = {}
     if "disk_size" in res:
         rendered["disk_size"] = res["disk_size"]

@@ -96,7 +96,10 @@ def test_rendered_yaml_parses_with_skypilot(catalogs, offers, tmp_path, policy) 
         assert r.instance_type == sky_instance_type(ref.provider, ref.instance_type, ref.gpu, ref.gpu_count)
         assert r.use_spot is ref.spot
         assert r.use_spot is (policy == "spot")
-        assert r.job_recovery["max_restarts_on_errors"] == prefs.max_recoveries == 5
+        # SkyPilot reruns nothing after a non-zero exit; the conductor holds prefs.max_recoveries
+        # (tests/test_sky_recovery.py runs SkyPilot's own restart rule on this)
+        assert r.job_recovery["max_restarts_on_errors"] == 0
+        assert r.job_recovery["recover_on_exit_codes"] == []
         assert r.job_recovery["strategy"] == "EAGER_NEXT_REGION"
     assert parsed.envs["MEETARA_RUN_ID"] == "run-42"
     assert parsed.envs["MEETARA_DOMAINS"] == ",".join(job.domains)
@@ -143,7 +146,8 @@ def test_standalone_template_parses(catalogs) -> None:
     assert all(v is None for v in raw["secrets"].values())
     task = sky.Task.from_yaml_str(text)
     assert {r.use_spot for r in task.resources} == {True, False}
-    assert all(r.job_recovery["max_restarts_on_errors"] == 3 for r in task.resources)
+    assert all(r.job_recovery["max_restarts_on_errors"] == 0 for r in task.resources)
+    assert all(r.job_recovery["recover_on_exit_codes"] == [] for r in task.resources)
 
 
 def test_local_render_drops_cloud_parts(offers) -> None:

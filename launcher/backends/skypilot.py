@@ -2,8 +2,26 @@
 
 Written against skypilot 0.14's client SDK, where every call returns a request id that `sky.get`
 resolves through SkyPilot's API server (started locally on first use). The handle is the managed job
-id. Store credentials are read at launch, attached to the in-memory `sky.Task` the way `sky jobs launch
---secret NAME` does it, and never written by meetara; SkyPilot redacts them from its own records.
+id; the job is launched under exactly the name the conductor gives, so that `find(name)` gets the
+handle back after a launcher crash. Store credentials are read at launch, attached to the in-memory
+`sky.Task` the way `sky jobs launch --secret NAME` does it, and never written by meetara; SkyPilot
+redacts them from its own records.
+
+Recovery: one count, `max_recoveries`, for every relaunch of a job, whoever does it.
+- SkyPilot never reruns a job after a non-zero exit (`max_restarts_on_errors: 0`,
+  `recover_on_exit_codes: []`, tasks/train.yaml). Its rule cannot say "75 up to N times, never 1, 2,
+  77": `StrategyExecutor.should_restart_on_failure` (sky/jobs/recovery_strategy.py) returns True for a
+  code in `recover_on_exit_codes` before it looks at any counter, and counts every other non-zero exit
+  against `max_restarts_on_errors`. So 1, 2 and 77 end the job FAILED; so does 75 (SIGTERM after a
+  checkpoint), which `job_status` reports as PREEMPTED, like the local backend: the conductor relaunches
+  it on the next offer, counted with its other relaunches.
+- Preemptions (the machine gone, the cluster no longer UP) SkyPilot recovers itself, with no cap: the
+  controller (sky/jobs/controller.py, `_monitor_one_task_impl`) goes to RECOVERING and calls
+  `executor.recover()`, which for EAGER_NEXT_REGION retries until a machine is up. Each completed
+  recovery of a preemption adds one to the managed job's `recovery_count` (sky/jobs/state.py,
+  `set_recovered_async`). `job_status` reports them as `SkyJobStatus.recoveries`: `recovery_count`,
+  plus one while the job is RECOVERING (an episode under way is not in `recovery_count` yet). The
+  conductor adds them to its own relaunches and cancels the job once the sum passes `max_recoveries`.
 
 Credentials: SkyPilot's checks read files, not environment variables: Lambda `~/.lambda_cloud/
 lambda_keys` (`api_key = ...`), RunPod `~/.runpod/config.toml` (`[default] api_key`), Vast
@@ -16,9 +34,11 @@ import configparser
 import copy
 import importlib.util
 import io
+import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +69,7 @@ _STATES: dict[str, JobState] = {
     "CANCELLING": JobState.RUNNING,  # the machine is still up (and billed) until CANCELLED
     "SUCCEEDED": JobState.SUCCEEDED,
     "CANCELLED": JobState.CANCELLED,
-    "FAILED": JobState.FAILED,  # `run` exited non-zero (after max_restarts_on_errors reruns)
+    "FAILED": JobState.FAILED,  # `run` exited non-zero (SkyPilot reruns nothing); 75: PREEMPTED, below
     "FAILED_SETUP": JobState.FAILED,
     "FAILED_PRECHECKS": JobState.FAILED,  # the task or the credentials are wrong: relaunching won't help
     # no listed offer had capacity, or the controller died under the job: the work is safe in the
@@ -58,6 +78,17 @@ _STATES: dict[str, JobState] = {
     "FAILED_CONTROLLER": JobState.PREEMPTED,
 }
 _EXIT_CODE = re.compile(r"exit codes?\D{0,3}(\d+)", re.I)
+EXIT_INTERRUPTED = 75  # `python -m train` got SIGTERM and checkpointed: relaunching resumes it
+
+
+@dataclass(frozen=True)
+class SkyJobStatus(JobStatus):
+    """A JobStatus with the recoveries SkyPilot made of this managed job itself (see the module
+    docstring): `recovery_count`, plus one while it is RECOVERING. A recovery SkyPilot starts for its
+    own sake (its controller restarted) shows here while under way and is then not counted by SkyPilot,
+    so the figure can drop by one: the conductor keeps the highest it has seen per launch."""
+
+    recoveries: int = 0
 
 
 def available() -> bool:
@@ -227,14 +258,19 @@ class SkyPilotBackend:
         write_catalogs(offers_from_refs(self.offers), home, merge=True)
 
     def launch(self, task: dict, name: str) -> str:
-        from launcher.task import secret_values, sky_name
+        """Launch the task as managed job `name`, exactly (BackendError if SkyPilot refuses the name)."""
+        from launcher.task import secret_values
 
         self.check()
         sky = _import_sky()
         self._write_catalogs()
-        sky_task = self.sky_task(task, secret_values())
+        sky_task = self.sky_task({**task, "name": name}, secret_values())
         try:
-            request_id = sky.jobs.launch(sky_task, name=sky_name(name))
+            sky_task.validate_name()  # SkyPilot's own rule, which `sky jobs launch` applies to the job
+        except ValueError as e:
+            raise BackendError(f"invalid SkyPilot job name {name!r}: {_first_line(e)}") from None
+        try:
+            request_id = sky.jobs.launch(sky_task, name=name)
             job_ids, _controller = sky.get(request_id)
         except BackendError:
             raise
@@ -243,6 +279,31 @@ class SkyPilotBackend:
         if not job_ids:
             raise BackendError(f"SkyPilot launched {name} but returned no job id")
         return str(job_ids[0])
+
+    def find(self, name: str) -> str | None:
+        """The handle of the managed job launched under `name` (the newest, if several), or None.
+
+        A launch whose request SkyPilot's API server is still running (the launcher died while it waited)
+        is waited for, so that a job is never launched twice under one name."""
+        sky = _import_sky()
+        try:
+            requests = sky.api_status(all_status=False)  # the requests not finished yet
+        except Exception as e:
+            raise BackendError(f"SkyPilot requests: {_first_line(e)}") from None
+        for request_id in launch_requests(requests, name):
+            try:
+                job_ids, _controller = sky.get(request_id)
+            except Exception:  # that launch failed: whatever it left is in the queue below
+                continue
+            if job_ids:
+                return str(job_ids[0])
+        try:
+            records, *_ = sky.get(
+                sky.jobs.queue_v2(refresh=False, name_match=name, fields=["job_id", "job_name", "status"])
+            )
+        except Exception as e:
+            raise BackendError(f"SkyPilot job queue: {_first_line(e)}") from None
+        return job_named(records, name)
 
     def _job_id(self, handle: str) -> int:
         if not str(handle).isdigit():
@@ -282,11 +343,43 @@ class SkyPilotBackend:
         return out.getvalue()
 
 
-def job_status(records: Sequence[Any]) -> JobStatus:
-    """One JobStatus from a managed job's queue records (one per task; meetara's jobs have one)."""
+def launch_requests(requests: Sequence[Any], name: str) -> list[str]:
+    """The ids of the `sky.jobs.launch` requests among `requests` (SkyPilot's request list) that launch
+    a managed job called `name`, read from each request's body (JSON, shown to the request's owner).
+    Only the name is looked at: the body also carries the task."""
+    from sky.server.constants import REQUEST_NAME_PREFIX
+    from sky.server.requests.request_names import RequestName
+
+    launch = REQUEST_NAME_PREFIX + RequestName.JOBS_LAUNCH.value  # "sky.jobs.launch"
+    out = []
+    for req in requests:
+        if req.name != launch:
+            continue
+        try:
+            body = json.loads(req.request_body or "null")
+        except ValueError:
+            continue
+        if isinstance(body, dict) and body.get("name") == name:
+            out.append(req.request_id)
+    return out
+
+
+def job_named(records: Sequence[Any], name: str) -> str | None:
+    """The newest managed job called exactly `name` among queue records (SkyPilot's `name_match` is a
+    substring match: "run-j1" also finds "run-j10"), as a handle; None if there is none."""
+    ids = [int(r.job_id) for r in records if getattr(r, "job_name", None) == name]
+    return str(max(ids)) if ids else None
+
+
+def job_status(records: Sequence[Any]) -> SkyJobStatus:
+    """One status from a managed job's queue records (one per task; meetara's jobs have one).
+
+    FAILED with exit code 75 is PREEMPTED: the job checkpointed on SIGTERM and SkyPilot (told to rerun
+    nothing) ended it; the conductor relaunches it within its recovery cap. `recoveries` counts
+    SkyPilot's own preemption recoveries (see the module docstring)."""
     rec = records[-1]
-    status = getattr(rec.status, "value", rec.status)
-    state = _STATES.get(str(status))
+    status = str(getattr(rec.status, "value", rec.status))
+    state = _STATES.get(status)
     if state is None:
         raise BackendError(f"unknown SkyPilot job status {status!r}")
     reason = rec.failure_reason or rec.details or ""
@@ -296,13 +389,21 @@ def job_status(records: Sequence[Any]) -> JobStatus:
     elif status == "FAILED":
         m = _EXIT_CODE.search(reason)
         exit_code = int(m.group(1)) if m else None
-    detail = str(status)
-    if rec.recovery_count:
-        detail += f", recovered {rec.recovery_count}x"
+        if exit_code == EXIT_INTERRUPTED:
+            state = JobState.PREEMPTED
+    recoveries = int(rec.recovery_count or 0) + (status == "RECOVERING")
+    detail = status
+    if recoveries:
+        detail += f", recovered {recoveries}x" if status != "RECOVERING" else f", recovery {recoveries}"
     if reason:
         detail += f": {_first_line(Exception(reason))}"
     started = min((r.start_at for r in records if r.start_at), default=None)
     ended = rec.end_at if state.finished else None
-    return JobStatus(
-        state=state, started_at=_when(started), ended_at=_when(ended), exit_code=exit_code, detail=detail
+    return SkyJobStatus(
+        state=state,
+        started_at=_when(started),
+        ended_at=_when(ended),
+        exit_code=exit_code,
+        detail=detail,
+        recoveries=recoveries,
     )
