@@ -6,21 +6,83 @@ default, PostgreSQL for a team), `budgets.report` the cost reports, `budgets.cli
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+import tempfile
 from pathlib import Path
+
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600  # state, ledger, run records and job logs: the user's alone
+
+
+STATE_MARKS = {"ledger.sqlite", "local-jobs"}  # what marks an existing folder as meetara's state
 
 
 def state_dir() -> Path:
     """meetara's state directory: $MEETARA_STATE_DIR, else $XDG_STATE_HOME/meetara, else
-    ~/.local/state/meetara (created on demand)."""
+    ~/.local/state/meetara (created on demand, mode 0700). An existing one is tightened to 0700 when it
+    is plainly meetara's (empty, or holding its ledger or local jobs; owned by this user; not sticky),
+    never a shared folder someone pointed MEETARA_STATE_DIR at, such as /tmp or a home folder."""
     if os.environ.get("MEETARA_STATE_DIR"):
         d = Path(os.environ["MEETARA_STATE_DIR"])
     elif os.environ.get("XDG_STATE_HOME"):
         d = Path(os.environ["XDG_STATE_HOME"]) / "meetara"
     else:
         d = Path.home() / ".local" / "state" / "meetara"
-    d.mkdir(parents=True, exist_ok=True)
+    if not d.is_dir():
+        return private_dir(d)
+    try:
+        st = d.stat()
+        entries = {p.name for p in d.iterdir()}
+    except OSError:
+        return d
+    if st.st_uid == os.getuid() and not st.st_mode & stat.S_ISVTX and (not entries or entries & STATE_MARKS):
+        return private_dir(d)
     return d
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (and missing parents) if absent; make `path` itself mode 0700. Returns `path`.
+    For meetara's own folders (the state dir's subfolders): it tightens an existing folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(PRIVATE_DIR)
+    except OSError:  # not ours to change: leave it
+        pass
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create `path` empty with mode 0600 if it does not exist (an existing file is left as it is).
+    Call it before a library opens the file (sqlite3.connect, logging.FileHandler, open(..., "a"))."""
+    path = Path(path)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE))
+    return path
+
+
+def open_private(path: Path, mode: str = "ab"):
+    """`open(path, mode)` for appending or writing, creating the file 0600 (job logs, lock files)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, PRIVATE_FILE), mode)
+
+
+def write_private(path: Path, data: str | bytes) -> Path:
+    """Write `data` to `path` atomically (temp file beside it, fsync, rename), mode 0600."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 class BudgetExceeded(Exception):

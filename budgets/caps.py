@@ -81,15 +81,9 @@ def load_budget_config(path: Path | None = None, overrides: dict | None = None) 
     raw: dict = {}
     origin: dict[str, str] = {}
     if path is not None and path.exists():
-        import yaml  # here, so that importing the ledger stays cheap
+        from train.configfile import load_yaml  # size, encoding, YAML, nesting: one-line BadInput
 
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except (OSError, UnicodeDecodeError) as e:
-            raise BadInput(f"{path}: cannot read ({e.__class__.__name__})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            raise BadInput(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML") from None
+        doc = load_yaml(path)
         if doc is not None and not isinstance(doc, dict):
             raise BadInput(f"{path}: expected a mapping of settings")
         section = (doc or {}).get("budgets") or {}

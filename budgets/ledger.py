@@ -14,6 +14,7 @@ import json
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,10 +23,11 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from budgets import BudgetExceeded, LedgerError, state_dir
+from budgets import BudgetExceeded, LedgerError, private_file, state_dir
 from budgets.caps import WINDOWS, BudgetConfig, utcnow, window
+from budgets.lease import Lease, LeaseLost, Owner, RunOwned, is_dead
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the leases table (one owner per run, budgets/lease.py)
 APP = "meetara-ledger"
 RATE_SOURCES = ("billed", "live", "snapshot", "local")
 OPEN, SETTLED, RELEASED = "open", "settled", "released"
@@ -62,11 +64,22 @@ def _ddl(id_col: str) -> list[str]:
             id {id_col}, run_id TEXT NOT NULL, job TEXT, reservation_id BIGINT REFERENCES reservations (id),
             kind TEXT NOT NULL, at {time} NOT NULL, detail TEXT)""",
         "CREATE INDEX events_at ON events (at)",
+        *_leases_ddl(),
         "INSERT INTO schema_version (app, version) VALUES (?, ?)",
     ]
 
 
-LEDGER_TABLES = {"schema_version", "reservations", "accruals", "events"}
+def _leases_ddl() -> list[str]:
+    time = "DOUBLE PRECISION"
+    return [
+        f"""CREATE TABLE leases (
+            run_id TEXT PRIMARY KEY, owner TEXT NOT NULL, host TEXT NOT NULL, boot_id TEXT NOT NULL,
+            pid INTEGER NOT NULL, pid_start TEXT, since {time} NOT NULL, renewed_at {time} NOT NULL,
+            expires_at {time} NOT NULL)"""
+    ]
+
+
+LEDGER_TABLES = {"schema_version", "reservations", "accruals", "events", "leases"}
 
 
 @dataclass(frozen=True)
@@ -194,6 +207,7 @@ class _Sqlite:
             raise LedgerError(f"{path}: not a file")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(path)  # 0600; SQLite gives the -wal and -shm files the database file's mode
             self.con = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
             raise LedgerError(f"{path}: cannot open the ledger ({e})") from None
@@ -208,13 +222,27 @@ class _Sqlite:
             names = ", ".join(sorted(tables)[:5])
             raise LedgerError(f"{path}: not a meetara ledger (tables: {names}); the file was left untouched")
         try:
-            if self.con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                self.con.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+            self._wal(timeout)
             self.con.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as e:
             self.con.close()
             raise LedgerError(f"{path}: cannot use the ledger ({e})") from None
         self.id_col = "INTEGER PRIMARY KEY AUTOINCREMENT"
+
+    def _wal(self, timeout: float) -> None:
+        """Switch to WAL (readers never wait for the writer). Switching needs the file to itself and
+        SQLite does not wait for that with its busy timeout: when processes open a new ledger at once,
+        the loser is told "locked" at once, so it asks again until `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self.con.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _q(self, sql: str, params: Sequence = ()) -> list[tuple]:
         return self.con.execute(sql, tuple(params)).fetchall()
@@ -351,7 +379,18 @@ class Ledger:
                 f"{self.location}: ledger schema {rows[0][1]} is newer than this meetara's"
                 f" ({SCHEMA_VERSION}); upgrade meetara"
             )
-        # later schema versions migrate here, inside a write transaction, from rows[0][1] upwards
+        if rows[0][1] < SCHEMA_VERSION:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an older ledger up to SCHEMA_VERSION, in one write transaction (re-checked inside it:
+        another process may have migrated it meanwhile)."""
+        with self._tx(write=True) as q:
+            (version,) = q("SELECT version FROM schema_version", ())[0]
+            if version < 2:
+                for sql in _leases_ddl():
+                    q(sql, ())
+            q("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     @contextmanager
     def _tx(self, write: bool) -> Iterator[Query]:
@@ -383,8 +422,10 @@ class Ledger:
         gpu_count: int = 1,
         launch_cap: float | None = None,
         now: datetime | None = None,
+        owner: str | None = None,
     ) -> int:
-        """Reserve `amount` for a job; returns the reservation id.
+        """Reserve `amount` for a job; returns the reservation id. With `owner` (a lease token), the
+        caller must hold the run's lease (LeaseLost otherwise, nothing written).
 
         Raises `BudgetExceeded` (and writes nothing) when, for a daily/weekly/monthly cap, spent in
         that window + outstanding reservations + amount would pass it, or when `launch_cap` is given
@@ -401,6 +442,8 @@ class Ledger:
             launch_cap = _money(launch_cap, "launch_cap")
         now = now or utcnow()
         with self._tx(write=True) as q:
+            if owner is not None:
+                self._check_owner(q, run_id, owner)
             sums = self._sums(q, now, run_id if launch_cap is not None else None)
             reserved = sums["reserved"]
             for name in WINDOWS:
@@ -512,21 +555,28 @@ class Ledger:
         ended_at: datetime | None = None,
         note: str | None = None,
         now: datetime | None = None,
+        owner: str | None = None,
     ) -> Reservation:
         """Close a reservation; what it did not spend goes back to the caps.
 
         With `actual` (e.g. the billed cost), a final accrual of actual - accrued (negative when billed
         less) makes the total accrued equal `actual`; it is dated `ended_at` (else now). A note such as
         'stopped: budget' marks a job that did not finish. Settling a closed reservation is a no-op."""
-        return self._close(reservation_id, SETTLED, actual, ended_at, note, now)
+        return self._close(reservation_id, SETTLED, actual, ended_at, note, now, owner)
 
     def release(
-        self, reservation_id: int, *, note: str | None = None, now: datetime | None = None
+        self,
+        reservation_id: int,
+        *,
+        note: str | None = None,
+        now: datetime | None = None,
+        owner: str | None = None,
     ) -> Reservation:
-        """Close a reservation whose job never ran (launch failed, plan abandoned); no-op when closed."""
-        return self._close(reservation_id, RELEASED, None, None, note, now)
+        """Close a reservation whose job never ran (launch failed, plan abandoned); no-op when closed.
+        With `owner`, as for `settle`: only the holder of the run's lease closes it."""
+        return self._close(reservation_id, RELEASED, None, None, note, now, owner)
 
-    def _close(self, reservation_id, state, actual, ended_at, note, now) -> Reservation:
+    def _close(self, reservation_id, state, actual, ended_at, note, now, owner=None) -> Reservation:
         if actual is not None:
             actual = _money(actual, "actual")
         now = now or utcnow()
@@ -535,6 +585,8 @@ class Ledger:
             row = self._row(q, reservation_id)
             if row.state != OPEN:
                 return row
+            if owner is not None:
+                self._check_owner(q, row.run_id, owner)
             total = row.accrued
             if actual is not None and abs(actual - row.accrued) > EPS:
                 self._insert_accrual(q, reservation_id, actual - row.accrued, end, None, "settle", None)
@@ -563,6 +615,81 @@ class Ledger:
                 (run_id, job, reservation_id, kind, _ts(now or utcnow()), detail),
             )
         return int(rows[0][0])
+
+    # -- leases (budgets/lease.py has the states) -------------------------------------------------------
+
+    def acquire_lease(
+        self, run_id: str, owner: Owner, ttl_s: float, now: datetime | None = None
+    ) -> Lease | None:
+        """Take the run's lease for `owner`; returns the dead owner's lease it replaced (None if it
+        was free or already ours). Raises RunOwned when a live launcher holds it."""
+        now = now or utcnow()
+        with self._tx(write=True) as q:
+            held = self._lease(q, run_id)
+            if held is not None and held.owner != owner.token and not is_dead(held, now):
+                raise RunOwned(held)
+            q("DELETE FROM leases WHERE run_id = ?", (run_id,))
+            q(
+                "INSERT INTO leases (run_id, owner, host, boot_id, pid, pid_start, since, renewed_at,"
+                " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    owner.token,
+                    owner.host,
+                    owner.boot_id,
+                    owner.pid,
+                    owner.pid_start,
+                    _ts(held.since if held and held.owner == owner.token else now),
+                    _ts(now),
+                    _ts(now) + ttl_s,
+                ),
+            )
+            if held is not None and held.owner != owner.token:
+                q(
+                    "INSERT INTO events (run_id, job, reservation_id, kind, at, detail)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, None, None, "lease-takeover", _ts(now), f"from pid {held.pid} on {held.host}"),
+                )
+                return held
+        return None
+
+    def renew_lease(self, run_id: str, token: str, ttl_s: float, now: datetime | None = None) -> None:
+        """Push the lease's expiry `ttl_s` ahead; LeaseLost if `token` no longer holds it."""
+        now = now or utcnow()
+        with self._tx(write=True) as q:
+            self._check_owner(q, run_id, token)
+            q(
+                "UPDATE leases SET renewed_at = ?, expires_at = ? WHERE run_id = ?",
+                (_ts(now), _ts(now) + ttl_s, run_id),
+            )
+
+    def release_lease(self, run_id: str, token: str) -> None:
+        """Free the run; LeaseLost if `token` no longer holds it (nothing is changed then)."""
+        with self._tx(write=True) as q:
+            self._check_owner(q, run_id, token)
+            q("DELETE FROM leases WHERE run_id = ?", (run_id,))
+
+    def lease(self, run_id: str) -> Lease | None:
+        """Who follows the run now (None: nobody; the lease may be stale, see lease.is_dead)."""
+        with self._tx(write=False) as q:
+            return self._lease(q, run_id)
+
+    def _lease(self, q: Query, run_id: str) -> Lease | None:
+        rows = q(
+            "SELECT run_id, owner, host, boot_id, pid, pid_start, since, renewed_at, expires_at FROM leases"
+            " WHERE run_id = ?",
+            (run_id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return Lease(r[0], r[1], r[2], r[3], int(r[4]), r[5], _dt(r[6]), _dt(r[7]), _dt(r[8]))
+
+    def _check_owner(self, q: Query, run_id: str, token: str) -> None:
+        held = self._lease(q, run_id)
+        if held is None or held.owner != token:
+            who = "nobody" if held is None else f"pid {held.pid} on {held.host}"
+            raise LeaseLost(f"run {run_id}: this launcher no longer holds the run's lease ({who} does)")
 
     # -- reads ----------------------------------------------------------------------------------------
 

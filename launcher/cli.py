@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -202,11 +203,12 @@ def providers_set(
     """Change preferences and write them back to the file."""
     from pydantic import ValidationError
 
-    from launcher.preferences import PROVIDERS, Preferences, load_preferences, save_preferences
+    from launcher.preferences import PROVIDERS, Preferences, config_path, load_preferences, save_preferences
     from train import BadInput
 
     try:
-        data = load_preferences(config).model_dump()
+        # the file's settings alone: a MEETARA_* variable in force now is not written into the file
+        data = load_preferences(config, env=False).model_dump()
         if provider is not None:
             if provider not in PROVIDERS:
                 raise BadInput(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
@@ -241,9 +243,15 @@ def providers_set(
             prefs = Preferences.model_validate(data)
         except ValidationError as e:
             raise BadInput.from_validation(e) from None
+        try:
+            saved = save_preferences(prefs, config)  # keeps the file's comments and layout
+        except OSError as e:
+            raise BadInput(
+                f"{config_path(config)}: cannot write ({e.strerror or type(e).__name__})"
+            ) from None
     except BadInput as e:
         raise fail(str(e)) from None
-    typer.echo(f"saved {save_preferences(prefs, config)}")
+    typer.echo(f"saved {saved}")
 
 
 # ---- plan / launch / status / pull / doctor ------------------------------------------------------
@@ -272,7 +280,9 @@ def _plan_options(
     from launcher.launch import resolve_backend, select
     from launcher.plan import Workload
     from launcher.preferences import load_preferences
+    from train.names import check_run_id
 
+    check_run_id(run_id)
     prefs = load_preferences(config)
     names = select(domains)
     backend = resolve_backend(prefs, backend)
@@ -424,11 +434,13 @@ def _launch(
     """The body of `launch` and `recover`: skip done domains, plan the rest, reserve, launch, follow, pull."""
 
     from budgets import BudgetExceeded, LedgerError
+    from budgets.lease import LeaseLost, RunOwned
     from launcher import launch as L
     from launcher.backends.base import BackendError
     from train import BadInput
     from train.store import StoreError
 
+    refusals = (BudgetExceeded, BadInput, StoreError, BackendError, LedgerError, ValueError)
     out = _console(stderr=True)
     try:
         prep = L.prepare(
@@ -443,29 +455,42 @@ def _launch(
             live=live,
             providers=provider,
             config=config,
+            models_dir=models_dir,
         )
-        if prep.settled:
-            out.print(f"settled {len(prep.settled)} reservation(s) an earlier launcher left open")
-        rec = prep.rec
-        if rec is not None:
-            out.print(f"run {run_id} has jobs still running: following them", highlight=False)
-        elif prep.skipped:
-            out.print(f"{prep.skipped} of {len(names)} domains already done in {prep.store.url}: skipped")
-        if prep.plan is not None:
-            out.print(_plan_table(prep.plan))
-            if prep.plan.total_cost > 0 and not yes:
-                if not sys.stdin.isatty():
-                    raise BadInput("not a terminal, so nobody can confirm the spend: pass --yes")
-                if not typer.confirm(f"launch for about ${prep.plan.total_cost:.2f}?"):
-                    raise typer.Exit(1)
-            rec = L.commit(prep, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget)
-    except (BudgetExceeded, BadInput, StoreError, BackendError, LedgerError, ValueError) as e:
+    except RunOwned as e:
+        raise fail(str(e), L.EXIT_OWNED) from None
+    except refusals as e:
         raise fail(L.launch_message(e)) from None
-    if rec is None:  # everything was done already: make sure the files are here
-        _pull_and_report(prep.store, run_id, names, models_dir)
-        return
-    code = _conduct(rec, prep, prefs, poll, chaos)
-    _pull_and_report(prep.store, run_id, [d for j in rec.jobs.values() for d in j.domains], models_dir, rec)
+    with prep:  # holds the run's lease until the run is followed, settled and pulled
+        try:
+            if prep.settled:
+                out.print(f"settled {len(prep.settled)} reservation(s) an earlier launcher left open")
+            rec = prep.rec
+            if rec is not None:
+                out.print(f"run {run_id} has jobs still running: following them", highlight=False)
+            elif prep.skipped:
+                out.print(f"{prep.skipped} of {len(names)} domains already done in {prep.store.url}: skipped")
+            if prep.plan is not None:
+                out.print(_plan_table(prep.plan))
+                if budget is None:
+                    raise BadInput("pass --budget to launch the unfinished domains (see the table)")
+                if prep.plan.total_cost > 0 and not yes:
+                    if not sys.stdin.isatty():
+                        raise BadInput("not a terminal, so nobody can confirm the spend: pass --yes")
+                    if not typer.confirm(f"launch for about ${prep.plan.total_cost:.2f}?"):
+                        raise typer.Exit(1)
+                rec = L.commit(prep, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget)
+        except LeaseLost as e:
+            raise fail(str(e), L.EXIT_OWNED) from None
+        except refusals as e:
+            raise fail(L.launch_message(e)) from None
+        if rec is None:  # everything was done already: make sure the files are here
+            _pull_and_report(prep.store, run_id, names, models_dir)
+            return
+        code = _conduct(rec, prep, prefs, poll, chaos)
+        _pull_and_report(
+            prep.store, run_id, [d for j in rec.jobs.values() for d in j.domains], models_dir, rec
+        )
     raise typer.Exit(code)
 
 
@@ -503,12 +528,10 @@ def recover_command(
         return
     rec, todo = rows[0]
     if not todo:
-        Console(stderr=True).print(f"run {run_id}: every domain is done")
-        return
-    if budget is None:
-        raise fail("pass --budget to relaunch (the table above shows what is left)")
+        Console(stderr=True).print(f"run {run_id}: every domain is done; settling and pulling")
+    # under the run's lease: adopt running jobs, settle what a dead launcher left, relaunch the rest
     _launch(
-        todo,
+        [d for j in rec.plan.jobs for d in j.domains],
         prefs,
         rec.backend,
         rec.plan.workload,
@@ -529,7 +552,7 @@ def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from launcher.conductor import Hooks
-    from launcher.launch import conductor_for
+    from launcher.launch import follow
 
     err = Console(stderr=True)
     tty = err.is_terminal
@@ -556,25 +579,29 @@ def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
         if not tty or r.status == "error":
             err.print(f"{r.domain}: {r.status} {r.detail}".rstrip(), highlight=False)
 
-    conductor = conductor_for(rec, prep, prefs, poll=poll, hooks=Hooks(on_job, on_pulled), chaos=chaos)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM: cancel, settle, exit like Ctrl-C
     try:
         with progress:
-            conductor.run()
-    except KeyboardInterrupt:
-        names = conductor.cancel_all("interrupted by the user")
-        conductor.money.after_poll(rec)  # settle what they cost
+            outcome = follow(rec, prep, prefs, poll=poll, hooks=Hooks(on_job, on_pulled), chaos=chaos)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if outcome.code == 1:
+        for j in rec.jobs.values():
+            if j.state != "SUCCEEDED" and j.handle:
+                try:
+                    tail = prep.backend.logs(j.handle, 5)
+                except Exception:
+                    tail = ""
+                err.print(f"{j.name}: {j.state.lower()} (exit code {j.exit_code})\n{tail}", highlight=False)
+    if outcome.message:
         err.print(
-            f"interrupted: cancelled {len(names)} job(s); checkpoints are kept, the same command resumes",
-            highlight=False,
+            f"{'error: ' if outcome.code in (1, 3) else ''}{outcome.message}", highlight=False, soft_wrap=True
         )
-        return 75
-    if conductor.money.stopped_by:
-        err.print(f"stopped: budget: {conductor.money.stopped_by}; checkpoints are kept", highlight=False)
-    failed = [j for j in rec.jobs.values() if j.state != "SUCCEEDED"]
-    for j in failed:
-        tail = prep.backend.logs(j.handle, 5) if j.handle else ""
-        err.print(f"{j.name}: {j.state.lower()} (exit code {j.exit_code})\n{tail}", highlight=False)
-    return 1 if failed else 0
+    return outcome.code
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _pull_and_report(store, run_id: str, domains: list[str], models_dir: Path, rec=None) -> None:
@@ -625,7 +652,11 @@ def pull_command(
     try:
         rec = load_run(run_id)
         url = store or (rec.store if rec else None) or default_store("local")
-        st = open_store(absolute_store(url), endpoint_url=endpoint_url or (rec.endpoint_url if rec else None))
+        st = open_store(
+            absolute_store(url),
+            endpoint_url=endpoint_url or (rec.endpoint_url if rec else None),
+            writable=False,
+        )
         _pull_and_report(st, run_id, select(domains), models_dir)
     except (BadInput, StoreError) as e:
         raise fail(str(e)) from None

@@ -4,22 +4,37 @@ It is a loop over the run record: launch planned jobs up to the backend's parall
 active job's state, relaunch a preempted job (on its next offer, within the recovery cap) from its
 checkpoints, pull each domain as soon as its manifest is in the store. A status call that fails is
 counted and retried on the next poll, never taken for a preemption.
+
+Intent before action: a launch is recorded (state LAUNCHING, its `launch_name`) before the backend is
+asked to start it, so a launcher that dies at any point leaves a record the next one resolves by name
+(launch.adopt): no job runs unbilled, no domain trains twice.
+
+Containment: nothing that goes wrong while following a run escapes the loop. A failed launch marks the
+job FAILED and gives its reservation back; a pull that fails (full disk, corrupt manifest, refused
+download) marks the domain in `rec.errors` and the run goes on; a store or status call that fails is
+retried next poll. Anything else that fails `max_loop_errors` polls in a row ends following with a
+ConductorError (one line); the caller then cancels the jobs and settles their money. A lost lease
+(budgets.lease.LeaseLost) ends following at once and moves no money: another launcher owns the run.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import signal
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from budgets.lease import LeaseLost
 from launcher.backends.base import Backend, JobState, JobStatus
+from launcher.crash import crash_point
 from launcher.pull import PullResult, pull_domain
-from launcher.runs import ACTIVE, JobRecord, RunRecord
+from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
 from train.cli import EXIT_BUDGET
 from train.pipeline import MANIFEST
 from train.store import ObjectStore
@@ -34,6 +49,14 @@ class Hooks:
     # called before each launch and after each poll; budgets use them (reserve / accrue / stop)
     before_launch: Callable[[JobRecord], None] = lambda job: None
     after_poll: Callable[[RunRecord], None] = lambda rec: None
+    launch_failed: Callable[[JobRecord], None] = lambda job: None  # gives the job's money back
+
+
+class ConductorError(RuntimeError):
+    """Following the run failed repeatedly; the message is one line."""
+
+
+log = logging.getLogger("meetara.conductor")
 
 
 STEP_LINE = re.compile(r"^(\S+): step (\d+)/(\d+) loss \S+(?: \(([\d.]+) s/step\))?", re.M)
@@ -84,35 +107,68 @@ class Conductor:
     chaos: Chaos | None = None
     money: object | None = None  # launcher.money.Money when budgets are enforced (set by conductor_for)
     confirm_polls: int = 2  # a lost job must look lost this many polls in a row before it is relaunched
+    lease: object | None = None  # budgets.lease.Holder of the run: following stops when it is lost
+    max_loop_errors: int = 5  # polls in a row that fail unexpectedly before following is given up
+    max_status_errors: int = 60  # status calls in a row that fail before a job is given up as LOST
+    _status_failures: dict[str, int] = field(default_factory=dict)
     _suspect: dict[str, int] = field(default_factory=dict)
+    _done: set[str] = field(default_factory=set)
 
     def done_domains(self) -> set[str]:
+        """Domains with a manifest in the store; the last answer when the store cannot be listed."""
         prefix = f"runs/{self.rec.run_id}/domains/"
-        return {
-            k[len(prefix) :].split("/", 1)[0]
-            for k in self.store.list(prefix.rstrip("/"))
-            if k.endswith(f"/{MANIFEST}")
-        }
+        try:
+            self._done = {
+                k[len(prefix) :].split("/", 1)[0]
+                for k in self.store.list(prefix.rstrip("/"))
+                if k.endswith(f"/{MANIFEST}")
+            }
+        except Exception as e:  # the store is down for a moment: jobs go on; ask again next poll
+            log.warning("listing %s failed (%s); retrying next poll", self.store.url, _one_line(e))
+        return self._done
 
     def run(self) -> RunRecord:
-        """Until every job is finished (or `stop` is set): launch, poll, recover, pull."""
+        """Until every job is finished (or `stop` is set): launch, poll, recover, pull.
+
+        Raises LeaseLost (another launcher took the run over) or ConductorError (see the module doc)."""
+        failures = 0
         while not self.stop.is_set():
-            done = self.done_domains()
-            self._pull(done)
-            self._launch_planned(done)
-            for job in self.rec.jobs.values():
-                if job.state in ACTIVE:
-                    self._poll(job)
-            self.rec.save()
-            done = self.done_domains()
-            self._pull(done)
-            for job in self.rec.jobs.values():
-                self.hooks.job(job, sum(d in done for d in job.domains))
-            self.hooks.after_poll(self.rec)
-            if not any(j.state in ACTIVE or j.state == "planned" for j in self.rec.jobs.values()):
+            if self.lease is not None and self.lease.lost.is_set():
+                raise LeaseLost(f"run {self.rec.run_id}: another launcher took the run over")
+            try:
+                finished = self._step()
+                failures = 0
+            except LeaseLost:
+                raise
+            except Exception as e:
+                failures += 1
+                log.debug("following run %s failed", self.rec.run_id, exc_info=True)
+                if failures >= self.max_loop_errors:
+                    raise ConductorError(
+                        f"following run {self.rec.run_id} failed {failures} polls in a row: "
+                        f"{type(e).__name__}: {_one_line(e)}"
+                    ) from None
+                finished = False
+            if finished:
                 break
             self.stop.wait(self.poll_s)
         return self.rec
+
+    def _step(self) -> bool:
+        """One poll: pull, launch, poll jobs, pull, account. True when no job is left to follow."""
+        done = self.done_domains()
+        self._pull(done)
+        self._launch_planned(done)
+        for job in self.rec.jobs.values():
+            if job.state in ACTIVE:
+                self._poll(job)
+        self.rec.save()
+        done = self.done_domains()
+        self._pull(done)
+        for job in self.rec.jobs.values():
+            self.hooks.job(job, sum(d in done for d in job.domains))
+        self.hooks.after_poll(self.rec)
+        return not any(j.state in ACTIVE or j.state in ("planned", LAUNCHING) for j in self.rec.jobs.values())
 
     def _launch_planned(self, done: set[str]) -> None:
         running = sum(j.state in ACTIVE for j in self.rec.jobs.values())
@@ -128,9 +184,22 @@ class Conductor:
             self.hooks.before_launch(job)
             if job.state != "planned":  # a hook may refuse the launch (budget)
                 continue
-            job.handle = self.backend.launch(self.task_for(job), job.name)
+            # intent before action: the launch is on record, under its name, before it starts
+            job.launch_name = f"{job.name}-{uuid.uuid4().hex[:8]}"  # job names start with the run id
+            job.handle, job.state = None, LAUNCHING
             job.launches += 1
-            job.state, job.started_at, job.ended_at, job.exit_code = "PENDING", None, None, None
+            job.started_at, job.ended_at, job.exit_code = None, None, None
+            self.rec.save()
+            try:
+                handle = self.backend.launch(self.task_for(job), job.launch_name)
+            except Exception as e:
+                job.state, job.ended_at = "FAILED", datetime.now(UTC)
+                job.note(f"launch failed: {type(e).__name__}: {_one_line(e)}")
+                self.hooks.launch_failed(job)
+                self.rec.save()
+                continue
+            crash_point("launched")
+            job.handle, job.state = handle, "PENDING"
             job.note(f"launched on {job.offer.label} as {job.handle}")
             running += 1
             self.rec.save()
@@ -140,16 +209,30 @@ class Conductor:
             st = self.backend.status(job.handle)
         except Exception as e:  # a flaky status call is not a preemption: try again next poll
             job.status_errors += 1
-            job.note(f"status call failed ({type(e).__name__}); retrying next poll")
+            failed = self._status_failures[job.handle] = self._status_failures.get(job.handle, 0) + 1
+            job.note(f"status call failed ({type(e).__name__}: {_one_line(e)}); retrying next poll")
+            if failed >= self.max_status_errors:
+                self._lose(job, failed)
             return
+        self._status_failures.pop(job.handle, None)
         if st.started_at and job.started_at is None:
             job.started_at = st.started_at
+        if st.recoveries > job.launch_recoveries:  # the backend recovered it itself (SkyPilot)
+            job.launch_recoveries = st.recoveries
+            job.note(f"the backend recovered it from a preemption ({job.recoveries}/{self.max_recoveries})")
+        if job.recoveries > self.max_recoveries and not st.state.finished:
+            self._give_up(job)
+            return
         if not st.state.finished:
             self._suspect.pop(job.handle, None)
             job.state = st.state.value
             if st.state is JobState.RUNNING:
-                self._account_resume(job)
-                self._maybe_inject(job)
+                crash_point("running")
+                try:  # reading logs is bookkeeping: a failure must not stop the following
+                    self._account_resume(job)
+                    self._maybe_inject(job)
+                except Exception as e:
+                    log.warning("%s: reading its log failed (%s)", job.name, _one_line(e))
             return
         if st.state is JobState.PREEMPTED:
             # a status that says "lost" once may be a flap of the backend: act on a confirmed loss only
@@ -157,6 +240,23 @@ class Conductor:
             if seen < self.confirm_polls:
                 return
         self._finish(job, st)
+
+    def _cancel(self, job: JobRecord) -> bool:
+        """Ask the backend to cancel the job; a refusal is noted in its history (False)."""
+        try:
+            self.backend.cancel(job.handle)
+        except Exception as e:
+            job.note(f"cancel failed: {type(e).__name__}: {_one_line(e)}")
+            return False
+        return True
+
+    def _lose(self, job: JobRecord, failed: int) -> None:
+        """The backend cannot say what became of the job: stop following it. It is cancelled if the
+        backend still takes that; its money is settled to its whole reservation (the most it can
+        spend: the in-job deadline stops it there)."""
+        self._cancel(job)
+        job.state, job.ended_at = "LOST", None
+        job.note(f"lost: {failed} status calls in a row failed; settled to its whole reservation")
 
     def _account_resume(self, job: JobRecord) -> None:
         """After a relaunch: how many steps the preemption cost (its last logged step minus the step
@@ -195,7 +295,20 @@ class Conductor:
             chaos.kills += 1
             job.note(f"injected preemption {chaos.kills}/{chaos.max_kills} (SIGKILL)")
 
+    def _give_up(self, job: JobRecord) -> None:
+        """Past the recovery cap while the backend keeps recovering it: cancel it (it checkpoints)."""
+        if not self._cancel(job):
+            return  # tried again next poll
+        job.ended_at = self._ended(job.handle)
+        if job.started_at:
+            job.run_seconds += max((job.ended_at - job.started_at).total_seconds(), 0.0)
+        job.state = "GAVE-UP"
+        job.note(f"recovered {job.recoveries} times, over the cap of {self.max_recoveries}: cancelled")
+
     def _finish(self, job: JobRecord, st: JobStatus) -> None:
+        # the backend's own recoveries of this launch now count with the earlier ones
+        job.backend_recoveries += job.launch_recoveries
+        job.launch_recoveries = 0
         job.ended_at = st.ended_at or datetime.now(UTC)
         job.exit_code = st.exit_code
         if job.started_at:
@@ -209,7 +322,10 @@ class Conductor:
             job.note(f"{st.state.value.lower()} (exit code {st.exit_code})")
             return
         job.preemptions += 1
-        seen = last_step(self.backend.logs(job.handle, tail=400)) if job.handle else None
+        try:
+            seen = last_step(self.backend.logs(job.handle, tail=400)) if job.handle else None
+        except Exception:  # the log went with the machine: the preemption is counted without it
+            seen = None
         job.preemption_log.append(
             {
                 "at": job.ended_at.isoformat(),
@@ -219,7 +335,7 @@ class Conductor:
                 "resumed_from_step": None,
             }
         )
-        if job.preemptions > self.max_recoveries:
+        if job.recoveries > self.max_recoveries:
             job.state = "GAVE-UP"
             job.note(f"preempted; recovery cap of {self.max_recoveries} reached, not relaunching")
             return
@@ -228,8 +344,7 @@ class Conductor:
             job.offer_index += 1
         job.state, job.started_at = "planned", None
         job.note(
-            f"preempted ({st.detail or 'machine lost'}); "
-            f"relaunching ({job.preemptions}/{self.max_recoveries})"
+            f"preempted ({st.detail or 'machine lost'}); relaunching ({job.recoveries}/{self.max_recoveries})"
         )
 
     def _pull(self, done: set[str]) -> None:
@@ -238,22 +353,51 @@ class Conductor:
                 continue
             if d in self.results and self.results[d].status == "error":
                 continue  # a refused download is reported once; `meetara pull` retries it
-            r = pull_domain(self.store, self.rec.run_id, d, Path(self.rec.models_dir))
+            crash_point("pulling")
+            try:
+                r = pull_domain(self.store, self.rec.run_id, d, Path(self.rec.models_dir))
+            except Exception as e:  # full disk, corrupt manifest, store down: this domain only
+                r = PullResult(d, "error", detail=f"{type(e).__name__}: {_one_line(e)}")
             self.results[d] = r
             if r.status in ("pulled", "up-to-date"):
                 self.rec.pulled.append(d)
+                self.rec.errors.pop(d, None)
+            elif r.status == "error":
+                self.rec.errors[d] = r.detail
             self.hooks.pulled(r)
 
+    def _ended(self, handle: str) -> datetime:
+        """When a cancelled job stopped: the backend's time where it knows it, else now (billing runs
+        until the stop is seen)."""
+        try:
+            st = self.backend.status(handle)
+        except Exception:
+            st = None
+        return st.ended_at if st is not None and st.state.finished and st.ended_at else datetime.now(UTC)
+
     def cancel_all(self, why: str) -> list[str]:
-        """Cancel every active job (training checkpoints first); returns their names."""
+        """Cancel every active job (training checkpoints first); returns their names. A job the backend
+        could not cancel keeps its state (a later `recover` finds it); the failure is in its history."""
         names = []
         for job in self.rec.jobs.values():
+            if job.state == LAUNCHING and job.launch_name and hasattr(self.backend, "find"):
+                try:
+                    job.handle = self.backend.find(job.launch_name)
+                except Exception as e:
+                    job.note(f"cancel: could not look the launch up ({_one_line(e)})")
+                    continue
+                job.state = "PENDING" if job.handle else "planned"
             if job.state in ACTIVE and job.handle:
-                self.backend.cancel(job.handle)
-                job.state, job.ended_at = "CANCELLED", datetime.now(UTC)
+                if not self._cancel(job):
+                    continue
+                job.state, job.ended_at = "CANCELLED", self._ended(job.handle)
                 if job.started_at:
                     job.run_seconds += (job.ended_at - job.started_at).total_seconds()
                 job.note(f"cancelled: {why}")
                 names.append(job.name)
         self.rec.save()
         return names
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -1,7 +1,13 @@
 """`meetara plan` / `launch` as functions: the CLI, the tests and the MCP server call these.
 
-launch = plan the unfinished domains -> check the budget -> record the run -> the conductor launches
-the jobs, follows them and pulls each finished domain into the models folder.
+launch = check every input -> take the run's lease (one launcher per run, budgets/lease.py) -> adopt
+what an earlier launcher of the run left (jobs found by name, money settled) -> plan the unfinished
+domains -> check the budget -> reserve and record the run -> the conductor launches the jobs, follows
+them and pulls each finished domain into the models folder -> release the lease.
+
+Nothing that moves money happens before every input is checked (run id, store URL, models folder,
+plan, budget); everything after the lease is taken happens under it, and `Prepared.close` (or leaving
+its `with` block) releases it.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from typing import Any
 from launcher.backends.base import Backend, BackendError
 from launcher.plan import Plan, Workload, plan_cloud, plan_local
 from launcher.preferences import Preferences
-from launcher.runs import ACTIVE, JobRecord, RunRecord, load_run
+from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord, load_run
 from train import BadInput
 from train.domains import load_registry, select_domains
+from train.names import check_run_id
 from train.pipeline import is_done
 from train.store import ObjectStore, open_store
 
@@ -113,19 +120,29 @@ def check_budget(plan: Plan, budget: float | None) -> None:
         )
 
 
-def still_running(run_id: str, backend: Backend) -> RunRecord | None:
-    """An earlier launcher's record of this run if some of its jobs are still running (adopt them
-    instead of launching the same work twice)."""
-    rec = load_run(run_id)
+def adopt(rec: RunRecord | None, backend: Backend) -> RunRecord | None:
+    """An earlier launcher's record of this run if some of its jobs still run (follow them instead of
+    launching the same work twice). Launches recorded but never confirmed (the launcher died while
+    starting them) are looked up by name first: found, they are followed; not found, launched again.
+    The caller holds the run's lease."""
     if rec is None or rec.backend != backend.name:
         return None
     alive = False
     for job in rec.jobs.values():
+        if job.state == LAUNCHING:
+            found = backend.find(job.launch_name) if job.launch_name and hasattr(backend, "find") else None
+            if found:
+                job.handle, job.state = found, "PENDING"
+                job.note(f"found {found} after its launcher stopped: following it")
+            else:
+                job.handle, job.state = None, "planned"
+                job.note("its launch never started (the launcher stopped first)")
         if job.state in ACTIVE and job.handle:
             try:
                 alive |= not backend.status(job.handle).state.finished
             except BackendError:
                 job.state = "planned"  # the backend forgot it: it will be launched again
+    rec.save()
     return rec if alive else None
 
 
@@ -177,7 +194,8 @@ def unfinished(rec: RunRecord) -> list[str]:
 
     names = [d for j in rec.plan.jobs for d in j.domains]
     try:
-        return todo_domains(open_store(rec.store, endpoint_url=rec.endpoint_url), rec.run_id, names)
+        st = open_store(rec.store, endpoint_url=rec.endpoint_url, writable=False)
+        return todo_domains(st, rec.run_id, names)
     except StoreError:
         return names
 
@@ -191,17 +209,35 @@ def open_ledger(config: Path | None = None):
 
 @dataclass
 class Prepared:
-    """What `launch` is about to do, before anything is spent: shown to the user, then committed."""
+    """What `launch` is about to do, before anything is spent: shown to the user, then committed.
+    Holds the run's lease from `prepare` until `close` (a context manager too)."""
 
     names: list[str]
     store_url: str
     store: ObjectStore
     backend: Backend
     ledger: Any
+    lease: Any = None  # budgets.lease.Holder
     plan: Plan | None = None  # None: nothing left to train (or jobs adopted)
     rec: RunRecord | None = None  # an earlier launcher's run whose jobs still run
     skipped: int = 0
     settled: list[int] = field(default_factory=list)
+
+    @property
+    def owner(self) -> str | None:
+        return self.lease.token if self.lease is not None else None
+
+    def close(self) -> None:
+        """Release the run's lease (the jobs are settled or followed by nobody; `recover` adopts them)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def __enter__(self) -> Prepared:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def prepare(
@@ -217,40 +253,73 @@ def prepare(
     live: bool = False,
     providers: list[str] | None = None,
     config: Path | None = None,
+    models_dir: Path | None = None,
+    lease_ttl_s: float | None = None,
 ) -> Prepared:
-    """Check everything, settle what a crashed launcher left open, plan the unfinished domains.
-    Raises BadInput / StoreError / BackendError / LedgerError with one-line messages."""
+    """Check everything, take the run's lease, adopt or settle what a crashed launcher left, plan the
+    unfinished domains. Raises BadInput / StoreError / BackendError / LedgerError / RunOwned with
+    one-line messages; on any of them nothing is reserved and the lease is not held."""
+    from budgets.lease import DEFAULT_TTL_S, Holder
     from launcher.money import settle_stale
 
+    check_run_id(run_id)
+    if budget is not None and not (0 <= budget < float("inf")):
+        raise BadInput(f"--budget must be a finite amount of dollars >= 0, not {budget}")
+    if models_dir is not None:
+        from launcher.pull import check_models_dir
+
+        check_models_dir(models_dir)
     store_url = absolute_store(store or default_store(backend))
     if backend == "skypilot" and store_url.startswith("file://"):
         raise BadInput("cloud jobs cannot write to a local folder: pass --store s3://BUCKET/PREFIX")
     st = open_store(store_url, endpoint_url=endpoint_url)
     be = make_backend(backend)
     ledger = open_ledger(config)
-    prep = Prepared(list(names), store_url, st, be, ledger)
-    prep.rec = still_running(run_id, be)
-    if prep.rec is not None:
-        return prep
-    prep.settled = settle_stale(ledger, run_id, be, load_run(run_id))
-    todo = todo_domains(st, run_id, names)
-    prep.skipped = len(names) - len(todo)
-    if todo:
-        prep.plan = make_plan(
-            todo, backend=backend, prefs=prefs, work=work, run_id=run_id, live=live, providers=providers
-        )
-        check_budget(prep.plan, budget)
+    holder = Holder(ledger, run_id, ttl_s=lease_ttl_s or DEFAULT_TTL_S).acquire()
+    prep = Prepared(list(names), store_url, st, be, ledger, lease=holder)
+    try:
+        prior = load_run(run_id)
+        prep.rec = adopt(prior, be)
+        if prep.rec is not None:
+            return prep
+        prep.settled = settle_stale(ledger, run_id, be, prior, owner=holder.token)
+        todo = todo_domains(st, run_id, names)
+        prep.skipped = len(names) - len(todo)
+        if todo:
+            prep.plan = make_plan(
+                todo, backend=backend, prefs=prefs, work=work, run_id=run_id, live=live, providers=providers
+            )
+            check_budget(prep.plan, budget)
+            if backend == "skypilot":  # a row SkyPilot would refuse fails here, before money moves
+                from launcher.skycatalog import check_catalog_rows
+
+                check_catalog_rows([o for j in prep.plan.jobs for o in (j.offer, *j.fallbacks)])
+    except BaseException:
+        prep.close()
+        raise
     return prep
 
 
 def commit(prep: Prepared, *, endpoint_url: str | None, models_dir: Path, budget: float | None) -> RunRecord:
     """Reserve the plan's cost in the ledger (all jobs or none), then record the run."""
+    from launcher.crash import crash_point
     from launcher.money import Money
 
     rec = new_run(
         prep.plan, store=prep.store_url, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget
     )
-    Money(prep.ledger, rec, prep.backend, poll_s=1).reserve_plan()  # saves the record when all are held
+    path = rec.path()
+    before = path.read_bytes() if path.exists() else None
+    rec.save()  # the run is on record before money moves: `recover` finds it whatever happens next
+    crash_point("planning")
+    try:  # saves the record again when all are held
+        Money(prep.ledger, rec, prep.backend, poll_s=1, owner=prep.owner).reserve_plan()
+    except Exception:  # refused (a cap, the lease): nothing happened, so the record is as it was
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(before)
+        raise
     return rec
 
 
@@ -264,8 +333,9 @@ def conductor_for(
     hooks = hooks or Hooks()
     if hasattr(prep.backend, "offers"):  # SkyPilot places offers from its catalogs: give it the run's
         prep.backend.offers = [o for j in rec.jobs.values() for o in j.offers]
-    money = Money(prep.ledger, rec, prep.backend, poll_s=poll, clock=clock or utcnow)
+    money = Money(prep.ledger, rec, prep.backend, poll_s=poll, clock=clock or utcnow, owner=prep.owner)
     hooks.before_launch, hooks.after_poll = money.before_launch, money.after_poll
+    hooks.launch_failed = money.launch_failed
     c = Conductor(
         rec,
         prep.backend,
@@ -275,6 +345,7 @@ def conductor_for(
         poll,
         hooks,
         chaos=chaos,
+        lease=prep.lease,
     )
     c.money = money
     return c
@@ -285,6 +356,61 @@ def launch_message(e: BaseException) -> str:
     from budgets import BudgetExceeded
 
     return f"refused: {e}" if isinstance(e, BudgetExceeded) else str(e)
+
+
+EXIT_OWNED = 3  # another live launcher follows the run (or took it over): nothing was done here
+
+
+@dataclass
+class Outcome:
+    """How following a run ended: the exit code the CLI returns and its one-line message."""
+
+    code: int  # 0 done, 1 a job failed or following failed, 3 taken over, 75 interrupted
+    message: str | None = None
+
+
+def follow(
+    rec: RunRecord, prep: Prepared, prefs: Preferences, *, poll: float, hooks=None, chaos=None
+) -> Outcome:
+    """Run the conductor to the end, containing what can go wrong: Ctrl-C / SIGTERM (KeyboardInterrupt)
+    and a conductor that gives up cancel the jobs (they checkpoint) and settle their money; a lost lease
+    leaves both to the launcher that took the run over."""
+    from budgets.lease import LeaseLost
+    from launcher.conductor import ConductorError
+
+    c = conductor_for(rec, prep, prefs, poll=poll, hooks=hooks, chaos=chaos)
+    try:
+        c.run()
+    except LeaseLost as e:
+        return Outcome(EXIT_OWNED, f"{e}; it follows the jobs and settles their money now")
+    except (KeyboardInterrupt, ConductorError) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        names = c.cancel_all("interrupted" if interrupted else "following failed")
+        try:
+            c.money.after_poll(rec)  # settle what they cost
+            settled = "their money is settled"
+        except Exception as money_error:
+            settled = f"settling failed ({money_error}); `meetara recover {rec.run_id}` settles it"
+        if interrupted:
+            return Outcome(
+                75,
+                f"interrupted: cancelled {len(names)} job(s), {settled}; checkpoints are kept, the same "
+                "command resumes",
+            )
+        return Outcome(1, f"{e}; cancelled {len(names)} job(s), {settled}")
+    failed = [j for j in rec.jobs.values() if j.state != "SUCCEEDED"]
+    if c.money.stopped_by:
+        return Outcome(1, f"stopped: budget: {c.money.stopped_by}; checkpoints are kept")
+    if failed:
+        return Outcome(1, f"{len(failed)} job(s) did not succeed: " + "; ".join(map(_why, failed)))
+    return Outcome(0)
+
+
+def _why(job: JobRecord) -> str:
+    """`job state`, with the reason when the job never started (the backend's one line)."""
+    last = job.history[-1].split(" ", 1)[-1] if job.history else ""
+    why = f" ({last[:300]})" if last.startswith("launch failed") else ""
+    return f"{job.name} {job.state.lower()}{why}"
 
 
 def run_launch(
@@ -305,7 +431,7 @@ def run_launch(
     to the end, pull the outputs. Returns a summary; refusals raise like `prepare` / `commit`."""
     from launcher.pull import pull
 
-    prep = prepare(
+    with prepare(
         names,
         prefs=prefs,
         backend=backend,
@@ -315,13 +441,13 @@ def run_launch(
         endpoint_url=endpoint_url,
         budget=budget,
         config=config,
-    )
-    rec = prep.rec
-    if rec is None and prep.plan is not None:
-        rec = commit(prep, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget)
-    if rec is not None:
-        conductor_for(rec, prep, prefs, poll=poll).run()
-    results = pull(prep.store, run_id, names, models_dir)
+        models_dir=models_dir,
+    ) as prep:
+        rec = prep.rec
+        if rec is None and prep.plan is not None:
+            rec = commit(prep, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget)
+        outcome = follow(rec, prep, prefs, poll=poll) if rec is not None else Outcome(0)
+        results = pull(prep.store, run_id, names, models_dir)
     return {
         "run_id": run_id,
         "backend": backend,
@@ -329,6 +455,8 @@ def run_launch(
         "jobs": {n: j.state for n, j in rec.jobs.items()} if rec else {},
         "domains": {r.domain: r.status for r in results},
         "models_dir": str(models_dir),
+        "exit_code": outcome.code,
+        "message": outcome.message,
     }
 
 
@@ -337,7 +465,7 @@ def done_in_store(rec: RunRecord) -> set[str]:
     from train.store import StoreError
 
     try:
-        st = open_store(rec.store, endpoint_url=rec.endpoint_url)
+        st = open_store(rec.store, endpoint_url=rec.endpoint_url, writable=False)
         return {
             k.split("/")[3] for k in st.list(f"runs/{rec.run_id}/domains") if k.endswith("/manifest.json")
         }

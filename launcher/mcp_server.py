@@ -3,8 +3,10 @@
 Tools are the CLI's commands, calling the same library functions under the same budget caps and the
 same validation of arguments: offers, plan, launch, status, report, recover, pull. A refused call
 comes back as a tool error whose text is the one-line message the CLI prints after "error: " (for
-launch and recover, `launch_message`; for a number out of range, click's "Invalid value for
-'--budget': ..." without the CLI's "(see meetara --help)" pointer).
+launch and recover, `launch_message`; for an argument of the wrong type or out of range, click's
+"Invalid value for '--budget': ..." without the CLI's "(see meetara --help)" pointer). Arguments are
+checked strictly, before anything is planned or reserved: "5" is not a number, "true" not a boolean,
+an unknown argument is refused, a run id follows the job's rule (`train.names.RunId`).
 
 Resources (JSON): meetara://budget (caps, spent, reserved per window; open reservations),
 meetara://runs (every run this machine launched, per job state and domains done),
@@ -14,7 +16,9 @@ held-out losses, validation checks).
 
 `launch` does not ask: calling it is the consent to spend up to `budget` (the CLI's --yes). It
 blocks until the run's jobs end and their GGUFs are pulled; relative paths (models_dir, the default
-./store) are relative to the server's working directory (`meetara mcp --workdir`).
+./store) are relative to the server's working directory (`meetara mcp --workdir`). A client names
+paths only inside that directory: `models_dir` and a file:// (or bare path) `store` are resolved
+(symlinks, "..") and refused outside it unless the server was started with `--allow-outside-workdir`.
 """
 
 from __future__ import annotations
@@ -29,56 +33,93 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import Field, WithJsonSchema
+from pydantic import Field
 
-# Numbers are validated here, with the CLI's bounds and the CLI's message (the SDK would answer a
-# schema mismatch with a pydantic dump); the schemas still tell clients what is expected.
+from train.names import RunId as JobRunId
+
+# Argument types: the SDK builds each tool's argument model (and its JSON schema) from them; the server
+# validates them strictly and answers a mismatch in the CLI's words (see _argument_error).
 Budget = Annotated[
-    Any,
-    WithJsonSchema({"type": "number", "minimum": 0}),
-    Field(description="most this launch may cost, USD (calling launch is the consent to spend it)"),
+    float,
+    Field(ge=0, description="most this launch may cost, USD (calling launch is the consent to spend it)"),
 ]
 OptionalBudget = Annotated[
-    Any,
-    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"type": "null"}]}),
+    Annotated[float, Field(ge=0)] | None,
     Field(description="most the relaunch may cost, USD (needed to relaunch)"),
 ]
-Samples = Annotated[
-    Any, WithJsonSchema({"type": "integer", "minimum": 16}), Field(description="conversations per domain")
-]
-Epochs = Annotated[Any, WithJsonSchema({"type": "number", "minimum": 0.01}), Field(description="epochs")]
-Limit = Annotated[Any, WithJsonSchema({"type": "integer", "minimum": 1}), Field(description="rows at most")]
+Samples = Annotated[int, Field(ge=16, description="conversations per domain")]
+Epochs = Annotated[float, Field(ge=0.01, description="epochs")]
+Limit = Annotated[int, Field(ge=1, description="rows at most")]
 Domains = Annotated[str, Field(description="'all', a category, or comma-separated domain names")]
 Backend = Annotated[str | None, Field(description="local, skypilot or auto (default from preferences: auto)")]
-RunId = Annotated[str, Field(description="names the run; the same id resumes it")]
+RunId = Annotated[JobRunId, Field(description="names the run; the same id resumes it")]
 BaseModelName = Annotated[
     str | None, Field(description="default: tiny (local), microsoft/DialoGPT-medium (cloud)")
 ]
-Store = Annotated[str | None, Field(description="file://DIR or s3://BUCKET/PREFIX (default: MEETARA_STORE)")]
-ModelsDir = Annotated[str, Field(description="where validated GGUFs land (relative to the server's cwd)")]
+Store = Annotated[
+    str | None,
+    Field(
+        description="file://DIR (under the server's workdir) or s3://BUCKET/PREFIX (default: MEETARA_STORE)"
+    ),
+]
+ModelsDir = Annotated[str, Field(description="where validated GGUFs land (under the server's workdir)")]
 
-# Numbers: (CLI flag, type, minimum), the bounds launcher/cli.py gives typer.
-NUMBERS = {
-    "budget": ("--budget", float, 0),
-    "samples": ("--samples", int, 16),
-    "epochs": ("--epochs", float, 0.01),
-    "limit": ("--limit", int, 1),
-}
+# The CLI's name of an argument where it is not "--" + the name with dashes.
+FLAGS = {"providers": "--provider", "spot": "--spot/--on-demand"}
+
+ALLOW_FLAG = "--allow-outside-workdir"
 
 
-def _number(name: str, value: Any) -> Any:
-    """`value` as the CLI would take it, else BadInput with the CLI's message (click's wording)."""
-    from pydantic import TypeAdapter, ValidationError
+def _argument_error(tool: str, arg_model: Any, arguments: dict[str, Any]) -> str | None:
+    """What is wrong with a tool's `arguments`, in one line and the CLI's words; None when nothing is.
 
+    Strict: no coercion ("5" is not a number, "true" not a boolean, 1 not true) and no unknown names."""
+    from pydantic import ValidationError
+
+    from train.names import check_run_id
+
+    names = [f.alias or n for n, f in arg_model.model_fields.items()]
+    unknown = [k for k in arguments if k not in names]
+    if unknown:
+        return f"No such option: {unknown[0]} ({tool} takes {', '.join(names) or 'no arguments'})"
+    try:
+        arg_model.model_validate(arguments, strict=True)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        if err["type"] == "missing":
+            return f"Missing option '{flag}'."
+        if name == "run_id":  # the job's rule, in its words
+            try:
+                check_run_id(arguments[name])
+            except ValueError as bad:
+                return str(bad)
+        return " ".join(f"Invalid value for '{flag}': {err['msg']}".split())
+    return None
+
+
+def _confine(value: str, arg: str, workdir: Path | None, path: str | None = None) -> None:
+    """BadInput unless the path `value` names (`path`, default `value` itself; relative: to the workdir,
+    the server's cwd), symlinks and ".." resolved, lies in `workdir` (None: anywhere is allowed, the
+    server was started with --allow-outside-workdir)."""
     from train import BadInput
 
-    flag, kind, minimum = NUMBERS[name]
-    try:
-        if isinstance(value, bool):  # JSON true is not a number (pydantic's lax mode would take it as 1)
-            TypeAdapter(kind).validate_python(None)
-        return TypeAdapter(Annotated[kind, Field(ge=minimum)]).validate_python(value)
-    except ValidationError as e:
-        raise BadInput(f"Invalid value for '{flag}': {e.errors()[0]['msg']}") from None
+    if workdir is None:
+        return
+    real = Path(value if path is None else path).expanduser().resolve()
+    if not real.is_relative_to(workdir):
+        shown = repr(value) if str(real) == value else f"{value!r} ({real})"
+        raise BadInput(
+            f"{arg} {shown} is outside the server's workdir {workdir}: use a path under it, or start "
+            f"the server with `meetara mcp {ALLOW_FLAG}`"
+        )
+
+
+def _confine_store(url: str | None, workdir: Path | None) -> None:
+    """A file:// store (or a bare path) must lie in the workdir; s3:// and the rest are not local paths."""
+    if url is not None and (url.startswith("file://") or "://" not in url):
+        _confine(url, "store", workdir, url.removeprefix("file://"))
 
 
 def _refusals() -> tuple[type[BaseException], ...]:
@@ -111,6 +152,42 @@ def _refusing(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _strict_server_class():
+    """MCPServer whose tools check their arguments strictly and answer a mismatch in one line (the SDK
+    would parse JSON out of strings, coerce "5" to 5, and answer a mismatch with a pydantic dump)."""
+    from mcp.server.mcpserver import MCPServer
+    from mcp.server.mcpserver.utilities.func_metadata import FuncMetadata
+
+    class StrictArguments(FuncMetadata):
+        def pre_parse_json(self, data: dict[str, Any]) -> dict[str, Any]:
+            return data  # a string stays a string: "5" is not a number, "null" not null
+
+        def validate_arguments(self, arguments_to_validate: dict[str, Any]) -> dict[str, Any]:
+            return self.arg_model.model_validate(arguments_to_validate, strict=True).model_dump_one_level()
+
+    class StrictServer(MCPServer):
+        def add_tool(self, fn: Callable[..., Any], name: str | None = None, **kwargs: Any) -> None:
+            super().add_tool(fn, name=name, **kwargs)
+            tool = self._tool_manager.get_tool(name or fn.__name__)
+            meta = tool.fn_metadata
+            tool.fn_metadata = StrictArguments(
+                arg_model=meta.arg_model,
+                output_schema=meta.output_schema,
+                output_model=meta.output_model,
+                wrap_output=meta.wrap_output,
+            )
+
+        async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+            tool = self._tool_manager.get_tool(name)
+            if tool is not None:
+                problem = _argument_error(name, tool.fn_metadata.arg_model, arguments)
+                if problem is not None:
+                    return _tool_error(problem)
+            return await super().call_tool(name, arguments, context)
+
+    return StrictServer
+
+
 # ---- what the resources and `status` show --------------------------------------------------------
 
 
@@ -124,7 +201,7 @@ def _domains_in_store(rec) -> tuple[dict[str, dict], str | None]:
     prefix = f"runs/{rec.run_id}/domains/"
     found: dict[str, dict] = {}
     try:
-        st = open_store(rec.store, endpoint_url=rec.endpoint_url)
+        st = open_store(rec.store, endpoint_url=rec.endpoint_url, writable=False)
         keys = st.list(prefix.rstrip("/"))
     except StoreError as e:
         return {}, str(e)
@@ -230,12 +307,13 @@ def _run_detail(rec) -> dict:
 # ---- the server ----------------------------------------------------------------------------------
 
 
-def build_server(config: Path | None = None):
-    """The MCP server: tools and resources over the launcher (`config`: the preferences file)."""
-    from mcp.server.mcpserver import MCPServer
+def build_server(config: Path | None = None, workdir: Path | None = None, allow_outside: bool = False):
+    """The MCP server: tools and resources over the launcher (`config`: the preferences file). Paths a
+    client names must lie in `workdir` (default: the cwd) unless `allow_outside`."""
     from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
-    server = MCPServer(
+    confined_to = None if allow_outside else (workdir or Path.cwd()).resolve()
+    server = _strict_server_class()(
         "meetara",
         instructions=(
             "meetara fine-tunes one LoRA adapter per knowledge domain on rented spot GPUs (or this machine) "
@@ -274,7 +352,6 @@ def build_server(config: Path | None = None):
         from launcher.preferences import load_preferences
         from launcher.select import rank
 
-        limit = _number("limit", limit)
         table = gather_offers(live=live, providers=providers or None)
         prefs = load_preferences(config)
         if spot is not None:
@@ -306,7 +383,6 @@ def build_server(config: Path | None = None):
         from launcher.cli import _plan_options
         from launcher.launch import make_plan
 
-        samples, epochs = _number("samples", samples), _number("epochs", epochs)
         prefs, names, backend, work = _plan_options(
             domains, backend, run_id, base_model, samples, epochs, config
         )
@@ -332,8 +408,8 @@ def build_server(config: Path | None = None):
         must fit `budget` and the ledger's caps, else nothing is launched. Blocks until the jobs end."""
         from launcher.cli import _plan_options
 
-        budget = _number("budget", budget)
-        samples, epochs = _number("samples", samples), _number("epochs", epochs)
+        _confine(models_dir, "models_dir", confined_to)
+        _confine_store(store, confined_to)
         prefs, names, backend, work = _plan_options(
             domains, backend, run_id, base_model, samples, epochs, config
         )
@@ -352,7 +428,7 @@ def build_server(config: Path | None = None):
     @server.tool()
     @_refusing
     def status(
-        run_id: Annotated[str | None, Field(description="a run id; default: every run")] = None,
+        run_id: Annotated[JobRunId | None, Field(description="a run id; default: every run")] = None,
     ) -> dict[str, Any]:
         """Runs and their jobs: state, domains done, preemptions, machine time (`meetara status --json`)."""
         from launcher.launch import status_rows
@@ -378,7 +454,7 @@ def build_server(config: Path | None = None):
     @server.tool()
     @_refusing
     def recover(
-        run_id: Annotated[str | None, Field(description="the run to resume; omit to list runs")] = None,
+        run_id: Annotated[JobRunId | None, Field(description="the run to resume; omit to list runs")] = None,
         budget: OptionalBudget = None,
     ) -> dict[str, Any]:
         """Resume a run: finished domains are skipped, unfinished ones resume from their checkpoints.
@@ -388,8 +464,6 @@ def build_server(config: Path | None = None):
         from launcher.runs import select_runs
         from train import BadInput
 
-        if budget is not None:
-            budget = _number("budget", budget)
         prefs = load_preferences(config)
         rows = [(rec, unfinished(rec)) for rec in select_runs(run_id, "meetara recover")]
         listing = [
@@ -428,7 +502,11 @@ def build_server(config: Path | None = None):
         run_id: RunId = "default",
         domains: Domains = "all",
         store: Annotated[
-            str | None, Field(description="default: the run's store, else MEETARA_STORE")
+            str | None,
+            Field(
+                description="file://DIR (under the server's workdir) or s3://BUCKET/PREFIX; "
+                "default: the run's store, else MEETARA_STORE"
+            ),
         ] = None,
         models_dir: ModelsDir = "models",
     ) -> dict[str, Any]:
@@ -438,10 +516,12 @@ def build_server(config: Path | None = None):
         from launcher.runs import load_run
         from train.store import open_store
 
+        _confine(models_dir, "models_dir", confined_to)
+        _confine_store(store, confined_to)
         rec = load_run(run_id)
         url = store or (rec.store if rec else None) or default_store("local")
         endpoint = os.environ.get("MEETARA_S3_ENDPOINT_URL") or (rec.endpoint_url if rec else None)
-        st = open_store(absolute_store(url), endpoint_url=endpoint)
+        st = open_store(absolute_store(url), endpoint_url=endpoint, writable=False)
         results = pull_run(st, run_id, select(domains), Path(models_dir))
         bad = [r for r in results if r.status == "error"]
         if bad:
@@ -532,9 +612,10 @@ def build_server(config: Path | None = None):
         """One run per domain: done / failed / training / pending, checkpoint step, held-out loss before and
         after training, validation passed, pulled here; and its jobs' state."""
         from launcher.runs import load_run
+        from train.names import check_run_id
 
         try:
-            rec = load_run(run_id)
+            rec = load_run(check_run_id(run_id))
             if rec is None:
                 raise ResourceNotFoundError(f"no run {run_id!r} on this machine (see meetara status)")
             return json.dumps(_run_detail(rec), indent=1, default=str)
@@ -581,7 +662,12 @@ def mcp_command(
         None, help="preferences file (default: MEETARA_CONFIG, ./meetara.yaml, ~/.config)"
     ),
     workdir: Path = typer.Option(
-        None, help="work here: ./models and the default ./store are relative to it (default: the cwd)"
+        None,
+        help="work here: ./models and the default ./store are relative to it, and the paths a client "
+        "names (models_dir, a file:// store) must lie in it (default: the cwd)",
+    ),
+    allow_outside_workdir: bool = typer.Option(
+        False, ALLOW_FLAG, help="let clients name models_dir and file:// stores outside --workdir"
     ),
 ) -> None:
     """Serve meetara's tools (offers, plan, launch, status, report, recover, pull) and resources (budget,
@@ -594,4 +680,4 @@ def mcp_command(
             os.chdir(workdir.expanduser())
         except OSError as e:
             raise fail(f"--workdir {workdir}: {e.strerror or e}") from None
-    build_server(config).run("stdio")
+    build_server(config, Path.cwd(), allow_outside=allow_outside_workdir).run("stdio")

@@ -12,7 +12,10 @@
   the jobs cost between the check and the moment cancellation takes effect: rate x poll interval
   bounds it when cancelling takes less than a poll.
 - Settle: a finished job's reservation is settled to what it accrued; a rerun settles reservations a
-  crashed launcher left open, from the backend's timestamps.
+  crashed launcher left open, from the backend's timestamps. A launch that fails gives its reservation
+  back (released, or settled to what earlier launches of the job accrued).
+- Ownership: every reserve, settle and release names the run's lease (budgets/lease.py); the ledger
+  refuses it (LeaseLost) in the same transaction when another launcher has taken the run over.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 from budgets.ledger import Ledger
 from launcher.backends.base import Backend, BackendError
-from launcher.runs import ACTIVE, JobRecord, RunRecord
+from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
 
 RESERVE_MARGIN = 1.25  # estimates err; a job may spend a quarter more than planned before it is stopped
 STOP_MARGIN = 0.1  # the in-job guard fires this share of the reservation early (at most 60 s) ...
@@ -45,9 +48,10 @@ class Money:
         *,
         poll_s: float,
         clock: Callable[[], datetime] = utcnow,
+        owner: str | None = None,
     ) -> None:
         self.ledger, self.rec, self.backend = ledger, rec, backend
-        self.poll_s, self.clock = poll_s, clock
+        self.poll_s, self.clock, self.owner = poll_s, clock, owner
         self.stopped_by: str | None = None
         self._billing_from: dict[str, datetime] = {}  # job -> start time given to the ledger
 
@@ -63,9 +67,12 @@ class Money:
                     made.append(job)
         except BaseException:
             for job in made:
-                self.ledger.release(job.reservation_id, note="launch refused")
+                self.ledger.release(job.reservation_id, note="launch refused", owner=self.owner)
                 job.reservation_id = None
             raise
+        from launcher.crash import crash_point
+
+        crash_point("reserving")  # reserved in the ledger, not yet in the run record
         self.rec.save()
 
     def _reserve(self, job: JobRecord) -> None:
@@ -83,6 +90,7 @@ class Money:
             rate_source=RATE_SOURCE.get(offer.source, "snapshot"),
             launch_cap=self.rec.budget,
             now=self.clock(),
+            owner=self.owner,
         )
 
     def before_launch(self, job: JobRecord) -> None:
@@ -102,6 +110,16 @@ class Money:
             margin = min(seconds * STOP_MARGIN, STOP_MARGIN_MAX_S)
             job.stop_at = (utcnow() + timedelta(seconds=seconds - margin)).timestamp()
 
+    def launch_failed(self, job: JobRecord) -> None:
+        """The backend did not start the job: its money goes back (what earlier launches spent stays)."""
+        if job.reservation_id is None:
+            return
+        res = self.ledger.reservation(job.reservation_id)
+        if res.accrued > 0:
+            self._settle(job, "stopped: launch failed")
+        else:
+            self.ledger.release(job.reservation_id, note="launch failed", owner=self.owner)
+
     # -- every poll --------------------------------------------------------------------------------
 
     def after_poll(self, rec: RunRecord) -> None:
@@ -120,7 +138,13 @@ class Money:
                     self.ledger.record_event(
                         rec.run_id, "preempted", job=job.name, reservation_id=job.reservation_id
                     )
-            elif job.state not in ACTIVE and job.state != "planned":
+            elif job.state == "LOST":
+                res = self.ledger.reservation(job.reservation_id)
+                if res.state == "open":
+                    self.ledger.settle(
+                        job.reservation_id, res.amount, note=_note(job), now=now, owner=self.owner
+                    )
+            elif job.state not in ACTIVE and job.state not in ("planned", LAUNCHING):
                 if job.ended_at is not None:
                     self.ledger.accrue_until(job.reservation_id, min(job.ended_at, now))
                 self._settle(job, _note(job))
@@ -170,7 +194,9 @@ class Money:
     def _settle(self, job: JobRecord, note: str | None) -> None:
         res = self.ledger.reservation(job.reservation_id)
         if res.state == "open":
-            self.ledger.settle(job.reservation_id, ended_at=job.ended_at, note=note, now=self.clock())
+            self.ledger.settle(
+                job.reservation_id, ended_at=job.ended_at, note=note, now=self.clock(), owner=self.owner
+            )
 
 
 def _note(job: JobRecord) -> str | None:
@@ -180,24 +206,30 @@ def _note(job: JobRecord) -> str | None:
         "CANCELLED": "stopped: cancelled",
         "GAVE-UP": "stopped: recovery cap reached",
         "FAILED": "stopped: failed",
+        "LOST": "stopped: lost track of the job; settled to its whole reservation",
     }.get(job.state, f"stopped: {job.state.lower()}")
 
 
-def settle_stale(ledger: Ledger, run_id: str, backend: Backend, rec: RunRecord | None) -> list[int]:
+def settle_stale(
+    ledger: Ledger, run_id: str, backend: Backend, rec: RunRecord | None, owner: str | None = None
+) -> list[int]:
     """Settle the reservations of `run_id` that a launcher which died left open: from the backend's
-    start and end times where the job ran, released where it never launched. Returns their ids."""
+    start and end times where the job ran, released where it never launched. Returns their ids.
+    The caller holds the run's lease (`owner`) and has resolved LAUNCHING jobs (launch.adopt)."""
     jobs = {j.reservation_id: j for j in (rec.jobs.values() if rec else []) if j.reservation_id}
     closed = []
     for res in ledger.open_reservations(run_id):
         job = jobs.get(res.id)
         if job is None or job.handle is None:
-            ledger.release(res.id, note="never launched (launcher stopped first)")
+            ledger.release(res.id, note="never launched (launcher stopped first)", owner=owner)
             closed.append(res.id)
             continue
         try:
             st = backend.status(job.handle)
         except BackendError:
-            ledger.settle(res.id, note="stopped: the backend forgot the job; settled to what was accrued")
+            ledger.settle(
+                res.id, note="stopped: the backend forgot the job; settled to what was accrued", owner=owner
+            )
             closed.append(res.id)
             continue
         if not st.state.finished:
@@ -209,7 +241,7 @@ def settle_stale(ledger: Ledger, run_id: str, backend: Backend, rec: RunRecord |
         note = "stopped: budget (in-job guard)" if st.exit_code == 77 else None
         if st.state.value != "SUCCEEDED" and note is None:
             note = f"stopped: {st.state.value.lower()} while no launcher watched"
-        ledger.settle(res.id, ended_at=st.ended_at, note=note)
+        ledger.settle(res.id, ended_at=st.ended_at, note=note, owner=owner)
         job.state = "STOPPED-BUDGET" if st.exit_code == 77 else st.state.value
         job.ended_at, job.exit_code = st.ended_at, st.exit_code
         job.note(f"settled after the launcher stopped: {note or 'finished'}")

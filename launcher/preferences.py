@@ -7,14 +7,16 @@ Where the file is: `--config`, else `MEETARA_CONFIG`, else `./meetara.yaml` if p
 
 from __future__ import annotations
 
+import io
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from train import BadInput
+from train.configfile import load_yaml, read_text, yaml_error
 
 PROVIDERS = ("lambda", "runpod", "vast")
 Provider = Literal["lambda", "runpod", "vast"]
@@ -86,30 +88,17 @@ def config_path(explicit: Path | None = None) -> Path:
     return local if local.exists() else Path.home() / ".config" / "meetara" / "config.yaml"
 
 
-def load_preferences(path: Path | None = None, overrides: dict | None = None) -> Preferences:
-    """File, then environment, then `overrides` (flags); raises `BadInput` with one line on bad input."""
+def load_preferences(
+    path: Path | None = None, overrides: dict | None = None, *, env: bool = True
+) -> Preferences:
+    """File, then environment (unless `env` is False), then `overrides` (flags); raises `BadInput` with
+    one line on bad input (the file's size, encoding, YAML or values)."""
     path = config_path(path)
-    raw: dict = {}
-    if path.exists():
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise BadInput(f"{path}{where}: not valid YAML") from None
-        if not isinstance(raw, dict):
-            raise BadInput(f"{path}: expected a mapping of settings")
-        # the same file may hold other sections (`budgets:`); preferences are under `preferences:`
-        if "preferences" in raw:
-            raw = raw["preferences"] or {}
-        else:
-            raw = {k: v for k, v in raw.items() if k != "budgets"}
-        if not isinstance(raw, dict):
-            raise BadInput(f"{path}: `preferences` must be a mapping of settings")
-        raw = dict(raw)
-    for var, field in ENV.items():
-        if os.environ.get(var):
-            raw[field] = os.environ[var]
+    raw = file_settings(path)
+    if env:
+        for var, field in ENV.items():
+            if os.environ.get(var):
+                raw[field] = os.environ[var]
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return Preferences.model_validate(raw)
@@ -117,19 +106,160 @@ def load_preferences(path: Path | None = None, overrides: dict | None = None) ->
         raise BadInput.from_validation(e, f"{path}: ") from None
 
 
+def file_settings(path: Path) -> dict:
+    """The preferences the file at `path` sets ({} when there is no file): its `preferences:` mapping,
+    else its top-level keys other than `budgets` (the same file may hold the budgets section)."""
+    if not path.exists():
+        return {}
+    return _section(load_yaml(path), path)
+
+
+def _section(doc: object, path: Path) -> dict:
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise BadInput(f"{path}: expected a mapping of settings")
+    if "preferences" in doc:
+        raw = doc["preferences"] or {}
+    else:
+        raw = {k: v for k, v in doc.items() if k != "budgets"}
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path}: `preferences` must be a mapping of settings")
+    return dict(raw)
+
+
 def save_preferences(prefs: Preferences, path: Path | None = None) -> Path:
-    """Write the preferences as YAML (stable key order, defaults included, so diffs stay readable)."""
+    """Write `prefs` to the file, keeping everything else in it: comments, key order, quoting, flow or
+    block style, indentation, line endings, other sections (`budgets:`) and the file's mode. Only the
+    settings whose value changes are written; a new (or empty) file gets every setting, defaults
+    included, under `preferences:`, so that later diffs stay readable. A symlinked file is written
+    through the link. Raises `BadInput` (one line) when the existing file cannot be read or parsed."""
+    from ruamel.yaml.comments import CommentedMap
+
     path = config_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {}
-    if path.exists():  # keep the file's other sections (`budgets:`)
-        old = yaml.safe_load(path.read_text())
-        if isinstance(old, dict) and "preferences" in old:
-            doc = {k: v for k, v in old.items() if k != "preferences"}
-        elif isinstance(old, dict) and "budgets" in old:
-            doc = {"budgets": old["budgets"]}
-    doc["preferences"] = prefs.model_dump(mode="json")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, path)
+    target = path.resolve() if path.is_symlink() else path
+    text = read_text(target) if target.exists() else ""
+    rt, doc = _round_trip_load(text, path)
+    new = prefs.model_dump(mode="json")
+    if doc is None:
+        doc = CommentedMap()
+    if not isinstance(doc, dict):
+        raise BadInput(f"{path}: expected a mapping of settings")
+    nested = "preferences" in doc or not any(k != "budgets" for k in doc)
+    if nested and not isinstance(doc.get("preferences"), dict):
+        if doc.get("preferences") not in (None, {}):
+            raise BadInput(f"{path}: `preferences` must be a mapping of settings")
+        doc["preferences"] = CommentedMap()
+    section = doc["preferences"] if nested else doc
+    if nested and not section:
+        section.update(new)
+    else:
+        try:
+            old = Preferences.model_validate(_section(_plain(doc), path)).model_dump(mode="json")
+        except ValidationError as e:
+            raise BadInput.from_validation(e, f"{path}: ") from None
+        _update(section, new, old)
+    out = io.StringIO()
+    rt.dump(doc, out)
+    body = out.getvalue()
+    if "\r\n" in text:
+        body = body.replace("\r\n", "\n").replace("\n", "\r\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    mode = target.stat().st_mode & 0o7777 if target.exists() else None
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(body)
+    if mode is not None:
+        os.chmod(tmp, mode)
+    os.replace(tmp, target)
     return path
+
+
+def _round_trip_load(text: str, path: Path):
+    """ruamel.yaml in round-trip mode set up like the file (indentation), and the file's document."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    rt = YAML(typ="rt")
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a long line
+    rt.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    if not text.strip():
+        return rt, None
+    try:
+        mapping, offset = _guess_indent(text)
+        rt.indent(mapping=mapping, sequence=offset + 2, offset=offset)  # "- " after the offset
+        return rt, rt.load(text)
+    except YAMLError as e:
+        raise yaml_error(e, str(path)) from None
+    except RecursionError:
+        raise BadInput(f"{path}: nested too deeply to be a config file") from None
+
+
+def _guess_indent(text: str) -> tuple[int, int]:
+    """How the file indents: a nested mapping's keys past their parent key, and a block sequence's
+    dash past its key (the most common of each; 2 and 0 where the file has none)."""
+    mapping: Counter[int] = Counter()
+    offset: Counter[int] = Counter()
+    prev: tuple[int, str] | None = None
+    for line in text.splitlines():
+        body = line.split(" #", 1)[0].rstrip() if not line.lstrip().startswith("#") else ""
+        if not body.strip():
+            continue
+        indent = len(body) - len(body.lstrip(" "))
+        content = body.strip()
+        if prev is not None and prev[1].endswith(":"):
+            if content == "-" or content.startswith("- "):
+                if indent >= prev[0]:
+                    offset[indent - prev[0]] += 1
+            elif indent > prev[0]:
+                mapping[indent - prev[0]] += 1
+        prev = (indent, content)
+    return (
+        mapping.most_common(1)[0][0] if mapping else 2,
+        offset.most_common(1)[0][0] if offset else 0,
+    )
+
+
+def _plain(x: object) -> object:
+    """ruamel's commented containers as plain dicts and lists."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _update(node: dict, new: dict, old: dict) -> None:
+    """Set in `node` (a round-trip mapping) the settings of `new` that differ from `old` (what the file
+    meant before, defaults included): existing keys are changed in place, keeping their comments;
+    missing ones are added at the end of their mapping, only as deep as needed."""
+    from ruamel.yaml.comments import CommentedMap
+
+    for key, value in new.items():
+        before = old.get(key)
+        if value == before:
+            continue
+        current = node.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            child = current if isinstance(current, dict) else CommentedMap()
+            _update(child, value, before)
+            if child is not current and child:
+                node[key] = child
+        elif isinstance(value, list) and isinstance(current, list):
+            _update_list(current, value)
+        else:
+            node[key] = value
+
+
+def _update_list(seq: list, value: list) -> None:
+    """Make `seq` equal `value` in place, item by item: the sequence keeps its style (flow or block)
+    and the items that stay keep their comments."""
+    for i, item in enumerate(value):
+        if i >= len(seq):
+            seq.append(item)
+        elif seq[i] != item:
+            seq[i] = item
+    del seq[len(value) :]

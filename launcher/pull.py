@@ -11,19 +11,54 @@ refused and the previous local file kept. Domains whose manifest says validation
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train import BadInput
 from train.pipeline import MANIFEST, domain_prefix
-from train.store import ObjectStore
+from train.store import ObjectStore, StoreError
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class PullError(RuntimeError):
-    """A downloaded file does not match its manifest (the previous local file is kept)."""
+    """A downloaded file does not match its manifest (the previous local file is kept), or it cannot be
+    written here (disk full: nothing partial is kept)."""
+
+
+def check_models_dir(dest: Path) -> Path:
+    """`dest` if it can be (or become) the models folder; `BadInput` (one line) when it or a folder
+    above it is a file, or it cannot be written. Call it before paying for anything."""
+    dest = Path(dest)
+    for p in (dest, *dest.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == dest else f"is under {p}, which is a file"
+                raise BadInput(f"--models-dir {dest} {what}, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise BadInput(f"--models-dir {dest}: {p} is not writable")
+            break
+    return dest
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _free(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
 
 
 @dataclass
@@ -53,13 +88,18 @@ def fetch_verified(store: ObjectStore, entry: dict, dest: Path) -> int:
     if not resumed:
         part.unlink(missing_ok=True)
     before = part.stat().st_size if resumed else 0
-    store.resume_file(entry["key"], part)
+    free = _free(dest.parent)
+    if free is not None and free < entry["size"] - before:
+        part.unlink(missing_ok=True)
+        need = _mib(entry["size"] - before)
+        raise PullError(f"{dest}: disk full: {need} needed, {_mib(free)} free; nothing was written")
+    _download(store, entry, part)
     got_size, got_sha = part.stat().st_size, sha256_file(part)
     if resumed and (got_size, got_sha) != (entry["size"], entry["sha256"]):
         # the kept prefix may have come from an older object: one clean download before giving up
         part.unlink()
         before = 0
-        store.resume_file(entry["key"], part)
+        _download(store, entry, part)
         got_size, got_sha = part.stat().st_size, sha256_file(part)
     if (got_size, got_sha) != (entry["size"], entry["sha256"]):
         part.unlink()
@@ -72,39 +112,76 @@ def fetch_verified(store: ObjectStore, entry: dict, dest: Path) -> int:
     return got_size - before
 
 
+def _download(store: ObjectStore, entry: dict, part: Path) -> None:
+    """Append the rest of the object to `part`; a full disk removes `part` (it would only hold space)
+    and is a one-line PullError. Other failures keep `part`, so that the next pull resumes it."""
+    try:
+        store.resume_file(entry["key"], part)
+    except OSError as e:
+        if e.errno not in FULL:
+            raise
+        part.unlink(missing_ok=True)
+        raise PullError(
+            f"{part.parent / part.name[1:].removesuffix('.part')}: disk full while downloading "
+            f"{_mib(entry['size'])}; nothing partial was kept"
+        ) from None
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def pull_domain(store: ObjectStore, run_id: str, domain: str, dest: Path) -> PullResult:
     """Pull one domain's files (and the base GGUF they need) if its manifest says done and validated."""
     prefix = domain_prefix(run_id, domain)
+    key = f"{prefix}/{MANIFEST}"
     try:
-        manifest = json.loads(store.get(f"{prefix}/{MANIFEST}"))
+        raw = store.get(key)
     except KeyError:
-        failed = store.exists(f"{prefix}/failed.json")
+        try:
+            failed = store.exists(f"{prefix}/failed.json")
+        except StoreError as e:
+            return PullResult(domain, "error", detail=_one_line(e))
         return PullResult(domain, "failed-validation" if failed else "not-finished")
-    if manifest.get("status") != "done" or not manifest.get("validation", {}).get("passed"):
-        return PullResult(domain, "failed-validation", detail="manifest says validation did not pass")
+    except StoreError as e:  # the store is down: this domain is not pulled now; `meetara pull` retries
+        return PullResult(domain, "error", detail=_one_line(e))
+    try:
+        manifest = json.loads(raw)
+        if manifest.get("status") != "done" or not manifest.get("validation", {}).get("passed"):
+            return PullResult(domain, "failed-validation", detail="manifest says validation did not pass")
+        base = manifest["base_gguf"]
+        wanted = {"base": (base, dest / "base" / Path(base["key"]).name)}
+        for name, entry in manifest["files"].items():
+            wanted[name] = (entry, dest / domain / Path(entry["key"]).name)
+        for entry, _ in wanted.values():
+            if not (isinstance(entry["size"], int) and isinstance(entry["sha256"], str)):
+                raise TypeError("size or sha256 of the wrong type")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        return PullResult(
+            domain, "error", detail=f"{store.url}/{key}: unreadable manifest ({type(e).__name__}); not pulled"
+        )
     result = PullResult(domain, "up-to-date")
-    base = manifest["base_gguf"]
-    wanted = {"base": (base, dest / "base" / Path(base["key"]).name)}
-    for name, entry in manifest["files"].items():
-        wanted[name] = (entry, dest / domain / Path(entry["key"]).name)
     try:
         for name, (entry, path) in wanted.items():
             got = fetch_verified(store, entry, path)
             result.bytes += got
             result.files[name] = str(path)
-    except PullError as e:
-        result.status, result.detail = "error", str(e)
-        return result
-    local_manifest = dest / domain / MANIFEST
-    if result.bytes or not local_manifest.exists():
-        _write_json(local_manifest, manifest)
-        result.status = "pulled" if result.bytes else result.status
+        local_manifest = dest / domain / MANIFEST
+        if result.bytes or not local_manifest.exists():
+            _write_json(local_manifest, manifest)
+            result.status = "pulled" if result.bytes else result.status
+    except (PullError, StoreError) as e:
+        result.status, result.detail = "error", _one_line(e)
+    except OSError as e:  # the models folder: a file in the way, no permission, disk full
+        where = e.filename or dest
+        full = "disk full" if e.errno in FULL else (e.strerror or type(e).__name__)
+        result.status, result.detail = "error", f"{where}: {full}"
     return result
 
 
@@ -115,10 +192,16 @@ def pull(
     dest: Path,
     on_domain: Callable[[PullResult], None] = lambda r: None,
 ) -> list[PullResult]:
-    """Pull every listed domain; one domain's error does not stop the others."""
+    """Pull every listed domain; one domain's error does not stop the others. `BadInput` when `dest`
+    cannot be the models folder (see `check_models_dir`)."""
+    check_models_dir(dest)
     out = []
     for d in domains:
         r = pull_domain(store, run_id, d, dest)
         on_domain(r)
         out.append(r)
     return out
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

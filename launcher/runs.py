@@ -7,7 +7,6 @@ that crashed (or a second terminal running `meetara status`) reads a consistent 
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,7 +16,12 @@ from launcher.plan import JobPlan, OfferRef, Plan
 
 ACTIVE = {"PENDING", "RUNNING", "RECOVERING"}
 # "planned": not launched yet, or waiting to be relaunched after a preemption
-FINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "GAVE-UP", "STOPPED-BUDGET"}
+# "LAUNCHING": recorded under `launch_name` before the backend was asked to start it; whoever finds a
+# job in this state asks the backend for that name (found: follow it; not found: launch it again)
+LAUNCHING = "LAUNCHING"
+# LOST: the backend could not tell what became of it (status failed too often): settled to its whole
+# reservation, the most its in-job deadline lets it spend
+FINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "GAVE-UP", "STOPPED-BUDGET", "LOST"}
 
 
 def runs_dir() -> Path:
@@ -32,9 +36,12 @@ class JobRecord(BaseModel):
     offers: list[OfferRef]  # planned offer first, then the fallbacks
     offer_index: int = 0  # which of `offers` the current launch uses
     handle: str | None = None
+    launch_name: str | None = None  # the name of the current launch, recorded before it starts
     state: str = "planned"
     launches: int = 0
-    preemptions: int = 0
+    preemptions: int = 0  # relaunches by the conductor after a preemption
+    backend_recoveries: int = 0  # recoveries the backend made itself (SkyPilot), earlier launches
+    launch_recoveries: int = 0  # ... and the current launch (the highest it reported)
     status_errors: int = 0
     started_at: datetime | None = None  # current launch
     ended_at: datetime | None = None
@@ -45,6 +52,11 @@ class JobRecord(BaseModel):
     history: list[str] = []
     # per preemption: when, the domain and last step the log showed, the step training resumed from
     preemption_log: list[dict] = []
+
+    @property
+    def recoveries(self) -> int:
+        """Every recovery of this job, whoever made it: the one count max_recoveries caps."""
+        return self.preemptions + self.backend_recoveries + self.launch_recoveries
 
     @property
     def lost_steps(self) -> int:
@@ -76,22 +88,24 @@ class RunRecord(BaseModel):
     plan: Plan
     jobs: dict[str, JobRecord] = {}
     pulled: list[str] = []
+    errors: dict[str, str] = {}  # domain -> why it could not be pulled (the run goes on without it)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     def path(self) -> Path:
         return runs_dir() / f"{self.run_id}.json"
 
     def save(self) -> None:
-        path = self.path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.model_dump_json(indent=1))
-        os.replace(tmp, path)
+        from budgets import private_dir, write_private
+
+        private_dir(self.path().parent)
+        write_private(self.path(), self.model_dump_json(indent=1))  # run records are private (0600)
 
 
 def load_run(run_id: str) -> RunRecord | None:
     """The run's record, or None if this machine never launched it."""
-    path = runs_dir() / f"{run_id}.json"
+    from train.names import check_run_id
+
+    path = runs_dir() / f"{check_run_id(run_id)}.json"
     if not path.exists():
         return None
     try:

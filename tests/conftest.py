@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,20 @@ def bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
     name = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolving anything but this machine fails (SkyPilot must not fetch catalogs or check clouds);
+    a module opts in with `pytestmark = pytest.mark.usefixtures("no_network")`."""
+    real = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        if host in ("localhost", "127.0.0.1", "::1", None):
+            return real(host, *args, **kwargs)
+        raise OSError(f"network disabled in tests (tried {host})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
 
 
 def closed_port() -> int:

@@ -17,6 +17,8 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,12 +52,13 @@ def _run_as() -> dict:
     pytest.fail("running as root and no unprivileged user (postgres, nobody) to run PostgreSQL as")
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """Start a fresh PostgreSQL cluster for the session; yields postgresql://postgres@127.0.0.1:PORT/postgres."""
+@contextmanager
+def pg_server(fail: Callable[[str], None] = pytest.fail) -> Iterator[str]:
+    """Start a fresh PostgreSQL cluster; yields postgresql://postgres@127.0.0.1:PORT/postgres and stops
+    it at the end. `fail` reports a missing or broken server (the benchmarks raise instead)."""
     initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
     if not (initdb and pg_ctl):
-        pytest.fail(
+        fail(
             "PostgreSQL server programs (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin:"
             " install Debian's `postgresql` package to run the shared-ledger tests"
         )
@@ -72,7 +75,7 @@ def postgres_url():
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=120, **as_user)
         if check and done.returncode != 0:
             tail = log.read_text()[-2000:] if log.exists() else ""
-            pytest.fail(f"{' '.join(cmd[:2])} failed ({done.returncode}): {done.stderr.strip()}\n{tail}")
+            fail(f"{' '.join(cmd[:2])} failed ({done.returncode}): {done.stderr.strip()}\n{tail}")
         return done
 
     # --no-sync and fsync=off: a test server that is thrown away needs no durability, only speed
@@ -88,8 +91,15 @@ def postgres_url():
             if started.returncode == 0:
                 break
         else:
-            pytest.fail(f"pg_ctl start failed: {started.stderr.strip()}\n{log.read_text()[-2000:]}")
+            fail(f"pg_ctl start failed: {started.stderr.strip()}\n{log.read_text()[-2000:]}")
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
         run(pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop", check=False)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL cluster for the session (see pg_server)."""
+    with pg_server() as url:
+        yield url

@@ -142,3 +142,10 @@ def test_split_is_deterministic_and_disjoint():
     assert len(held) == 10 and not set(train) & set(held) and len(train) + len(held) == 100
     with pytest.raises(BadInput, match="too few"):
         split(samples[:5])
+
+
+def test_deeply_nested_jsonl_is_one_line(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "response": "x"}\n')
+    with pytest.raises(BadInput, match=r"deep.jsonl:1: JSON nested too deeply"):
+        load_jsonl(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -59,10 +60,25 @@ def test_a_failing_run_is_failed_with_its_exit_code(backend):
     handle = backend.launch({"setup": "true", "run": "exit 3"}, "job")
     st = backend.wait(handle, timeout=60)
     assert (st.state, st.exit_code) == (JobState.FAILED, 3)
-    handle = backend.launch({"setup": "exit 4", "run": "echo never"}, "job")
+    handle = backend.launch({"setup": "exit 4", "run": "echo never"}, "job-2")
     st = backend.wait(handle, timeout=60)
     assert (st.state, st.exit_code) == (JobState.FAILED, 4)
     assert "never" not in backend.logs(handle)
+
+
+def test_a_job_is_found_by_the_name_it_was_launched_under(backend):
+    assert backend.find("job") is None  # never launched
+    handle = backend.launch({"run": "exit 0"}, "job")
+    assert handle == "job" and backend.find("job") == "job"
+    assert LocalBackend(root=backend.root).find("job") == "job"  # another process finds it too
+    with pytest.raises(BackendError, match="exists already"):  # a name is launched once
+        backend.launch({"run": "exit 0"}, "job")
+    backend.wait(handle, timeout=60)
+    # a folder left by a launcher that died before starting the runner is not a job
+    (backend.root / "ghost").mkdir()
+    old = time.time() - 3600
+    os.utime(backend.root / "ghost", (old, old))
+    assert backend.find("ghost") is None
 
 
 def test_cancel_stops_the_job_gracefully(backend, tmp_path):

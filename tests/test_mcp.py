@@ -27,12 +27,12 @@ def sandbox(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def server(tmp_path: Path, env: dict[str, str]):
-    """A `meetara mcp` subprocess in tmp_path and an initialized client session on its stdio."""
+async def server(tmp_path: Path, env: dict[str, str], *options: str):
+    """A `meetara mcp [OPTIONS]` subprocess in tmp_path and an initialized client session on its stdio."""
     from mcp import ClientSession, StdioServerParameters, stdio_client
 
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "launcher", "mcp"], env=env, cwd=str(tmp_path)
+        command=sys.executable, args=["-m", "launcher", "mcp", *options], env=env, cwd=str(tmp_path)
     )
     with open(tmp_path / "mcp-server.log", "w") as errlog:
         async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as s:
@@ -154,3 +154,128 @@ def test_mcp_refusals_are_the_cli_messages(tmp_path):
     assert got == want
     assert "over --budget $0.50" in got[0] and got[1].startswith("refused: daily cap $5.00")
     assert not (tmp_path / "store" / "runs").exists()  # nothing was launched
+
+
+def run_id_rule(run_id: object) -> str:
+    """The one line the job's run-id type (train.names) refuses `run_id` with."""
+    import pytest
+
+    from train import BadInput
+    from train.names import check_run_id
+
+    with pytest.raises(BadInput) as e:
+        check_run_id(run_id)
+    return str(e.value)
+
+
+def test_mcp_arguments_are_strict_one_line_and_checked_before_money_moves(tmp_path):
+    # at $1000/h a local launch of one domain costs ~$10: refused by a $0.50 budget inside the launch lock
+    env = sandbox(tmp_path, MEETARA_LOCAL_PRICE_HOUR="1000")
+    strict = [  # (tool, arguments, the CLI's words)
+        (
+            "launch",
+            dict(domains="legal", budget="5"),
+            "Invalid value for '--budget': Input should be a valid number",
+        ),
+        (
+            "launch",
+            dict(domains="legal", budget=True),
+            "Invalid value for '--budget': Input should be a valid number",
+        ),
+        (
+            "launch",
+            dict(domains="legal", budget=5, samples="80"),
+            "Invalid value for '--samples': Input should be a valid integer",
+        ),
+        (
+            "plan",
+            dict(domains="legal", epochs="2"),
+            "Invalid value for '--epochs': Input should be a valid number",
+        ),
+        ("plan", dict(domains=["legal"]), "Invalid value for '--domains': Input should be a valid string"),
+        ("offers", dict(live="true"), "Invalid value for '--live': Input should be a valid boolean"),
+        ("offers", dict(spot=1), "Invalid value for '--spot/--on-demand': Input should be a valid boolean"),
+        ("offers", dict(limit="3"), "Invalid value for '--limit': Input should be a valid integer"),
+        ("offers", dict(limit=0), "Invalid value for '--limit': Input should be greater than or equal to 1"),
+        (
+            "recover",
+            dict(run_id="r", budget="1"),
+            "Invalid value for '--budget': Input should be a valid number",
+        ),
+        ("launch", dict(budget=5), "Missing option '--domains'."),
+        ("pull", dict(models="x"), "No such option: models (pull takes run_id, domains, store, models_dir)"),
+    ]
+    bad_ids = ["a/b", "a b", "caf\u00e9", "x" * 300, "../x", "", 7]
+    id_calls = [("launch", dict(domains="legal", budget=5, backend="local", run_id=r)) for r in bad_ids]
+    id_calls += [
+        ("plan", dict(domains="legal", run_id="a/b")),
+        ("pull", dict(run_id="a/b")),
+        ("status", dict(run_id="a/b")),
+        ("recover", dict(run_id="a/b", budget=5)),
+    ]
+
+    async def main() -> dict:
+        seen: dict = {}
+        async with server(tmp_path, env) as s:
+            seen["strict"] = [await refused(s, tool, **args) for tool, args, _ in strict]
+            seen["ids"] = [await refused(s, tool, **args) for tool, args in id_calls]
+            # refused inside the launch lock, twice: the lock is released after a refusal
+            seen["budget"] = [
+                await refused(s, "launch", domains="legal", budget=0.5, backend="local") for _ in range(2)
+            ]
+            seen["runs"] = await resource(s, "meetara://runs")
+            seen["ledger"] = await resource(s, "meetara://budget")
+        return seen
+
+    seen = anyio.run(main)
+    assert seen["strict"] == [want for _, _, want in strict]
+    assert seen["ids"] == [run_id_rule(r) for r in bad_ids] + [run_id_rule("a/b")] * 4
+    for message in seen["strict"] + seen["ids"] + seen["budget"]:
+        assert "\n" not in message and "validation error" not in message, message
+    assert all("over --budget $0.50" in m for m in seen["budget"]), seen["budget"]
+    # nothing reserved, spent, recorded or launched
+    assert seen["ledger"]["open_reservations"] == []
+    assert all(w["spent"] == 0 and w["reserved"] == 0 for w in seen["ledger"]["windows"]), seen["ledger"]
+    assert seen["runs"]["runs"] == []
+    assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_mcp_pull_outside_the_workdir_is_refused(tmp_path):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    (work / "link").symlink_to(elsewhere)  # inside by name, outside once resolved
+    env = sandbox(tmp_path, MEETARA_STORE=f"file://{work}/store")
+    outside = [
+        ("pull", dict(models_dir=str(elsewhere))),
+        ("pull", dict(models_dir="../elsewhere/models")),
+        ("pull", dict(models_dir="link/models")),
+        ("pull", dict(models_dir="models/../../elsewhere")),
+        ("pull", dict(store=f"file://{elsewhere}/store")),
+        ("pull", dict(store=str(elsewhere / "store"))),
+        ("pull", dict(store="file://link/store")),
+        ("launch", dict(domains="legal", budget=5, backend="local", models_dir="../elsewhere")),
+        ("launch", dict(domains="legal", budget=5, backend="local", store=f"file://{elsewhere}")),
+    ]
+
+    async def main() -> dict:
+        seen: dict = {}
+        async with server(tmp_path, env, "--workdir", "work") as s:
+            seen["refused"] = [await refused(s, tool, **args) for tool, args in outside]
+            seen["inside"] = await call(s, "pull", domains="legal", models_dir="models", store="file://store")
+        seen["written outside"] = sorted(elsewhere.rglob("*"))
+        async with server(tmp_path, env, "--workdir", "work", "--allow-outside-workdir") as s:
+            seen["allowed"] = await call(s, "pull", domains="legal", models_dir=str(elsewhere / "models"))
+        return seen
+
+    seen = anyio.run(main)
+    for (_, args), message in zip(outside, seen["refused"], strict=True):
+        value = args.get("models_dir") or args["store"]
+        arg = "models_dir" if "models_dir" in args else "store"
+        assert message.startswith(f"{arg} {value!r}"), message
+        assert f"outside the server's workdir {work.resolve()}" in message, message
+        assert message.endswith("`meetara mcp --allow-outside-workdir`") and "\n" not in message, message
+    assert seen["written outside"] == []
+    assert not (tmp_path / "models").exists()  # relative paths are relative to --workdir
+    assert seen["inside"]["domains"]["legal"]["status"] == "not-finished"
+    assert seen["allowed"]["domains"]["legal"]["status"] == "not-finished"

@@ -7,8 +7,11 @@ import json
 import os
 
 import pytest
+from conftest import run_cli
+from test_store import small_filesystem
 
 from launcher.pull import pull, pull_domain
+from train import BadInput
 from train.store import open_store
 
 
@@ -101,3 +104,57 @@ def test_unfinished_and_failed_domains_are_not_pulled(store, tmp_path):
     }
     assert results == {"legal": "pulled", "nutrition": "failed-validation", "finance": "not-finished"}
     assert not (tmp_path / "m" / "nutrition").exists()
+
+
+# ---- a models folder that cannot take the files ----------------------------------------------------
+
+
+def test_a_models_dir_that_is_a_file_is_one_line_bad_input(tmp_path):
+    store = open_store(f"file://{tmp_path}/store")
+    publish(store, "r", "legal")
+    a_file = tmp_path / "models"
+    a_file.write_text("not a folder")
+    for dest, expected in ((a_file, "is a file, not a folder"), (a_file / "sub", f"is under {a_file}")):
+        with pytest.raises(BadInput) as e:
+            pull(store, "r", ["legal"], dest)
+        assert expected in str(e.value) and "\n" not in str(e.value)
+    assert a_file.read_text() == "not a folder"
+    # the conductor pulls domain by domain: there it is an error result, not an exception
+    r = pull_domain(store, "r", "legal", a_file)
+    assert r.status == "error" and "\n" not in r.detail
+
+
+def test_meetara_pull_into_a_file_is_one_line(tmp_path):
+    store = open_store(f"file://{tmp_path}/store")
+    publish(store, "r", "legal")
+    (tmp_path / "models").write_text("x")
+    r = run_cli(
+        "pull", "--run-id", "r", "-d", "legal", "--store", f"file://{tmp_path}/store",
+        "--models-dir", "models", module="launcher", cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --models-dir models is a file, not a folder"
+    ]
+
+
+def test_a_pull_bigger_than_the_free_space_writes_nothing(store, tmp_path):
+    publish(store, "r", "legal", size=600_000)
+    with small_filesystem(tmp_path / "small", "256k") as dest:
+        (result,) = pull(store, "r", ["legal"], dest)
+        assert result.status == "error" and "disk full" in result.detail and "\n" not in result.detail
+        assert "nothing was written" in result.detail
+        assert not (dest / "legal" / "adapter.gguf").exists()
+        assert not (dest / "legal" / "manifest.json").exists() and not list(dest.rglob(".*.part"))
+
+
+def test_a_disk_that_fills_during_a_pull_leaves_nothing_partial(store, tmp_path):
+    """The manifest promised a small file, the object is bigger (replaced in the store): the free-space
+    check passes and the disk fills while downloading. The pull reports it; no partial file stays."""
+    publish(store, "r", "legal", size=60_000)
+    store.put("runs/r/domains/legal/adapter.gguf", os.urandom(600_000))
+    with small_filesystem(tmp_path / "small", "256k") as dest:
+        (result,) = pull(store, "r", ["legal"], dest)
+        assert result.status == "error" and "disk full while downloading" in result.detail, result.detail
+        assert "\n" not in result.detail
+        assert not list(dest.rglob(".*.part")) and not (dest / "legal" / "adapter.gguf").exists()
+        assert not (dest / "legal" / "manifest.json").exists()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
-from conftest import closed_port
+from conftest import closed_port, run_cli
 
 from train import BadInput, checkpoint
 from train.store import FileStore, S3Store, StoreError, open_store
@@ -182,3 +188,77 @@ def test_a_checkpoint_cut_off_by_an_outage_is_never_resumed_from(bucket, s3_serv
         assert ckpt.step == 10 and ckpt.parts["a.bin"] == b"old"
     finally:
         proxy.close()
+
+
+# ---- stores that cannot be written: a full disk, a read-only or pseudo filesystem, a file --------
+
+
+@contextmanager
+def small_filesystem(path: Path, size: str = "256k", *options: str):
+    """A real filesystem of `size` bytes mounted at `path` (tmpfs; needs root): a disk that fills up."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    opts = ",".join((f"size={size}", *options))
+    cmd = ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_store_is_one_line_and_keeps_what_it_had(tmp_path):
+    with small_filesystem(tmp_path / "small", "256k") as root:
+        store = FileStore(root)
+        store.put("runs/r/a.bin", b"a" * 100_000)
+        with pytest.raises(StoreError) as e:
+            store.put("runs/r/a.bin", os.urandom(400_000))  # more than the disk holds
+        message = str(e.value)
+        assert "the store is full writing runs/r/a.bin" in message and "\n" not in message
+        assert store.get("runs/r/a.bin") == b"a" * 100_000  # the old object is whole
+        src = tmp_path / "big.bin"
+        src.write_bytes(os.urandom(400_000))
+        with pytest.raises(StoreError, match="the store is full writing runs/r/b.bin"):
+            store.put_file("runs/r/b.bin", src)
+        assert sorted(p.name for p in (root / "runs" / "r").iterdir()) == ["a.bin"]  # no temp file left
+        store.put("runs/r/c.bin", b"c" * 1000)  # the space the failed writes took is free again
+
+
+def test_train_on_a_full_store_stops_with_one_line(tmp_path):
+    with small_filesystem(tmp_path / "small", "128k") as root:
+        r = run_cli("--domains", "legal", "--store", f"file://{root}", "--samples", "80", "--no-merged", "-q")
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert lines[-1].startswith(f"error: file://{root}: the store is full writing runs/default/")
+        assert not [p for p in root.rglob(".*") if p.is_file()]  # no temp file left behind
+
+
+def test_store_roots_that_cannot_hold_a_store_fail_at_open(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for url, expected in (
+        ("file:///proc/self", "file:///proc/self: a proc kernel filesystem cannot hold a store"),
+        ("file:///sys/kernel", "a sysfs kernel filesystem"),
+        (f"file://{a_file}", f"file://{a_file}: not a directory"),
+        (f"file://{a_file}/store", "cannot create store directory"),
+    ):
+        with pytest.raises(StoreError) as e:
+            open_store(url)
+        assert expected in str(e.value) and "\n" not in str(e.value), url
+
+
+def test_a_read_only_store_opens_for_reading_only(tmp_path):
+    with small_filesystem(tmp_path / "ro", "64k", "ro") as root:
+        with pytest.raises(StoreError, match="not writable"):
+            open_store(f"file://{root}")
+        assert open_store(f"file://{root}", writable=False).list("") == []
+
+
+def test_python_m_train_refuses_proc_self_before_any_work():
+    r = run_cli("--domains", "legal", "--store", "file:///proc/self", "--samples", "80", "-q")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: file:///proc/self: a proc kernel filesystem cannot hold a store; use a folder"
+    ]

@@ -8,7 +8,6 @@ writes the offers snapshot there as SkyPilot's catalogs, so SkyPilot never needs
 
 from __future__ import annotations
 
-import socket
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,17 +29,7 @@ STORE = "s3://meetara-test/runs"
 SENTINEL = "sentinel-Zq8v3Xw-never-written"
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Resolving anything but this machine fails: SkyPilot must not fetch catalogs or check clouds."""
-    real = socket.getaddrinfo
-
-    def local_only(host, *args, **kwargs):
-        if host in ("localhost", "127.0.0.1", "::1", None):
-            return real(host, *args, **kwargs)
-        raise OSError(f"network disabled in tests (tried {host})")
-
-    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")

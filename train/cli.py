@@ -238,9 +238,26 @@ def run_with_progress(spec, stop, quiet: bool) -> dict:
         return run_job(spec, events=Events(start, step, end), stop=stop)
 
 
+def setup_logging() -> None:
+    """Log to stderr at MEETARA_LOG (default WARNING) through handlers that redact credentials
+    (`train.redact`): botocore, boto3 and urllib3 log through the root logger, so DEBUG holds no secret."""
+    from train.redact import install
+
+    raw = os.environ.get("MEETARA_LOG", "").strip().upper() or "WARNING"
+    level = logging.getLevelName(raw) if not raw.isdigit() else int(raw)
+    if not isinstance(level, int):
+        err.print(
+            f"error: MEETARA_LOG={raw!r}: use DEBUG, INFO, WARNING or ERROR", highlight=False, markup=False
+        )
+        sys.exit(EXIT_BAD_INPUT)
+    logging.basicConfig(level=level, stream=sys.stderr)
+    logging.getLogger().setLevel(level)
+    install()
+
+
 def run_app(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> None:
     """Run a typer app so that usage errors are one line on stderr with exit code 2 (click draws a box)."""
-    logging.basicConfig(level=os.environ.get("MEETARA_LOG", "WARNING"), stream=sys.stderr)
+    setup_logging()
     command = typer.main.get_command(app)
     try:
         rc = command.main(argv, prog_name=prog_name, standalone_mode=False)
@@ -254,9 +271,14 @@ def run_app(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> 
         err.print(f"[bold red]error:[/] {message} (see {prog_name} --help)", soft_wrap=True, highlight=False)
         rc = EXIT_BAD_INPUT
     except Exception as e:  # a bug, not bad input: say so in one line; MEETARA_LOG=DEBUG shows where
+        from rich.markup import escape
+
+        from train.redact import redact
+
         logging.getLogger("meetara").debug("internal error", exc_info=True)
         err.print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {e} (MEETARA_LOG=DEBUG for the traceback)",
+            f"[bold red]internal error:[/] {type(e).__name__}: {escape(redact(str(e)))} "
+            "(MEETARA_LOG=DEBUG for the traceback)",
             soft_wrap=True,
             highlight=False,
         )

@@ -121,7 +121,7 @@ def load_jsonl(path: Path) -> list[Sample]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: cannot read: {e}") from e
+        raise BadInput(f"{path}: cannot read: {e}") from None
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -130,6 +130,8 @@ def load_jsonl(path: Path) -> list[Sample]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise BadInput(f"{where}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise BadInput(f"{where}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise BadInput(f"{where}: expected a JSON object")
         if "messages" in obj:

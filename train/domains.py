@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from tasks import DOMAINS_YAML
 from train import BadInput
+from train.configfile import load_yaml
 
 
 class Category(BaseModel):
@@ -70,7 +71,7 @@ def load_registry(path: Path | str | None = None) -> Registry:
 @lru_cache(maxsize=4)
 def _load(path: str) -> Registry:
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = load_yaml(Path(path))  # size, encoding and nesting refused in one line
         return Registry.model_validate(raw)
     except FileNotFoundError as e:
         raise BadInput(f"domain registry not found: {path}") from e

@@ -4,18 +4,22 @@ the launcher and `python -m train` alike, so a name is refused before any money 
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from pydantic import StringConstraints, TypeAdapter, ValidationError
 
 from train import BadInput
 
-RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-RUN_ID_RE = re.compile(RUN_ID_PATTERN)
-RUN_ID_RULE = "1-64 characters: letters, digits, '.', '_', '-', starting with a letter or digit"
+# SkyPilot's rule for task and job names (sky/task.py _VALID_NAME_REGEX), since a run id names managed
+# jobs too, at most 64 characters
+RUN_ID_PATTERN = r"^[A-Za-z0-9]+(?:[._-]{1,2}[A-Za-z0-9]+)*$"
+RUN_ID_MAX = 64
+RUN_ID_RULE = (
+    "1-64 ASCII letters and digits, which '.', '_' or '-' may join (at most two in a row), "
+    "starting and ending with a letter or digit"
+)
 
-RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN, strict=True)]
+RunId = Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN, max_length=RUN_ID_MAX, strict=True)]
 _RUN_ID = TypeAdapter(RunId)
 
 

@@ -7,6 +7,7 @@ becomes a `StoreError` (a one-line, user-facing error).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -39,14 +40,18 @@ class ObjectStore(Protocol):
     def local_path(self, key: str) -> Path | None: ...
 
 
-def open_store(url: str, *, endpoint_url: str | None = None) -> ObjectStore:
-    """Open `file:///abs/dir`, `file://./rel/dir`, a plain directory path, or `s3://bucket/prefix`."""
+def open_store(url: str, *, endpoint_url: str | None = None, writable: bool = True) -> ObjectStore:
+    """Open `file:///abs/dir`, `file://./rel/dir`, a plain directory path, or `s3://bucket/prefix`.
+
+    A `file://` root that is not a directory, lies in a kernel pseudo-filesystem (/proc, /sys, /dev)
+    or, with `writable` (the default; pass False to only read, as a pull does), cannot be written is a
+    one-line `StoreError` here, before any work is done."""
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
         path = parsed.netloc + parsed.path if parsed.scheme == "file" else url
         if not path:
             raise BadInput(f"bad store URL {url!r}: no directory")
-        return FileStore(Path(path).expanduser())
+        return FileStore(Path(path).expanduser(), writable=writable)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise BadInput(f"bad store URL {url!r}: expected s3://bucket/prefix")
@@ -64,13 +69,20 @@ def _check_key(key: str) -> str:
 class FileStore:
     """A directory; atomic writes via a temp file and `os.replace`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, writable: bool = True) -> None:
         self.root = root.resolve()
         self.url = f"file://{self.root}"
+        fstype = _pseudo_fs(self.root)
+        if fstype:  # named as given: /proc/self resolves to /proc/<pid>
+            raise StoreError(f"file://{root}: a {fstype} kernel filesystem cannot hold a store; use a folder")
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"file://{root}: not a directory")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StoreError(f"cannot create store directory {self.root}: {e.strerror}") from e
+            raise StoreError(f"cannot create store directory {self.root}: {e.strerror}") from None
+        if writable and not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"{self.url}: the store directory is not writable")
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
@@ -88,26 +100,44 @@ class FileStore:
 
     @contextmanager
     def _atomic(self, key: str) -> Iterator[BinaryIO]:
-        """Write to a temp file beside the target, fsync, then `os.replace`: readers see all or nothing."""
+        """Write to a temp file beside the target, fsync, then `os.replace`: readers see all or nothing.
+        A failed write (disk full, read-only, denied) leaves no temp file and is one `StoreError` line."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; stored outputs are meant to be shared
             os.replace(tmp, path)
+        except OSError as e:
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            raise self._write_error(key, e) from None
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _write_error(self, key: str, e: OSError) -> StoreError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = f" ({shutil.disk_usage(self.root).free // 1024} KiB free)"
+            except OSError:
+                free = ""
+            return StoreError(f"{self.url}: the store is full writing {key}{free}: free some space and rerun")
+        return StoreError(f"{self.url}: cannot write {key}: {e.strerror or type(e).__name__}")
 
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise KeyError(key) from None
+        except OSError as e:
+            raise StoreError(f"{self.url}: cannot read {key}: {e.strerror or type(e).__name__}") from None
 
     def get_file(self, key: str, path: Path) -> None:
         Path(path).write_bytes(self.get(key))
@@ -135,6 +165,33 @@ class FileStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+
+PSEUDO_FS = frozenset(
+    {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs"}
+    | {"configfs", "fusectl", "pstore", "bpf", "mqueue", "efivarfs", "binfmt_misc", "autofs", "nsfs"}
+)
+
+
+def _pseudo_fs(path: Path) -> str | None:
+    """The type of the kernel pseudo-filesystem (proc, sysfs, ...) `path` lies in, else None (also when
+    the mount table cannot be read: not Linux)."""
+    try:
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    best, fstype = "", None
+    for line in mounts:
+        fields = line.split()
+        try:
+            point, kind = fields[4], fields[fields.index("-") + 1]
+        except (IndexError, ValueError):
+            continue
+        point = point.replace("\\040", " ")
+        inside = str(path) == point or str(path).startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, kind
+    return fstype if fstype in PSEUDO_FS else None
 
 
 def _transient(exc: BaseException) -> bool:

@@ -33,6 +33,9 @@ class JobStatus:
     ended_at: datetime | None = None
     exit_code: int | None = None
     detail: str = ""
+    # recoveries the backend itself made of this launch (SkyPilot's preemption recovery); the conductor
+    # counts them with its own relaunches against max_recoveries
+    recoveries: int = 0
 
 
 class BackendError(RuntimeError):

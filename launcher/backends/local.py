@@ -1,8 +1,10 @@
 """The embedded default backend: a job is a process group on this machine.
 
-Each job has a directory under the state directory (`local-jobs/<handle>/`) holding the task, its log,
-the runner's pid and start time, and, once it ended, its exit code. That is all `status` needs, so a
-launcher that crashed and came back finds its jobs again.
+Each job has a directory under the state directory (`local-jobs/<name>/`, the name the conductor
+recorded before launching, which is also the handle) holding the task, its log, the runner's pid and
+start time (written by whichever of launcher and runner gets there first, so a launcher killed right
+after starting the runner still leaves the job findable), and, once it ended, its exit code. That is
+all `status` needs, so a launcher that crashed and came back finds its jobs again.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
 
+from budgets import open_private, private_dir, write_private
+from budgets.lease import proc_start
 from launcher.backends.base import BackendError, JobState, JobStatus
 
 EXIT_INTERRUPTED = 75  # `python -m train` checkpointed and stopped on SIGTERM
+# a job folder without a runner's pid this long after it was made was never started (the launcher died
+# between making the folder and starting the runner): it is forgotten, and its job launched again
+NEVER_STARTED_S = 60.0
 
 
 def jobs_dir() -> Path:
@@ -31,15 +37,20 @@ def jobs_dir() -> Path:
     return state_dir() / "local-jobs"
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process's start time in clock ticks (tells a pid apart from a later one reusing it), or None
-    if no live process has that pid (a zombie counts as gone)."""
+def write_meta(d: Path, pid: int) -> None:
+    """Record the runner's pid and start time once: the first writer wins (a hard link never replaces
+    a file), and launcher and runner both write the same pid."""
+    meta = {"pid": pid, "proc_start": proc_start(pid), "started_at": datetime.now(UTC).isoformat()}
+    tmp = d / f".meta.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(meta))
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    return None if fields[0] in ("Z", "X") else fields[19]
+        os.link(tmp, d / "meta.json")
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class LocalBackend:
@@ -56,18 +67,40 @@ class LocalBackend:
             raise BackendError(f"no local job {handle!r} (looked in {self.root})")
         return d
 
+    def find(self, name: str) -> str | None:
+        """The handle of the job launched under `name`, or None if it was never started."""
+        d = self.root / name
+        if not name or "/" in name or not d.is_dir():
+            return None
+        if (d / "meta.json").exists():
+            return name
+        if time.time() - d.stat().st_mtime < NEVER_STARTED_S:
+            # the runner may still be starting: wait for its pid rather than launch the job twice
+            deadline = time.monotonic() + NEVER_STARTED_S
+            while time.monotonic() < deadline and not (d / "meta.json").exists():
+                time.sleep(0.2)
+            if (d / "meta.json").exists():
+                return name
+        return None
+
     def launch(self, task: dict, name: str) -> str:
-        handle = f"{name}-{uuid.uuid4().hex[:8]}"
+        """Start the task as job `name` (its handle); BackendError if a job of that name exists."""
+        handle = name
+        if not name or "/" in name or name.startswith("."):
+            raise BackendError(f"invalid local job name {name!r}")
         d = self.root / handle
-        d.mkdir(parents=True)
-        (d / "task.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+        private_dir(d.parent)
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            raise BackendError(f"a local job named {name!r} exists already ({d})") from None
+        write_private(d / "task.yaml", yaml.safe_dump(task, sort_keys=False))
         # `python` in the task means this interpreter (the one meetara is installed in)
-        shim = d / "bin"
-        shim.mkdir()
-        (shim / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
-        (shim / "python").chmod(0o755)
+        shim = private_dir(d / "bin")
+        write_private(shim / "python", f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        (shim / "python").chmod(0o700)
         env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ.get('PATH', '')}"}
-        with open(d / "log", "ab") as log:
+        with open_private(d / "log", "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "launcher.backends.local_runner", str(d)],
                 stdout=log,
@@ -77,12 +110,7 @@ class LocalBackend:
                 start_new_session=True,
             )
         self._children[handle] = proc
-        meta = {
-            "pid": proc.pid,
-            "proc_start": _proc_start(proc.pid),
-            "started_at": datetime.now(UTC).isoformat(),
-        }
-        (d / "meta.json").write_text(json.dumps(meta))
+        write_meta(d, proc.pid)
         return handle
 
     def _meta(self, d: Path) -> dict:
@@ -106,11 +134,12 @@ class LocalBackend:
             else:
                 state = JobState.FAILED
             return JobStatus(state, started, ended, rc)
-        alive = meta["proc_start"] is not None and _proc_start(meta["pid"]) == meta["proc_start"]
+        alive = meta["proc_start"] is not None and proc_start(meta["pid"]) == meta["proc_start"]
         if alive:
             return JobStatus(JobState.RUNNING, started)
         # the runner is gone without recording an exit code: killed from outside (a preemption)
-        ended = datetime.fromtimestamp((d / "log").stat().st_mtime, UTC)
+        # it ended after its last word in the log, and not before it started (killed while starting)
+        ended = max(datetime.fromtimestamp((d / "log").stat().st_mtime, UTC), started)
         state = JobState.CANCELLED if cancelled else JobState.PREEMPTED
         return JobStatus(state, started, ended, detail="the job's processes vanished without an exit code")
 
@@ -137,7 +166,7 @@ class LocalBackend:
     def signal(self, handle: str, sig: int) -> bool:
         """Send `sig` to the job's whole process group; False if it is not running."""
         meta = self._meta(self._dir(handle))
-        if meta["proc_start"] is None or _proc_start(meta["pid"]) != meta["proc_start"]:
+        if meta["proc_start"] is None or proc_start(meta["pid"]) != meta["proc_start"]:
             return False
         try:
             os.killpg(meta["pid"], sig)  # the runner leads its own session: pgid == pid

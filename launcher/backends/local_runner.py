@@ -16,14 +16,12 @@ from pathlib import Path
 import yaml
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(job_dir: str) -> int:
+    from budgets import write_private
+    from launcher.backends.local import write_meta
+
     d = Path(job_dir)
+    write_meta(d, os.getpid())  # if the launcher died before writing it, the job is still found
     task = yaml.safe_load((d / "task.yaml").read_text())
     env = {**os.environ, **{k: str(v) for k, v in (task.get("envs") or {}).items() if v is not None}}
     # SIGTERM goes to the whole group: the training process checkpoints and exits 75; the runner
@@ -39,7 +37,7 @@ def main(job_dir: str) -> int:
         rc = subprocess.call(["bash", "-c", script], env=env, cwd=task.get("workdir") or None)
         if rc != 0:
             break
-    _write(d / "rc", str(rc))
+    write_private(d / "rc", str(rc))
     return rc
 
 

@@ -31,10 +31,15 @@ def api_key(provider: str) -> str | None:
     if not path.is_file():
         return None
     try:
-        return module.read_key_file(path)
+        key = module.read_key_file(path)
     except (OSError, ValueError) as e:
         log.warning("%s: cannot read %s (%s)", provider, module.KEY_FILE, type(e).__name__)
         return None
+    if key:
+        from train.redact import add_secret
+
+        add_secret(key)  # read from a file, not the environment: the log redaction must learn it
+    return key
 
 
 def base_url(provider: str) -> str:
