@@ -35,6 +35,7 @@ from launcher.backends.base import Backend, JobState, JobStatus
 from launcher.crash import crash_point
 from launcher.pull import PullResult, pull_domain
 from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
+from train import first_line
 from train.cli import EXIT_BUDGET
 from train.pipeline import MANIFEST
 from train.store import ObjectStore
@@ -124,7 +125,7 @@ class Conductor:
                 if k.endswith(f"/{MANIFEST}")
             }
         except Exception as e:  # the store is down for a moment: jobs go on; ask again next poll
-            log.warning("listing %s failed (%s); retrying next poll", self.store.url, _one_line(e))
+            log.warning("listing %s failed (%s); retrying next poll", self.store.url, first_line(e))
         return self._done
 
     def run(self) -> RunRecord:
@@ -146,7 +147,7 @@ class Conductor:
                 if failures >= self.max_loop_errors:
                     raise ConductorError(
                         f"following run {self.rec.run_id} failed {failures} polls in a row: "
-                        f"{type(e).__name__}: {_one_line(e)}"
+                        f"{type(e).__name__}: {first_line(e)}"
                     ) from None
                 finished = False
             if finished:
@@ -194,7 +195,7 @@ class Conductor:
                 handle = self.backend.launch(self.task_for(job), job.launch_name)
             except Exception as e:
                 job.state, job.ended_at = "FAILED", datetime.now(UTC)
-                job.note(f"launch failed: {type(e).__name__}: {_one_line(e)}")
+                job.note(f"launch failed: {type(e).__name__}: {first_line(e)}")
                 self.hooks.launch_failed(job)
                 self.rec.save()
                 continue
@@ -210,7 +211,7 @@ class Conductor:
         except Exception as e:  # a flaky status call is not a preemption: try again next poll
             job.status_errors += 1
             failed = self._status_failures[job.handle] = self._status_failures.get(job.handle, 0) + 1
-            job.note(f"status call failed ({type(e).__name__}: {_one_line(e)}); retrying next poll")
+            job.note(f"status call failed ({type(e).__name__}: {first_line(e)}); retrying next poll")
             if failed >= self.max_status_errors:
                 self._lose(job, failed)
             return
@@ -232,7 +233,7 @@ class Conductor:
                     self._account_resume(job)
                     self._maybe_inject(job)
                 except Exception as e:
-                    log.warning("%s: reading its log failed (%s)", job.name, _one_line(e))
+                    log.warning("%s: reading its log failed (%s)", job.name, first_line(e))
             return
         if st.state is JobState.PREEMPTED:
             # a status that says "lost" once may be a flap of the backend: act on a confirmed loss only
@@ -246,7 +247,7 @@ class Conductor:
         try:
             self.backend.cancel(job.handle)
         except Exception as e:
-            job.note(f"cancel failed: {type(e).__name__}: {_one_line(e)}")
+            job.note(f"cancel failed: {type(e).__name__}: {first_line(e)}")
             return False
         return True
 
@@ -357,7 +358,7 @@ class Conductor:
             try:
                 r = pull_domain(self.store, self.rec.run_id, d, Path(self.rec.models_dir))
             except Exception as e:  # full disk, corrupt manifest, store down: this domain only
-                r = PullResult(d, "error", detail=f"{type(e).__name__}: {_one_line(e)}")
+                r = PullResult(d, "error", detail=f"{type(e).__name__}: {first_line(e)}")
             self.results[d] = r
             if r.status in ("pulled", "up-to-date"):
                 self.rec.pulled.append(d)
@@ -384,7 +385,7 @@ class Conductor:
                 try:
                     job.handle = self.backend.find(job.launch_name)
                 except Exception as e:
-                    job.note(f"cancel: could not look the launch up ({_one_line(e)})")
+                    job.note(f"cancel: could not look the launch up ({first_line(e)})")
                     continue
                 job.state = "PENDING" if job.handle else "planned"
             if job.state in ACTIVE and job.handle:
@@ -397,7 +398,3 @@ class Conductor:
                 names.append(job.name)
         self.rec.save()
         return names
-
-
-def _one_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

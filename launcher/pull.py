@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from train import BadInput
+from train import BadInput, first_line
 from train.pipeline import MANIFEST, domain_prefix
 from train.store import ObjectStore, StoreError
 
@@ -147,10 +147,10 @@ def pull_domain(store: ObjectStore, run_id: str, domain: str, dest: Path) -> Pul
         try:
             failed = store.exists(f"{prefix}/failed.json")
         except StoreError as e:
-            return PullResult(domain, "error", detail=_one_line(e))
+            return PullResult(domain, "error", detail=first_line(e))
         return PullResult(domain, "failed-validation" if failed else "not-finished")
     except StoreError as e:  # the store is down: this domain is not pulled now; `meetara pull` retries
-        return PullResult(domain, "error", detail=_one_line(e))
+        return PullResult(domain, "error", detail=first_line(e))
     try:
         manifest = json.loads(raw)
         if manifest.get("status") != "done" or not manifest.get("validation", {}).get("passed"):
@@ -177,7 +177,7 @@ def pull_domain(store: ObjectStore, run_id: str, domain: str, dest: Path) -> Pul
             _write_json(local_manifest, manifest)
             result.status = "pulled" if result.bytes else result.status
     except (PullError, StoreError) as e:
-        result.status, result.detail = "error", _one_line(e)
+        result.status, result.detail = "error", first_line(e)
     except OSError as e:  # the models folder: a file in the way, no permission, disk full
         where = e.filename or dest
         full = "disk full" if e.errno in FULL else (e.strerror or type(e).__name__)
@@ -201,7 +201,3 @@ def pull(
         on_domain(r)
         out.append(r)
     return out
-
-
-def _one_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from launcher.offers import Offer
 from launcher.preferences import Preferences
+from train import first_line
 
 if TYPE_CHECKING:
     from launcher.plan import JobPlan, OfferRef, Workload
@@ -287,7 +288,7 @@ def check_catalog_rows(offers: Sequence[OfferRef | Offer]) -> int:
                             raise BadInput(
                                 f"SkyPilot refuses the {cloud} catalog row {row['InstanceType']} in {infra} "
                                 f"({market}; vCPUs {row['vCPUs']}, memory {row['MemoryGiB']} GiB): "
-                                f"{_one_line(e)}"
+                                f"{first_line(e)}"
                             ) from None
                         checked += 1
     return checked
@@ -295,11 +296,6 @@ def check_catalog_rows(offers: Sequence[OfferRef | Offer]) -> int:
 
 def _num(value: float) -> str:
     return str(float(value))  # as the CSV holds it, so SkyPilot's exact comparison with the catalog holds
-
-
-def _one_line(e: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e).strip() or type(e).__name__)
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def catalog_dir(home: Path) -> Path:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.backends.base import BackendError, JobState, JobStatus
+from train import first_line
 
 if TYPE_CHECKING:
     from launcher.offers import Offer
@@ -189,12 +190,6 @@ def _import_sky():
     return sky
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    # SkyPilot's messages carry ANSI colours and multi-line hints; the first line says what happened
-    return re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()[0]
-
-
 def _when(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, UTC) if ts else None
 
@@ -247,7 +242,7 @@ class SkyPilotBackend:
         try:
             return sky.Task.from_yaml_config(config, secrets_overrides=overrides or None)
         except (ValueError, KeyError) as e:
-            raise BackendError(f"invalid task: {_first_line(e)}") from None
+            raise BackendError(f"invalid task: {first_line(e)}") from None
 
     def _write_catalogs(self) -> None:
         if not self.offers:
@@ -268,14 +263,14 @@ class SkyPilotBackend:
         try:
             sky_task.validate_name()  # SkyPilot's own rule, which `sky jobs launch` applies to the job
         except ValueError as e:
-            raise BackendError(f"invalid SkyPilot job name {name!r}: {_first_line(e)}") from None
+            raise BackendError(f"invalid SkyPilot job name {name!r}: {first_line(e)}") from None
         try:
             request_id = sky.jobs.launch(sky_task, name=name)
             job_ids, _controller = sky.get(request_id)
         except BackendError:
             raise
         except Exception as e:  # NoCloudAccessError, ResourcesUnavailableError, API server errors
-            raise BackendError(f"SkyPilot could not launch {name}: {_first_line(e)}") from None
+            raise BackendError(f"SkyPilot could not launch {name}: {first_line(e)}") from None
         if not job_ids:
             raise BackendError(f"SkyPilot launched {name} but returned no job id")
         return str(job_ids[0])
@@ -289,7 +284,7 @@ class SkyPilotBackend:
         try:
             requests = sky.api_status(all_status=False)  # the requests not finished yet
         except Exception as e:
-            raise BackendError(f"SkyPilot requests: {_first_line(e)}") from None
+            raise BackendError(f"SkyPilot requests: {first_line(e)}") from None
         for request_id in launch_requests(requests, name):
             try:
                 job_ids, _controller = sky.get(request_id)
@@ -302,7 +297,7 @@ class SkyPilotBackend:
                 sky.jobs.queue_v2(refresh=False, name_match=name, fields=["job_id", "job_name", "status"])
             )
         except Exception as e:
-            raise BackendError(f"SkyPilot job queue: {_first_line(e)}") from None
+            raise BackendError(f"SkyPilot job queue: {first_line(e)}") from None
         return job_named(records, name)
 
     def _job_id(self, handle: str) -> int:
@@ -320,7 +315,7 @@ class SkyPilotBackend:
         try:
             records, *_ = sky.get(sky.jobs.queue_v2(refresh=False, job_ids=[job_id], fields=fields))
         except Exception as e:
-            raise BackendError(f"SkyPilot job queue: {_first_line(e)}") from None
+            raise BackendError(f"SkyPilot job queue: {first_line(e)}") from None
         mine = [r for r in records if r.job_id == job_id]
         if not mine:
             raise BackendError(f"no SkyPilot managed job {job_id}")
@@ -331,7 +326,7 @@ class SkyPilotBackend:
         try:
             sky.get(sky.jobs.cancel(job_ids=[self._job_id(handle)]))
         except Exception as e:
-            raise BackendError(f"SkyPilot cancel {handle}: {_first_line(e)}") from None
+            raise BackendError(f"SkyPilot cancel {handle}: {first_line(e)}") from None
 
     def logs(self, handle: str, tail: int = 50) -> str:
         sky = _import_sky()
@@ -339,7 +334,7 @@ class SkyPilotBackend:
         try:
             sky.jobs.tail_logs(job_id=self._job_id(handle), follow=False, tail=tail, output_stream=out)
         except Exception as e:
-            raise BackendError(f"SkyPilot logs {handle}: {_first_line(e)}") from None
+            raise BackendError(f"SkyPilot logs {handle}: {first_line(e)}") from None
         return out.getvalue()
 
 
@@ -396,7 +391,7 @@ def job_status(records: Sequence[Any]) -> SkyJobStatus:
     if recoveries:
         detail += f", recovered {recoveries}x" if status != "RECOVERING" else f", recovery {recoveries}"
     if reason:
-        detail += f": {_first_line(Exception(reason))}"
+        detail += f": {first_line(Exception(reason))}"
     started = min((r.start_at for r in records if r.start_at), default=None)
     ended = rec.end_at if state.finished else None
     return SkyJobStatus(
