@@ -516,7 +516,10 @@ def recover_command(
         rows = [(rec, unfinished(rec)) for rec in select_runs(run_id, "meetara recover")]
     except BadInput as e:
         raise fail(str(e)) from None
-    t = Table("run", "backend", "store", "unfinished", "planned $/h", title="runs with unfinished domains")
+    t = Table(title="runs with unfinished domains")
+    for header in ("run", "backend", "store", "unfinished", "planned $/h"):
+        # a long store URL folds; the run and its unfinished domains stay whole, one row per run
+        t.add_column(header, overflow="fold" if header == "store" else "ellipsis", no_wrap=header != "store")
     for rec, todo in rows:
         if todo:
             rates = {f"{j.offer.expected_hour:.3f}" for j in rec.plan.jobs}
