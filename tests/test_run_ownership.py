@@ -63,11 +63,19 @@ def _jobs(tmp_path: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
+def _log(job: Path) -> str:
+    """A job's log; empty while the folder exists but the runner has not opened its log yet."""
+    try:
+        return (job / "log").read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 def _trainings(tmp_path: Path) -> dict[str, int]:
     """How many times each domain started training from scratch, over every local job's log."""
     counts: dict[str, int] = {}
     for d in _jobs(tmp_path):
-        for domain in STEP_ONE.findall((d / "log").read_text(errors="replace")):
+        for domain in STEP_ONE.findall(_log(d)):
             counts[domain] = counts.get(domain, 0) + 1
     return counts
 
@@ -320,7 +328,7 @@ def test_sigterm_cancels_the_jobs_settles_and_exits_75(tmp_path):
 
     def training():  # Ctrl-C in the middle of training, where it costs work
         assert launcher.poll() is None, launcher.stderr.read()
-        return any(STEP_ONE.search((d / "log").read_text(errors="replace")) for d in _jobs(tmp_path))
+        return any(STEP_ONE.search(_log(d)) for d in _jobs(tmp_path))
 
     wait_for(training, timeout=300, what="a job to train")
     launcher.send_signal(signal.SIGTERM)
