@@ -598,7 +598,7 @@ def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
                 err.print(f"{j.name}: {j.state.lower()} (exit code {j.exit_code})\n{tail}", highlight=False)
     if outcome.message:
         err.print(
-            f"{'error: ' if outcome.code in (1, 3) else ''}{outcome.message}", highlight=False, soft_wrap=True
+            f"{'error: ' if outcome.code in (1, 3, 4) else ''}{outcome.message}", highlight=False, soft_wrap=True
         )
     return outcome.code
 
@@ -758,3 +758,40 @@ def doctor_command(config: Path = typer.Option(None, help="preferences file")) -
     for name, ok, detail in rows:
         t.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", detail)
     _console().print(t)
+
+
+sky_app = typer.Typer(help="meetara's own SkyPilot API server (state in meetara's state directory).")
+app.add_typer(sky_app, name="sky")
+
+
+@sky_app.command("status")
+def sky_status_command() -> None:
+    """Whether meetara's SkyPilot API server runs, on which port, and what holds the port if not it."""
+    from launcher import skyserver
+
+    try:
+        ok, detail = skyserver.describe(skyserver.state())
+    except skyserver.SkyServerError as e:
+        raise fail(str(e)) from None
+    _console().print(detail, soft_wrap=True, highlight=False)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@sky_app.command("stop")
+def sky_stop_command() -> None:
+    """Stop meetara's SkyPilot API server and the jobs controller it runs (managed jobs' machines keep
+    running; the next cloud command starts the server again and it picks them up)."""
+    from launcher import skyserver
+    from launcher.backends.skypilot import available
+
+    if not available():
+        raise fail('SkyPilot is not installed: pip install "meetara[cloud]"')
+    try:
+        was = skyserver.stop()
+    except skyserver.SkyServerError as e:
+        raise fail(str(e)) from None
+    st = skyserver.state()
+    if st.healthy:
+        raise fail(f"the SkyPilot API server on port {st.port} is still running (pid {st.pid})", 1)
+    _console().print("stopped" if was else "it was not running", highlight=False)

@@ -111,6 +111,7 @@ class Conductor:
     lease: object | None = None  # budgets.lease.Holder of the run: following stops when it is lost
     max_loop_errors: int = 5  # polls in a row that fail unexpectedly before following is given up
     max_status_errors: int = 60  # status calls in a row that fail before a job is given up as LOST
+    max_start_s: float | None = None  # a launch with no machine this long is cancelled (NO-MACHINE)
     _status_failures: dict[str, int] = field(default_factory=dict)
     _suspect: dict[str, int] = field(default_factory=dict)
     _done: set[str] = field(default_factory=set)
@@ -190,6 +191,7 @@ class Conductor:
             job.handle, job.state = None, LAUNCHING
             job.launches += 1
             job.started_at, job.ended_at, job.exit_code = None, None, None
+            job.launched_at = datetime.now(UTC)
             self.rec.save()
             try:
                 handle = self.backend.launch(self.task_for(job), job.launch_name)
@@ -226,6 +228,8 @@ class Conductor:
             return
         if not st.state.finished:
             self._suspect.pop(job.handle, None)
+            if self._no_machine(job, st):
+                return
             job.state = st.state.value
             if st.state is JobState.RUNNING:
                 crash_point("running")
@@ -295,6 +299,23 @@ class Conductor:
         if time.monotonic() >= chaos.due[job.handle] and self.backend.signal(job.handle, signal.SIGKILL):
             chaos.kills += 1
             job.note(f"injected preemption {chaos.kills}/{chaos.max_kills} (SIGKILL)")
+
+    def _no_machine(self, job: JobRecord, st: JobStatus) -> bool:
+        """A launch still waiting for a machine past `max_start_s` (SkyPilot retries "no capacity" on
+        every offer of the task forever): cancel it; it never ran, so it cost nothing. True if so."""
+        waiting = st.state is JobState.PENDING and not st.started_at and job.launched_at is not None
+        if self.max_start_s is None or not waiting:
+            return False
+        waited = (datetime.now(UTC) - job.launched_at).total_seconds()
+        if waited < self.max_start_s or not self._cancel(job):
+            return False
+        job.state, job.ended_at = "NO-MACHINE", None
+        offers = len(job.offers) - job.offer_index
+        job.note(
+            f"no machine after {waited / 60:.1f} min on any of its {offers} offer(s) "
+            f"({st.detail or 'pending'}): cancelled, nothing spent"
+        )
+        return True
 
     def _give_up(self, job: JobRecord) -> None:
         """Past the recovery cap while the backend keeps recovering it: cancel it (it checkpoints)."""

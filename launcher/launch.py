@@ -47,8 +47,13 @@ def make_backend(name: str) -> Backend:
         from launcher.backends.local import LocalBackend
 
         return LocalBackend()
+    from launcher import skyserver
     from launcher.backends.skypilot import SkyPilotBackend
 
+    try:  # before anything in this process imports SkyPilot (it anchors some paths at import)
+        skyserver.activate()
+    except skyserver.SkyServerError as e:
+        raise BadInput(str(e)) from None
     return SkyPilotBackend()
 
 
@@ -294,6 +299,7 @@ def prepare(
                 from launcher.skycatalog import check_catalog_rows
 
                 check_catalog_rows([o for j in prep.plan.jobs for o in (j.offer, *j.fallbacks)])
+                be.ready()  # credentials, and meetara's SkyPilot API server up: before money moves
     except BaseException:
         prep.close()
         raise
@@ -346,6 +352,7 @@ def conductor_for(
         hooks,
         chaos=chaos,
         lease=prep.lease,
+        max_start_s=prefs.start_timeout_minutes * 60 if rec.backend == "skypilot" else None,
     )
     c.money = money
     return c
@@ -359,13 +366,14 @@ def launch_message(e: BaseException) -> str:
 
 
 EXIT_OWNED = 3  # another live launcher follows the run (or took it over): nothing was done here
+EXIT_NO_MACHINE = 4  # no offer had a machine within start_timeout_minutes: cancelled, nothing spent
 
 
 @dataclass
 class Outcome:
     """How following a run ended: the exit code the CLI returns and its one-line message."""
 
-    code: int  # 0 done, 1 a job failed or following failed, 3 taken over, 75 interrupted
+    code: int  # 0 done, 1 a job failed or following failed, 3 taken over, 4 no machine, 75 interrupted
     message: str | None = None
 
 
@@ -401,6 +409,13 @@ def follow(
     failed = [j for j in rec.jobs.values() if j.state != "SUCCEEDED"]
     if c.money.stopped_by:
         return Outcome(1, f"stopped: budget: {c.money.stopped_by}; checkpoints are kept")
+    if failed and all(j.state == "NO-MACHINE" for j in failed):
+        return Outcome(
+            EXIT_NO_MACHINE,
+            f"no machine: {len(failed)} job(s) found no capacity on any offer within "
+            f"{prefs.start_timeout_minutes:g} min, nothing was spent; rerun later (or widen the "
+            "preferences): " + "; ".join(map(_why, failed)),
+        )
     if failed:
         return Outcome(1, f"{len(failed)} job(s) did not succeed: " + "; ".join(map(_why, failed)))
     return Outcome(0)
@@ -409,7 +424,7 @@ def follow(
 def _why(job: JobRecord) -> str:
     """`job state`, with the reason when the job never started (the backend's one line)."""
     last = job.history[-1].split(" ", 1)[-1] if job.history else ""
-    why = f" ({last[:300]})" if last.startswith("launch failed") else ""
+    why = f" ({last[:300]})" if last.startswith(("launch failed", "no machine")) else ""
     return f"{job.name} {job.state.lower()}{why}"
 
 

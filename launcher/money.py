@@ -138,6 +138,12 @@ class Money:
                     self.ledger.record_event(
                         rec.run_id, "preempted", job=job.name, reservation_id=job.reservation_id
                     )
+            elif job.state == "NO-MACHINE" and job.started_at is None:
+                res = self.ledger.reservation(job.reservation_id)
+                if res.state == "open" and res.accrued == 0:
+                    self.ledger.release(job.reservation_id, note="no machine: no capacity", owner=self.owner)
+                elif res.state == "open":  # an earlier launch of the job ran: what it spent stays
+                    self._settle(job, "stopped: no machine for a relaunch")
             elif job.state == "LOST":
                 res = self.ledger.reservation(job.reservation_id)
                 if res.state == "open":

@@ -53,6 +53,13 @@ class Preferences(BaseModel):
     job_startup_minutes: float = Field(
         6.0, ge=0, description="a cloud job's fixed start-up: provisioning, setup, base model download"
     )
+    start_timeout_minutes: float = Field(
+        30.0,
+        gt=0,
+        le=24 * 60,
+        description="a cloud job that has no machine this long after its launch (no capacity on any of its "
+        "offers) is cancelled and its money released",
+    )
     fallbacks: int = Field(5, ge=0, le=50, description="ranked fallback offers kept per job")
     backend: Literal["auto", "local", "skypilot"] = Field(
         "auto", description="auto: skypilot when it is installed and a provider has credentials, else local"
@@ -76,6 +83,7 @@ ENV = {
     "MEETARA_PREEMPTION_OVERHEAD": "preemption_overhead",
     "MEETARA_BACKEND": "backend",
     "MEETARA_LOCAL_PRICE_HOUR": "local_price_hour",
+    "MEETARA_START_TIMEOUT_MINUTES": "start_timeout_minutes",
 }
 
 

@@ -21,7 +21,8 @@ ACTIVE = {"PENDING", "RUNNING", "RECOVERING"}
 LAUNCHING = "LAUNCHING"
 # LOST: the backend could not tell what became of it (status failed too often): settled to its whole
 # reservation, the most its in-job deadline lets it spend
-FINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "GAVE-UP", "STOPPED-BUDGET", "LOST"}
+# NO-MACHINE: no offer had a machine for it within `start_timeout_minutes`: cancelled, nothing spent
+FINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "GAVE-UP", "STOPPED-BUDGET", "LOST", "NO-MACHINE"}
 
 
 def runs_dir() -> Path:
@@ -43,6 +44,7 @@ class JobRecord(BaseModel):
     backend_recoveries: int = 0  # recoveries the backend made itself (SkyPilot), earlier launches
     launch_recoveries: int = 0  # ... and the current launch (the highest it reported)
     status_errors: int = 0
+    launched_at: datetime | None = None  # when the current launch was asked for
     started_at: datetime | None = None  # current launch
     ended_at: datetime | None = None
     run_seconds: float = 0.0  # billed seconds of earlier launches of this job

@@ -15,6 +15,7 @@ run it.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import csv
 import functools
@@ -122,15 +123,16 @@ def sky_instance_type(provider: str, instance_type: str, gpu: str, gpu_count: in
 
     Lambda's are Lambda's own. RunPod's are `<n>x_<GPU key>_SECURE` (the offers are secure-cloud
     prices). Vast's are SkyPilot's invention `<n>x-<gpu_name>-<cores>-<RAM MB>`, of which the
-    provisioner reads the count, the Vast GPU name and the RAM floor: the cores field carries the Vast
-    offer id instead, so that each offer stays its own catalog row, and the RAM floor is 0.
+    provisioner reads the count, the Vast GPU name and the RAM floor: meetara writes
+    `<n>x-<gpu_name>-m<offer id>-0`, so that each offer stays its own catalog row and meetara's SkyPilot
+    plugin (launcher/skyplugin.py) rents exactly that offer; the RAM floor is 0.
     """
     if provider == "runpod":
         key = RUNPOD_GPU_KEYS.get(instance_type) or sky_accelerator(provider, instance_type, gpu)
         return f"{gpu_count}x_{key}_SECURE"
     if provider == "vast":
         name = VAST_GPU_NAMES.get(gpu) or _vast_name(gpu)
-        return f"{gpu_count}x-{name.replace(' ', '_')}-{instance_type}-0"
+        return f"{gpu_count}x-{name.replace(' ', '_')}-m{instance_type}-0"
     return instance_type
 
 
@@ -433,7 +435,56 @@ def write_catalogs(offers: Sequence[Offer], home: Path, *, merge: bool = False) 
             w.writerows(rows)
         os.replace(tmp, path)
         out[cloud] = path
+    out.update(_write_common(cat, home))
     return out
+
+
+def _write_common(cat: SkyCatalog, home: Path) -> dict[str, Path]:
+    """SkyPilot's common catalogs (accelerator names per cloud, GPU memory), with the accelerators of
+    `cat` merged in: SkyPilot canonicalises names against them and would otherwise download them."""
+    names: dict[str, set[str]] = {}
+    memory: dict[str, float] = {}
+    for cloud, rows in cat.rows.items():
+        for row in rows:
+            names.setdefault(row["AcceleratorName"], set()).add(_CLOUD_CLASS[cloud])
+            info = ast.literal_eval(row["GpuInfo"])
+            memory[row["AcceleratorName"]] = info["Gpus"][0]["MemoryInfo"]["SizeInMiB"] / 1024
+    d = catalog_dir(home) / "common"
+    d.mkdir(parents=True, exist_ok=True)
+    acc_path, meta_path = d / "accelerators.csv", d / "metadata.csv"
+    acc = _read_rows(acc_path)
+    for row in acc:
+        extra = names.pop(row.get("AcceleratorName", ""), set())
+        have = {c.strip() for c in (row.get("Clouds") or "").split(",") if c.strip()}
+        row["Clouds"] = ", ".join(sorted(have | extra))
+    acc += [{"AcceleratorName": n, "Clouds": ", ".join(sorted(c))} for n, c in sorted(names.items())]
+    meta = _read_rows(meta_path)
+    known = {r.get("GPU") for r in meta}
+    meta += [
+        {"GPU": n, "MemoryGB": f"{gb:g}", "Manufacturer": "NVIDIA"}
+        for n, gb in sorted(memory.items())
+        if n not in known
+    ]
+    _write_rows(acc_path, ["AcceleratorName", "Clouds"], acc)
+    _write_rows(meta_path, ["GPU", "MemoryGB", "Manufacturer"], meta)
+    return {"common/accelerators": acc_path, "common/metadata": meta_path}
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+
+
+def _write_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 class SkyChoice(NamedTuple):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import socket
@@ -26,6 +27,32 @@ os.environ.update(
     SKYPILOT_DISABLE_USAGE_COLLECTION="1",
 )
 (_SANDBOX / "home").mkdir()
+with socket.socket() as _s:  # meetara's SkyPilot API server, if a test starts one: never the user's port
+    _s.bind(("127.0.0.1", 0))
+    os.environ["MEETARA_SKY_PORT"] = str(_s.getsockname()[1])
+
+
+def stop_skypilot_under(*roots: Path) -> None:
+    """Kill, by PID, every process whose SKY_RUNTIME_DIR is under one of `roots` (meetara's SkyPilot
+    API server and its helpers): a test that starts one stops it; this catches one that could not."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            runtime = proc.environ().get("SKY_RUNTIME_DIR", "")
+        except psutil.Error:
+            continue
+        if runtime and proc.pid != os.getpid() and any(runtime.startswith(str(r)) for r in roots):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_skypilot_left(tmp_path_factory: pytest.TempPathFactory):
+    yield
+    stop_skypilot_under(_SANDBOX, tmp_path_factory.getbasetemp())
+
+
 for _var in ("MEETARA_BACKEND", "RUNPOD_API_KEY", "VAST_API_KEY", "LAMBDA_API_KEY", "XDG_STATE_HOME"):
     os.environ.pop(_var, None)
 

@@ -353,6 +353,8 @@ def test_find_waits_for_a_launch_in_flight_then_reads_the_queue(monkeypatch) -> 
         return "queue"
 
     monkeypatch.setattr(sky.jobs, "queue_v2", queue_v2)
+    # SkyPilot's API answers are the ones above: no API server is started for them
+    monkeypatch.setattr(SkyPilotBackend, "_server", lambda self: sky)
     backend = SkyPilotBackend()
     assert backend.find("default-j1") == "12"  # the launch under way, waited for
     # a launch request that failed (sky.get raises): what it left, if anything, is in the queue

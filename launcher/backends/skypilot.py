@@ -37,12 +37,14 @@ import io
 import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher import skyserver
 from launcher.backends.base import BackendError, JobState, JobStatus
 from train import first_line
 
@@ -168,6 +170,10 @@ def doctor() -> list[tuple[str, bool, str]]:
             rows.append((f"{provider} for SkyPilot", False, f"{var} is set, but SkyPilot reads {file}"))
         else:
             rows.append((f"{provider} for SkyPilot", False, f"no credentials ({file})"))
+    if version is not None:
+        rsync = shutil.which("rsync")
+        rows.append(("rsync", rsync is not None, rsync or "missing: SkyPilot copies job files with it"))
+    rows.extend(server_rows())
     names, where = store_credentials()
     if all(n in names for n in STORE_SECRETS):
         rows.append(("store credentials", True, f"{', '.join(names)} from {where}"))
@@ -177,6 +183,45 @@ def doctor() -> list[tuple[str, bool, str]]:
                 "store credentials",
                 False,
                 "none for s3:// stores: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+            )
+        )
+    return rows
+
+
+def server_rows() -> list[tuple[str, bool, str]]:
+    """doctor rows for meetara's own SkyPilot: its API server, the catalogs meetara wrote for it, and
+    whether the user's own SkyPilot catalogs hold rows an older meetara wrote there."""
+    try:
+        ok, detail = skyserver.describe(skyserver.state())
+    except skyserver.SkyServerError as e:
+        return [("SkyPilot API server", False, str(e))]
+    rows = [("SkyPilot API server", ok, detail)]
+    from launcher.skycatalog import CATALOG_COLUMNS, catalog_dir
+
+    home = skyserver.runtime_dir()
+    counts = []
+    for cloud in CATALOG_COLUMNS:
+        path = catalog_dir(home) / cloud / "vms.csv"
+        if path.exists():
+            with path.open(encoding="utf-8", errors="replace") as f:
+                n = max(sum(1 for _ in f) - 1, 0)
+            when = datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
+            counts.append(f"{cloud} {n} rows ({when})")
+    written = "; ".join(counts) if counts else "none yet (written at each cloud launch)"
+    rows.append(("SkyPilot catalogs", True, f"meetara's, in {catalog_dir(home)}: {written}"))
+    user = catalog_dir(Path.home())
+    edited = [
+        c
+        for c in CATALOG_COLUMNS
+        if (user / c / "vms.csv").exists() and not (user / ".meta" / c / "vms.csv.md5").exists()
+    ]
+    if edited and user != catalog_dir(home):
+        rows.append(
+            (
+                "your SkyPilot catalogs",
+                False,
+                f"{', '.join(edited)} in {user} were edited (an older meetara wrote its offers there); "
+                "SkyPilot will not refresh them: delete those vms.csv files",
             )
         )
     return rows
@@ -211,11 +256,14 @@ class SkyPilotBackend:
         self.offers = list(offers or [])
         self.sky_home = sky_home
         self.max_parallel = max_parallel or int(os.environ.get("MEETARA_CLOUD_PARALLEL", "64"))
+        self._server_ok = False
 
     def check(self) -> None:
         """Raise a one-line BackendError unless SkyPilot is installed and some provider has credentials."""
         if not available():
             raise BackendError(INSTALL_HINT)
+        if shutil.which("rsync") is None:
+            raise BackendError("rsync is missing: SkyPilot copies job files with it (apt install rsync)")
         if not configured_clouds():
             files = ", ".join(f for f, _ in SKY_CREDENTIALS.values())
             raise BackendError(f"no cloud credentials for SkyPilot: put an API key in one of {files}")
@@ -249,15 +297,33 @@ class SkyPilotBackend:
             return
         from launcher.skycatalog import offers_from_refs, write_catalogs
 
-        home = self.sky_home or Path(os.environ.get("SKY_RUNTIME_DIR") or Path.home())
-        write_catalogs(offers_from_refs(self.offers), home, merge=True)
+        write_catalogs(offers_from_refs(self.offers), self.sky_home or skyserver.runtime_dir(), merge=True)
+
+    def _server(self):
+        """SkyPilot, talking to meetara's own API server (launcher/skyserver.py), started if need be."""
+        if not self._server_ok:
+            try:
+                skyserver.activate()
+                sky = _import_sky()
+                skyserver.ensure_running()
+            except skyserver.SkyServerError as e:
+                raise BackendError(str(e)) from None
+            self._server_ok = True
+            return sky
+        return _import_sky()
+
+    def ready(self) -> None:
+        """Raise a one-line BackendError unless a launch could go ahead: SkyPilot installed, a provider's
+        credentials, meetara's SkyPilot API server up (started here if nothing holds its port)."""
+        self.check()
+        self._server()
 
     def launch(self, task: dict, name: str) -> str:
         """Launch the task as managed job `name`, exactly (BackendError if SkyPilot refuses the name)."""
         from launcher.task import secret_values
 
         self.check()
-        sky = _import_sky()
+        sky = self._server()
         self._write_catalogs()
         sky_task = self.sky_task({**task, "name": name}, secret_values())
         try:
@@ -280,7 +346,7 @@ class SkyPilotBackend:
 
         A launch whose request SkyPilot's API server is still running (the launcher died while it waited)
         is waited for, so that a job is never launched twice under one name."""
-        sky = _import_sky()
+        sky = self._server()
         try:
             requests = sky.api_status(all_status=False)  # the requests not finished yet
         except Exception as e:
@@ -306,7 +372,7 @@ class SkyPilotBackend:
         return int(handle)
 
     def status(self, handle: str) -> JobStatus:
-        sky = _import_sky()
+        sky = self._server()
         job_id = self._job_id(handle)
         fields = [
             "job_id", "task_id", "job_name", "status", "submitted_at", "start_at", "end_at",
@@ -322,14 +388,14 @@ class SkyPilotBackend:
         return job_status(mine)
 
     def cancel(self, handle: str) -> None:
-        sky = _import_sky()
+        sky = self._server()
         try:
             sky.get(sky.jobs.cancel(job_ids=[self._job_id(handle)]))
         except Exception as e:
             raise BackendError(f"SkyPilot cancel {handle}: {first_line(e)}") from None
 
     def logs(self, handle: str, tail: int = 50) -> str:
-        sky = _import_sky()
+        sky = self._server()
         out = io.StringIO()
         try:
             sky.jobs.tail_logs(job_id=self._job_id(handle), follow=False, tail=tail, output_stream=out)

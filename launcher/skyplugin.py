@@ -1,0 +1,206 @@
+"""meetara's SkyPilot plugin: Vast rented as planned. Loaded by meetara's own SkyPilot API server
+(`launcher/skyserver.py` lists it in that server's plugins.yaml), in its request executors and its
+jobs controller, where SkyPilot provisions (sky/server/plugins.py, `PluginContext`).
+
+Why: with skypilot 0.14.1 and vastai 1.9.1, SkyPilot's Vast provisioner (sky/provision/vast/utils.py,
+`launch`) cannot rent the offer meetara planned:
+- its offer search is a query string (`geolocation="NA" ... gpu_name="RTX 3090" cpu_ram>="32.0"`) that
+  vastai's `preprocess_search_query` cannot parse (its value grammar has no quotes or dots); the
+  parse stops at the first quoted value and the search goes out with no filter at all, so the machine
+  rented is Vast's best-"score" offer of any GPU at any price;
+- spot never reaches it: `Vast.make_deploy_resources_variables` (sky/clouds/vast.py) returns no
+  `use_spot`, so the cluster template renders `Preemptible: null`, the search asks for `on-demand`
+  offers and the create sends no bid (and the chunked `min_bid` it would bid is set to 0 by vastai);
+- it writes the Vast API key in plain text into the instance's `onstart` script, kept by Vast and
+  run on the rented machine (nothing in SkyPilot reads it there);
+- vastai sends through `Session.send()`, which ignores `REQUESTS_CA_BUNDLE` (a TLS-inspecting
+  corporate proxy, or the test harness's, then fails verification).
+
+What this plugin changes: the deploy variables carry `use_spot` (as RunPod's do), and, only for
+meetara's Vast instance types (`<n>x-<gpu>-m<offer id>-0`,
+`launcher/skycatalog.py`): the search asks Vast for exactly the planned offer id, in the planned
+market (`bid` for spot, `on-demand` otherwise), with the planned disk priced; spot bids the planned
+price (the catalog's SpotPrice less the offer's disk price: the `min_bid` meetara saw); an offer
+gone since planning fails the launch with a line saying so, and SkyPilot's failover moves to meetara's
+next ordered offer. The key is left out of `onstart`. Everything else is SkyPilot's own `launch`.
+Any other instance type goes to SkyPilot's code unchanged.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from sky.server import plugins
+
+# meetara's Vast instance type: the offer id rides in the field SkyPilot's own types use for cores
+VAST_TYPE = re.compile(r"^(\d+)x-(.+)-m(\d+)-0$")
+HOURS_PER_MONTH = 30 * 24  # Vast prices storage per GB-month (launcher/providers/vast.py)
+_KEY_LINE = re.compile(r'echo "[^"]*" > ~/\.vast_api_key;?')
+
+
+@dataclass
+class Planned:
+    """The Vast launch under way in this thread or task, as meetara planned it."""
+
+    offer_id: int
+    spot: bool
+    disk_gb: int
+    catalog_price: float | None  # the catalog's $/h for the market (disk included)
+    bid: float | None = None  # set once the offer is found: catalog price less the offer's disk price
+
+
+_PLANNED: contextvars.ContextVar[Planned | None] = contextvars.ContextVar("meetara_vast_plan", default=None)
+
+
+def bid_for(catalog_price: float | None, offer: dict, disk_gb: int) -> float | None:
+    """The bid meetara priced: its catalog SpotPrice includes the disk (`disk_gb` x the offer's
+    `storage_cost` $/GB-month), Vast's bid does not."""
+    if catalog_price is None:
+        return None
+    disk_hour = disk_gb * float(offer.get("storage_cost") or 0) / HOURS_PER_MONTH
+    return round(max(catalog_price - disk_hour, 0.0), 6)
+
+
+def _catalog_price(instance_type: str, region: str, spot: bool) -> float | None:
+    from sky.catalog import vast_catalog
+
+    try:
+        return float(vast_catalog.get_hourly_cost(instance_type, use_spot=spot, region=region, zone=None))
+    except Exception:  # not in the catalog: no bid to set, SkyPilot's own then stands
+        return None
+
+
+def _search(original):
+    @functools.wraps(original)
+    def search_offers(self, query=None, type: str = "on-demand", **kwargs):  # noqa: A002 (vastai's name)
+        plan = _PLANNED.get()
+        if plan is None:
+            return original(self, query=query, type=type, **kwargs)
+        kwargs.pop("storage", None)
+        # a dict query skips vastai's string parser; its default filters (verified, rentable, not
+        # rented) still apply, and the id names exactly the planned machine, in the planned market
+        offers = original(
+            self,
+            query={"id": {"eq": plan.offer_id}},
+            type="bid" if plan.spot else "on-demand",
+            storage=float(plan.disk_gb),
+            **kwargs,
+        )
+        if plan.spot and isinstance(offers, list) and offers:
+            plan.bid = bid_for(plan.catalog_price, offers[0], plan.disk_gb)
+        return offers
+
+    search_offers.__meetara__ = True  # type: ignore[attr-defined]
+    return search_offers
+
+
+def _create(original):
+    @functools.wraps(original)
+    def create_instance(self, *args, **kwargs):
+        plan = _PLANNED.get()
+        if plan is not None:
+            if plan.spot and plan.bid is not None:
+                kwargs["price"] = plan.bid
+                kwargs.pop("bid_price", None)
+            if isinstance(kwargs.get("onstart_cmd"), str):
+                kwargs["onstart_cmd"] = _KEY_LINE.sub("", kwargs["onstart_cmd"]).strip(";")
+        return original(self, *args, **kwargs)
+
+    return create_instance
+
+
+def _launch(original):
+    @functools.wraps(original)
+    def launch(name: str, instance_type: str, region: str, disk_size: int, *args, **kwargs) -> Any:
+        m = VAST_TYPE.match(instance_type)
+        if m is None:
+            return original(name, instance_type, region, disk_size, *args, **kwargs)
+        spot = bool(kwargs["preemptible"] if "preemptible" in kwargs else args[2])
+        plan = Planned(int(m.group(3)), spot, int(disk_size), _catalog_price(instance_type, region, spot))
+        token = _PLANNED.set(plan)
+        try:
+            return original(name, instance_type, region, disk_size, *args, **kwargs)
+        except RuntimeError as e:
+            if "could not find an offer" in str(e):
+                market = "spot" if spot else "on-demand"
+                raise RuntimeError(
+                    f"Vast offer {plan.offer_id} ({market}) is no longer available: rented or withdrawn "
+                    "since meetara planned"
+                ) from None
+            raise
+        finally:
+            _PLANNED.reset(token)
+
+    launch.__meetara__ = True  # type: ignore[attr-defined]
+    return launch
+
+
+def _verify_from_env(session_cls) -> None:
+    """Give vastai's session the CA bundle requests' own `merge_environment_settings` would."""
+    init = session_cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle:
+            self.verify = bundle
+
+    session_cls.__init__ = __init__
+    session_cls.__meetara__ = True
+
+
+def _with_use_spot(original):
+    @functools.wraps(original)
+    def make_deploy_resources_variables(self, resources, *args, **kwargs):
+        variables = original(self, resources, *args, **kwargs)
+        variables.setdefault("use_spot", bool(resources.use_spot))
+        return variables
+
+    make_deploy_resources_variables.__meetara__ = True  # type: ignore[attr-defined]
+    return make_deploy_resources_variables
+
+
+def install_vast_fix() -> None:
+    """Patch SkyPilot's Vast provisioner in this process as the module docstring says. Idempotent."""
+    from sky.clouds.vast import Vast
+    from sky.provision.vast import utils
+
+    if not getattr(Vast.make_deploy_resources_variables, "__meetara__", False):
+        Vast.make_deploy_resources_variables = _with_use_spot(Vast.make_deploy_resources_variables)
+
+    if not getattr(utils.launch, "__meetara__", False):
+        utils.launch = _launch(utils.launch)
+    try:
+        from vastai.api import client
+        from vastai.sdk import VastAI
+    except ImportError:  # no vastai: SkyPilot cannot use Vast anyway and says so itself
+        return
+    if not getattr(client.VastSession, "__meetara__", False):
+        _verify_from_env(client.VastSession)
+    if not getattr(VastAI.search_offers, "__meetara__", False):
+        VastAI.search_offers = _search(VastAI.search_offers)
+        VastAI.create_instance = _create(VastAI.create_instance)
+
+
+class MeetaraPlugin(plugins.BasePlugin):
+    """Installs meetara's Vast fix where SkyPilot provisions: request executors and jobs controllers."""
+
+    load_contexts = frozenset({plugins.PluginContext.EXECUTOR, plugins.PluginContext.CONTROLLER})
+
+    @property
+    def name(self) -> str:
+        return "meetara"
+
+    @property
+    def hidden_from_display(self) -> bool:
+        return True
+
+    def install(self, extension_context: plugins.ExtensionContext) -> None:
+        del extension_context
+        install_vast_fix()
