@@ -598,7 +598,9 @@ def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
                 err.print(f"{j.name}: {j.state.lower()} (exit code {j.exit_code})\n{tail}", highlight=False)
     if outcome.message:
         err.print(
-            f"{'error: ' if outcome.code in (1, 3, 4) else ''}{outcome.message}", highlight=False, soft_wrap=True
+            f"{'error: ' if outcome.code in (1, 3, 4) else ''}{outcome.message}",
+            highlight=False,
+            soft_wrap=True,
         )
     return outcome.code
 

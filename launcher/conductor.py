@@ -341,7 +341,9 @@ class Conductor:
             return
         if st.state is not JobState.PREEMPTED:
             job.state = st.state.value
-            job.note(f"{st.state.value.lower()} (exit code {st.exit_code})")
+            # a job that never ran its command (exit code unknown) ended for the backend's reason
+            why = f": {st.detail}" if st.exit_code is None and st.detail else ""
+            job.note(f"{st.state.value.lower()} (exit code {st.exit_code}){why}")
             return
         job.preemptions += 1
         try:

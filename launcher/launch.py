@@ -424,7 +424,10 @@ def follow(
 def _why(job: JobRecord) -> str:
     """`job state`, with the reason when the job never started (the backend's one line)."""
     last = job.history[-1].split(" ", 1)[-1] if job.history else ""
-    why = f" ({last[:300]})" if last.startswith(("launch failed", "no machine")) else ""
+    ended = last.startswith(("launch failed", "no machine")) or (
+        last.startswith("failed (exit code None): ") and job.state == "FAILED"
+    )
+    why = f" ({last[:300]})" if ended else ""
     return f"{job.name} {job.state.lower()}{why}"
 
 

@@ -230,3 +230,17 @@ def test_common_catalogs_let_skypilot_canonicalise_offline(tmp_path: Path, offer
     assert "RTX3090" in r.stdout
     rows = (common / "accelerators.csv").read_text().splitlines()
     assert rows[0] == "AcceleratorName,Clouds" and len(rows) > 2
+
+
+def test_the_skypilot_version_meetara_needs_is_the_one_pyproject_pins() -> None:
+    import tomllib
+
+    from launcher.backends.skypilot import SKYPILOT_VERSION, sky_version, version_problem
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins = [d for deps in extras.values() for d in deps if d.startswith("skypilot")]
+    assert pins and all(p.endswith(f"=={SKYPILOT_VERSION}") for p in pins), pins
+    assert sky_version() == SKYPILOT_VERSION and version_problem(sky_version()) is None
+    other = version_problem("0.13.0")
+    assert other is not None and "found 0.13.0" in other and f"=={SKYPILOT_VERSION}" in other
+    assert "\n" not in other

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
     from launcher.plan import OfferRef
 
 INSTALL_HINT = 'SkyPilot is not installed: pip install "meetara[cloud]"'
+# the one SkyPilot meetara's catalogs, plugin and recovery rules are written and tested against
+# (pyproject's cloud extra pins it; tests/test_skyserver.py checks the two agree)
+SKYPILOT_VERSION = "0.14.1"
 # the files SkyPilot's own credential checks read, and the variable meetara's fetchers also accept
 SKY_CREDENTIALS = {
     "lambda": ("~/.lambda_cloud/lambda_keys", "LAMBDA_API_KEY"),
@@ -108,6 +111,19 @@ def sky_version() -> str | None:
         return None
 
 
+def version_problem(found: str | None) -> str | None:
+    """Why the installed SkyPilot cannot be used by meetara (one line with the fix), or None."""
+    if found is None:
+        return INSTALL_HINT
+    if found != SKYPILOT_VERSION:
+        return (
+            f"meetara needs skypilot {SKYPILOT_VERSION} (its catalogs, provisioner fixes and recovery "
+            f"rules are written for it), found {found}: "
+            f'pip install "skypilot[lambda,runpod,vast]=={SKYPILOT_VERSION}"'
+        )
+    return None
+
+
 def _credential_file(provider: str) -> Path | None:
     """The provider's credential file if SkyPilot's check would find a key in it."""
     path = Path(SKY_CREDENTIALS[provider][0]).expanduser()
@@ -155,11 +171,12 @@ def doctor() -> list[tuple[str, bool, str]]:
     """(check, ok, detail) rows about SkyPilot, provider credentials and store credentials. Offline:
     only the presence of packages and files is looked at, never a value, never the network."""
     version = sky_version()
+    problem = version_problem(version) if version is not None else None
     rows: list[tuple[str, bool, str]] = [
         (
             "skypilot",
-            version is not None,
-            version or f"missing: {INSTALL_HINT.split(': ', 1)[1]} (cloud jobs)",
+            version is not None and problem is None,
+            problem or version or f"missing: {INSTALL_HINT.split(': ', 1)[1]} (cloud jobs)",
         )
     ]
     for provider, (file, var) in SKY_CREDENTIALS.items():
@@ -260,8 +277,9 @@ class SkyPilotBackend:
 
     def check(self) -> None:
         """Raise a one-line BackendError unless SkyPilot is installed and some provider has credentials."""
-        if not available():
-            raise BackendError(INSTALL_HINT)
+        problem = version_problem(sky_version())
+        if problem:
+            raise BackendError(problem)
         if shutil.which("rsync") is None:
             raise BackendError("rsync is missing: SkyPilot copies job files with it (apt install rsync)")
         if not configured_clouds():
@@ -432,6 +450,23 @@ def job_named(records: Sequence[Any], name: str) -> str | None:
     return str(max(ids)) if ids else None
 
 
+_NOT_ENABLED = re.compile(r"requires (\w+) which is not enabled", re.I)
+
+
+def _explain(reason: str) -> str:
+    """SkyPilot's reason in meetara's terms where it names a fix meetara's user cannot run as written:
+    a provider "not enabled" means SkyPilot's credential check for it failed (its API refused the key);
+    `sky check` would look at the user's own SkyPilot, not meetara's."""
+    m = _NOT_ENABLED.search(reason)
+    if m and m.group(1).lower() in SKY_CREDENTIALS:
+        provider = m.group(1).lower()
+        return (
+            f"{provider} refused the credentials (SkyPilot's check of {provider} failed): check the API key "
+            f"in {SKY_CREDENTIALS[provider][0]}"
+        )
+    return reason
+
+
 def job_status(records: Sequence[Any]) -> SkyJobStatus:
     """One status from a managed job's queue records (one per task; meetara's jobs have one).
 
@@ -457,7 +492,7 @@ def job_status(records: Sequence[Any]) -> SkyJobStatus:
     if recoveries:
         detail += f", recovered {recoveries}x" if status != "RECOVERING" else f", recovery {recoveries}"
     if reason:
-        detail += f": {first_line(Exception(reason))}"
+        detail += f": {_explain(first_line(Exception(reason)))}"
     started = min((r.start_at for r in records if r.start_at), default=None)
     ended = rec.end_at if state.finished else None
     return SkyJobStatus(
