@@ -32,19 +32,23 @@ with socket.socket() as _s:  # meetara's SkyPilot API server, if a test starts o
     os.environ["MEETARA_SKY_PORT"] = str(_s.getsockname()[1])
 
 
-def stop_skypilot_under(*roots: Path) -> None:
+def stop_skypilot_under(*roots: Path) -> int:
     """Kill, by PID, every process whose SKY_RUNTIME_DIR is under one of `roots` (meetara's SkyPilot
-    API server and its helpers): a test that starts one stops it; this catches one that could not."""
+    API server and its helpers): a test that starts one stops it; this catches one that could not.
+    Returns how many were found."""
     import psutil
 
+    found = 0
     for proc in psutil.process_iter(["pid"]):
         try:
             runtime = proc.environ().get("SKY_RUNTIME_DIR", "")
         except psutil.Error:
             continue
         if runtime and proc.pid != os.getpid() and any(runtime.startswith(str(r)) for r in roots):
+            found += 1
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+    return found
 
 
 @pytest.fixture(scope="session", autouse=True)
