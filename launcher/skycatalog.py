@@ -428,12 +428,7 @@ def write_catalogs(offers: Sequence[Offer], home: Path, *, merge: bool = False) 
             ours = {row["InstanceType"] for row in rows}
             with path.open(newline="", encoding="utf-8") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("InstanceType") not in ours] + rows
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
+        _write_rows(path, columns, rows)
         out[cloud] = path
     out.update(_write_common(cat, home))
     return out
@@ -479,6 +474,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _write_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Replace the CSV at `path` whole (written beside it, then renamed: SkyPilot never reads half)."""
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")

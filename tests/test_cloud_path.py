@@ -100,6 +100,22 @@ class Cloud:
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout.strip()
 
+    def interrupt_and_check(self, p: subprocess.Popen, run_id: str, provider: str, mark: int) -> None:
+        """Ctrl-C (SIGTERM) the launcher: it exits 75 having cancelled the job, nothing stays reserved,
+        the cancel reached SkyPilot (its managed job CANCELLED) and the provider (no instance left), and
+        nothing went anywhere the fakes do not answer."""
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=180)
+        assert p.returncode == 75, err[-3000:]
+        assert "interrupted: cancelled 1 job(s)" in err
+        assert self.open_reservations() == []
+        assert self.sky_state(run_id) == "CANCELLED"
+        deadline = time.monotonic() + 120
+        while self.proxy.instances(provider) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert self.proxy.instances(provider) == []
+        assert self.proxy.unexpected(mark) == []
+
     def open_reservations(self) -> list:
         return Ledger(self.work / "state" / "ledger.sqlite").open_reservations()
 
@@ -242,19 +258,8 @@ def test_vast_rents_the_planned_offer_at_the_planned_bid_and_a_cancel_settles(cl
     assert "fake-vast-key" not in json.dumps(body) and "vast_api_key" not in body.get("onstart", "")
     assert create["outcome"] == "ok"
 
-    p.send_signal(signal.SIGTERM)
-    _out, err = p.communicate(timeout=180)
-    assert p.returncode == 75, err[-3000:]
-    assert "interrupted: cancelled 1 job(s)" in err
-    assert cloud.open_reservations() == []
-    # the cancel reached SkyPilot: its managed job is cancelled, and the Vast instance is destroyed
-    assert cloud.sky_state("vast-ok") == "CANCELLED"
-    deadline = time.monotonic() + 120
-    while cloud.proxy.instances("vast") and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert cloud.proxy.instances("vast") == []
+    cloud.interrupt_and_check(p, "vast-ok", "vast", mark)
     assert any(r["method"] == "DELETE" for r in cloud.proxy.requests("vast", mark))
-    assert cloud.proxy.unexpected(mark) == []
 
 
 RUNPOD_CREATES = ("podRentInterruptable", "podFindAndDeployOnDemand")
@@ -309,16 +314,7 @@ def test_runpod_no_capacity_on_the_first_offer_moves_to_the_second(cloud: Cloud)
         assert a["gpuCount"] == o["gpu_count"] and a["containerDiskInGb"] == DISK_GB
         assert a["cloudType"] == "SECURE"
 
-    p.send_signal(signal.SIGTERM)
-    _out, err = p.communicate(timeout=180)
-    assert p.returncode == 75, err[-3000:]
-    assert cloud.open_reservations() == []
-    assert cloud.sky_state("runpod-fallback") == "CANCELLED"
-    deadline = time.monotonic() + 120
-    while cloud.proxy.instances("runpod") and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert cloud.proxy.instances("runpod") == []
-    assert cloud.proxy.unexpected(mark) == []
+    cloud.interrupt_and_check(p, "runpod-fallback", "runpod", mark)
 
 
 def test_lambda_auth_error_is_one_line_naming_the_provider_and_reserves_nothing(cloud: Cloud) -> None:
@@ -371,13 +367,4 @@ def test_lambda_launches_the_planned_type_and_region_after_a_capacity_refusal(cl
     assert launches[0]["outcome"] == "ok"
     assert all(x["json"]["quantity"] == 1 for x in launches)
 
-    p.send_signal(signal.SIGTERM)
-    _out, err = p.communicate(timeout=180)
-    assert p.returncode == 75, err[-3000:]
-    assert cloud.open_reservations() == []
-    assert cloud.sky_state("lambda-fallback") == "CANCELLED"
-    deadline = time.monotonic() + 120
-    while cloud.proxy.instances("lambda") and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert cloud.proxy.instances("lambda") == []
-    assert cloud.proxy.unexpected(mark) == []
+    cloud.interrupt_and_check(p, "lambda-fallback", "lambda", mark)

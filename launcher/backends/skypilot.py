@@ -277,7 +277,7 @@ class SkyPilotBackend:
 
     def check(self) -> None:
         """Raise a one-line BackendError unless SkyPilot is installed and some provider has credentials."""
-        problem = version_problem(sky_version())
+        problem = version_problem(sky_version()) if available() else INSTALL_HINT
         if problem:
             raise BackendError(problem)
         if shutil.which("rsync") is None:
