@@ -302,7 +302,9 @@ class Conductor:
 
     def _no_machine(self, job: JobRecord, st: JobStatus) -> bool:
         """A launch still waiting for a machine past `max_start_s` (SkyPilot retries "no capacity" on
-        every offer of the task forever): cancel it; it never ran, so it cost nothing. True if so."""
+        every offer of the task forever): cancel it; it never ran, so its reservation is released (a
+        machine that was being provisioned meanwhile is billed by its provider for those minutes, which
+        the backend does not report: see README, "No capacity"). True if so."""
         waiting = st.state is JobState.PENDING and not st.started_at and job.launched_at is not None
         if self.max_start_s is None or not waiting:
             return False
@@ -313,7 +315,7 @@ class Conductor:
         offers = len(job.offers) - job.offer_index
         job.note(
             f"no machine after {waited / 60:.1f} min on any of its {offers} offer(s) "
-            f"({st.detail or 'pending'}): cancelled, nothing spent"
+            f"({st.detail or 'pending'}): cancelled before it ran"
         )
         return True
 

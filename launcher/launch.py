@@ -366,7 +366,7 @@ def launch_message(e: BaseException) -> str:
 
 
 EXIT_OWNED = 3  # another live launcher follows the run (or took it over): nothing was done here
-EXIT_NO_MACHINE = 4  # no offer had a machine within start_timeout_minutes: cancelled, nothing spent
+EXIT_NO_MACHINE = 4  # no offer had a machine within start_timeout_minutes: cancelled before any job ran
 
 
 @dataclass
@@ -413,8 +413,8 @@ def follow(
         return Outcome(
             EXIT_NO_MACHINE,
             f"no machine: {len(failed)} job(s) found no capacity on any offer within "
-            f"{prefs.start_timeout_minutes:g} min, nothing was spent; rerun later (or widen the "
-            "preferences): " + "; ".join(map(_why, failed)),
+            f"{prefs.start_timeout_minutes:g} min, no job ran and their money is released; rerun later "
+            "(or widen the preferences): " + "; ".join(map(_why, failed)),
         )
     if failed:
         return Outcome(1, f"{len(failed)} job(s) did not succeed: " + "; ".join(map(_why, failed)))

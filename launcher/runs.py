@@ -21,7 +21,7 @@ ACTIVE = {"PENDING", "RUNNING", "RECOVERING"}
 LAUNCHING = "LAUNCHING"
 # LOST: the backend could not tell what became of it (status failed too often): settled to its whole
 # reservation, the most its in-job deadline lets it spend
-# NO-MACHINE: no offer had a machine for it within `start_timeout_minutes`: cancelled, nothing spent
+# NO-MACHINE: no offer had a machine for it within `start_timeout_minutes`: cancelled before it ran
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "GAVE-UP", "STOPPED-BUDGET", "LOST", "NO-MACHINE"}
 
 

@@ -64,17 +64,19 @@ class Cloud:
             text=True,
         )
 
-    def plan(self, provider: str, extra: dict | None = None) -> list[dict]:
-        """The planned offer and its fallbacks, in order, as `meetara plan --json` gives them."""
-        args = ("plan", "-d", "nutrition", "--backend", "skypilot", "-p", provider, "--json")
-        r = self.run(*args, extra=extra)
+    def plan(self, provider: str | None, extra: dict | None = None) -> list[dict]:
+        """The planned offer and its fallbacks, in order, as `meetara plan --json` gives them (one
+        provider, or all that the default preferences allow)."""
+        only = ("-p", provider) if provider else ()
+        r = self.run("plan", "-d", "nutrition", "--backend", "skypilot", *only, "--json", extra=extra)
         assert r.returncode == 0, r.stderr
         job = json.loads(r.stdout)["jobs"][0]
         return [job["offer"], *job["fallbacks"]]
 
-    def launch(self, provider: str, run_id: str) -> list[str]:
+    def launch(self, provider: str | None, run_id: str) -> list[str]:
+        only = ["-p", provider] if provider else []
         return [
-            "launch", "-d", "nutrition", "--budget", "1", "-y", "--backend", "skypilot", "-p", provider,
+            "launch", "-d", "nutrition", "--budget", "1", "-y", "--backend", "skypilot", *only,
             "--store", f"s3://cloud/{run_id}", "--endpoint-url", self.s3, "--run-id", run_id, "--poll", "1",
         ]  # fmt: skip
 
@@ -206,17 +208,26 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_vast_with_no_capacity_anywhere_ends_in_one_line_and_reserves_nothing(cloud: Cloud) -> None:
-    """Issue 19's reproduction: the launch reaches Vast's API for exactly the planned offers, in order,
-    spot as bids; every create is refused; meetara cancels the job after start_timeout_minutes, releases
-    the money and exits 4 with one line."""
-    planned = cloud.plan("vast")
-    cloud.proxy.scenario("vast", "no-capacity", offers=_vast_offers(planned, _template()))
+def test_no_capacity_anywhere_ends_in_one_line_and_reserves_nothing(cloud: Cloud) -> None:
+    """Issue 19's reproduction, as typed there (default preferences, every provider): the launch reaches
+    Vast's API for exactly the planned Vast offers, in plan order, spot as bids; every provider refuses
+    for lack of capacity; meetara cancels the job after start_timeout_minutes, releases the money and
+    exits 4 with one line."""
+    everything = cloud.plan(None)
+    assert everything[0]["provider"] == "vast" and everything[0]["spot"]  # the cheapest: a Vast bid
+    planned = [o for o in everything if o["provider"] == "vast"]
+    cloud.proxy.set_scenario(
+        {
+            "vast": {"mode": "no-capacity", "offers": _vast_offers(planned, _template())},
+            "runpod": {"mode": "no-capacity"},
+            "lambda": {"mode": "no-capacity"},
+        }
+    )
     mark = cloud.proxy.mark()
-    r = cloud.run(*cloud.launch("vast", "vast-nocap"), timeout=400)
+    r = cloud.run(*cloud.launch(None, "nocap"), timeout=400)
     line = _one_error_line(r.stderr)
     assert r.returncode == 4, r.stderr[-3000:]
-    assert "no machine" in line and "nothing was spent" in line
+    assert "no machine" in line and "no job ran and their money is released" in line
     assert cloud.open_reservations() == []
 
     searches = [
@@ -231,7 +242,9 @@ def test_vast_with_no_capacity_anywhere_ends_in_one_line_and_reserves_nothing(cl
     created = [int(c["path"].rstrip("/").split("/")[-1]) for c in _creates(cloud.proxy, mark)]
     assert created[: len(ids)] == ids
     assert all(c["outcome"] == "no-capacity" for c in _creates(cloud.proxy, mark))
+    assert all(c["outcome"] == "no-capacity" for c in _runpod_creates(cloud.proxy, mark))
     assert cloud.proxy.unexpected(mark) == []
+    cloud.proxy.set_scenario({})  # the next tests choose their own answers
 
 
 def test_vast_rents_the_planned_offer_at_the_planned_bid_and_a_cancel_settles(cloud: Cloud) -> None:

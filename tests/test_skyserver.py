@@ -244,3 +244,24 @@ def test_the_skypilot_version_meetara_needs_is_the_one_pyproject_pins() -> None:
     other = version_problem("0.13.0")
     assert other is not None and "found 0.13.0" in other and f"=={SKYPILOT_VERSION}" in other
     assert "\n" not in other
+
+
+def test_why_a_server_did_not_start_comes_from_its_log(tmp_path: Path, monkeypatch) -> None:
+    """SkyPilot itself says only "API server process exited unexpectedly"; meetara reads the server's
+    log for the reason (the last error line), in one line."""
+    from launcher import skyserver
+
+    monkeypatch.setenv("MEETARA_STATE_DIR", str(tmp_path / "state"))
+    log = tmp_path / "state" / "sky" / ".sky" / "api_server" / "server.log"
+    assert skyserver.why_not_started() == "no log written"
+    log.parent.mkdir(parents=True)
+    log.write_text(
+        "I 12-01 00:07:01 server.py:123] Starting SkyPilot API server\n"
+        "Traceback (most recent call last):\n"
+        '  File "sky/server/server.py", line 4300, in <module>\n'
+        "OSError: [Errno 98] error while attempting to bind on address ('127.0.0.1', 46590): "
+        "address already in use\n"
+        "\n"
+    )
+    why = skyserver.why_not_started()
+    assert why.startswith("OSError: [Errno 98]") and "address already in use" in why and "\n" not in why
