@@ -486,6 +486,18 @@ class Ledger:
                 (_ts(started_at or utcnow()), reservation_id),
             )
 
+    def set_rate(self, reservation_id: int, rate_per_hour: float, *, owner: str | None = None) -> None:
+        """From now on the reservation accrues at `rate_per_hour`: its job runs on another machine than
+        the one reserved for (the backend placed it on a fallback offer). What was accrued stays. With
+        `owner`, only the holder of the run's lease changes it (LeaseLost otherwise)."""
+        rate = _money(rate_per_hour, "rate_per_hour")
+        with self._tx(write=True) as q:
+            row = self._row(q, reservation_id)
+            if owner is not None:
+                self._check_owner(q, row.run_id, owner)
+            if row.state == OPEN:
+                q("UPDATE reservations SET rate_per_hour = ? WHERE id = ?", (rate, reservation_id))
+
     def accrue(
         self,
         reservation_id: int,

@@ -51,6 +51,7 @@ class Hooks:
     before_launch: Callable[[JobRecord], None] = lambda job: None
     after_poll: Callable[[RunRecord], None] = lambda rec: None
     launch_failed: Callable[[JobRecord], None] = lambda job: None  # gives the job's money back
+    placed: Callable[[JobRecord], None] = lambda job: None  # the backend ran it on another of its offers
 
 
 class ConductorError(RuntimeError):
@@ -218,6 +219,8 @@ class Conductor:
                 self._lose(job, failed)
             return
         self._status_failures.pop(job.handle, None)
+        if st.placed is not None:
+            self._follow_placement(job, st.placed)
         if st.started_at and job.started_at is None:
             job.started_at = st.started_at
         if st.recoveries > job.launch_recoveries:  # the backend recovered it itself (SkyPilot)
@@ -299,6 +302,27 @@ class Conductor:
         if time.monotonic() >= chaos.due[job.handle] and self.backend.signal(job.handle, signal.SIGKILL):
             chaos.kills += 1
             job.note(f"injected preemption {chaos.kills}/{chaos.max_kills} (SIGKILL)")
+
+    def _follow_placement(self, job: JobRecord, placed: tuple) -> None:
+        """The backend chose the machine among the job's offers (SkyPilot's ordered failover after "no
+        capacity"): the record, and the money (its rate), follow the offer it really runs on."""
+        from launcher.skycatalog import placed_index
+
+        idx = placed_index(job.offers, placed)
+        if idx is None:
+            note = f"placed on a machine outside its offers: {placed}"
+            if not job.history or not job.history[-1].endswith(note):
+                job.note(note)
+            return
+        if idx == job.offer_index:
+            return
+        before = job.offer
+        job.offer_index = idx
+        job.note(
+            f"placed on {job.offer.label} at ${job.offer.price_hour:.3f}/h (offer {idx + 1} of "
+            f"{len(job.offers)}; planned {before.label} had no capacity)"
+        )
+        self.hooks.placed(job)
 
     def _no_machine(self, job: JobRecord, st: JobStatus) -> bool:
         """A launch still waiting for a machine past `max_start_s` (SkyPilot retries "no capacity" on

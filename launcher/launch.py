@@ -341,7 +341,7 @@ def conductor_for(
         prep.backend.offers = [o for j in rec.jobs.values() for o in j.offers]
     money = Money(prep.ledger, rec, prep.backend, poll_s=poll, clock=clock or utcnow, owner=prep.owner)
     hooks.before_launch, hooks.after_poll = money.before_launch, money.after_poll
-    hooks.launch_failed = money.launch_failed
+    hooks.launch_failed, hooks.placed = money.launch_failed, money.placed
     c = Conductor(
         rec,
         prep.backend,

@@ -110,6 +110,19 @@ class Money:
             margin = min(seconds * STOP_MARGIN, STOP_MARGIN_MAX_S)
             job.stop_at = (utcnow() + timedelta(seconds=seconds - margin)).timestamp()
 
+    def placed(self, job: JobRecord) -> None:
+        """The job runs on another of its offers than reserved for: it accrues at that offer's rate."""
+        if job.reservation_id is None:
+            return
+        self.ledger.set_rate(job.reservation_id, job.offer.price_hour, owner=self.owner)
+        self.ledger.record_event(
+            self.rec.run_id,
+            "placed",
+            job=job.name,
+            reservation_id=job.reservation_id,
+            detail=f"{job.offer.label} at ${job.offer.price_hour:.4f}/h",
+        )
+
     def launch_failed(self, job: JobRecord) -> None:
         """The backend did not start the job: its money goes back (what earlier launches spent stays)."""
         if job.reservation_id is None:

@@ -161,6 +161,25 @@ def sky_location(provider: str, region: str) -> tuple[str, str | None]:
     return region, None
 
 
+def sky_key(o: OfferRef | Offer, spot: bool | None = None) -> tuple[str, str, str, str | None, bool]:
+    """(provider, instance type, region, zone, spot) of an offer in SkyPilot's terms: what a launched
+    managed job reports (`JobStatus.placed`). The zone is None where meetara's region names none."""
+    region, zone = sky_location(o.provider, o.region)
+    itype = sky_instance_type(o.provider, o.instance_type, o.gpu, o.gpu_count)
+    return o.provider, itype, region, zone, bool(o.spot if spot is None else spot)
+
+
+def placed_index(offers: Sequence[OfferRef], placed: tuple) -> int | None:
+    """Which of a job's offers SkyPilot placed it on (`placed` as `sky_key`), or None. A RunPod offer
+    priced per country matches any data centre of it."""
+    provider, itype, region, zone, spot = placed
+    for i, o in enumerate(offers):
+        p, t, r, z, s = sky_key(o)
+        if (p, t, r, s) == (provider, itype, region, bool(spot)) and (z is None or z == zone):
+            return i
+    return None
+
+
 def offers_from_refs(refs: Sequence[OfferRef | Offer]) -> list[Offer]:
     """Offers for SkyPilot's catalogs from a plan's OfferRefs (what a run record keeps), priced for
     the market each was planned in, with the vCPUs and memory the ref carries (0 in a run record saved

@@ -390,3 +390,96 @@ def test_launch_uses_the_name_as_given(offers, tmp_path, monkeypatch) -> None:
         with pytest.raises(BackendError, match="invalid SkyPilot job name") as e:
             backend.launch(task, "default---j1")
     assert "\n" not in str(e.value)
+
+
+# (5) where SkyPilot placed a job, and meetara's record and ledger following it
+
+
+def _launched_record(ref: OfferRef, tmp_path, job_id: int = 7):
+    """The queue record SkyPilot's jobs controller gives a managed job launched on `ref`: a real
+    CloudVmRayResourceHandle of those resources, turned into the record's fields by SkyPilot's own
+    `_populate_job_record_from_handle`."""
+    import sky
+    from sky.backends.cloud_vm_ray_backend import CloudVmRayResourceHandle
+    from sky.jobs import utils as job_utils
+    from sky.schemas.api.responses import ManagedJobRecord
+
+    from launcher.skycatalog import sky_key
+
+    _provider, itype, region, zone, spot = sky_key(ref)
+    cloud = {"vast": sky.Vast, "runpod": sky.RunPod, "lambda": sky.Lambda}[ref.provider]()
+    resources = sky.Resources(cloud=cloud, instance_type=itype, region=region, zone=zone, use_spot=spot)
+    handle = CloudVmRayResourceHandle(
+        cluster_name=f"default-j1-{job_id}",
+        cluster_name_on_cloud=f"default-j1-{job_id}-abcd",
+        cluster_yaml=None,
+        launched_nodes=1,
+        launched_resources=resources,
+    )
+    job = {"job_id": job_id, "task_id": 0, "job_name": "default-j1", "status": "RUNNING", "start_at": 1.0}
+    job_utils._populate_job_record_from_handle(job=job, cluster_name=handle.cluster_name, handle=handle)
+    return ManagedJobRecord(**{k: v for k, v in job.items() if k in ManagedJobRecord.model_fields})
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_the_offer_skypilot_placed_a_job_on_is_read_back(offers, tmp_path, provider) -> None:
+    from launcher.backends.skypilot import job_status
+    from launcher.skycatalog import placed_index
+
+    prefs = Preferences(providers={p: {"enabled": p == provider} for p in PROVIDERS}, fallbacks=4)
+    refs = _refs(_plan(offers, prefs))
+    assert len(refs) >= 2, refs
+    write_catalogs(offers_from_refs(refs), tmp_path)
+    with offline_sky(tmp_path, PROVIDERS):
+        for i, ref in enumerate(refs):
+            st = job_status([_launched_record(ref, tmp_path)])
+            assert st.placed is not None, ref
+            found = placed_index(refs, st.placed)
+            # the same machine may be planned twice (spot, on-demand): the first of them is the one
+            assert found is not None and refs[found].label == ref.label, (ref, st.placed)
+            assert found <= i
+
+
+def test_a_job_placed_on_a_fallback_is_recorded_and_billed_at_that_offer(
+    offers, tmp_path, monkeypatch
+) -> None:
+    """SkyPilot's ordered failover put the job on the second offer (the first had no capacity): the run
+    record names that offer, and the ledger accrues at its price from then on."""
+    from datetime import UTC, datetime, timedelta
+
+    from budgets.ledger import Ledger
+    from launcher.backends.base import JobStatus
+    from launcher.conductor import Conductor, Hooks
+    from launcher.launch import new_run
+    from launcher.money import Money
+    from launcher.skycatalog import sky_key
+
+    monkeypatch.setenv("MEETARA_STATE_DIR", str(tmp_path / "state"))
+    prefs = Preferences(providers={p: {"enabled": p == "lambda"} for p in PROVIDERS}, fallbacks=4)
+    plan = _plan(offers, prefs)
+    rec = new_run(plan, store=STORE, endpoint_url=None, models_dir=tmp_path / "models", budget=5.0)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    (job,) = rec.jobs.values()
+    first = job.offers[0]
+    k, second = next((i, o) for i, o in enumerate(job.offers) if o.price_hour != first.price_hour)
+    money = Money(ledger, rec, backend=None, poll_s=1)
+    money.reserve_plan()
+    conductor = Conductor(
+        rec, backend=None, store=None, task_for=lambda j: {}, hooks=Hooks(placed=money.placed)
+    )
+    start = datetime(2026, 11, 30, 12, tzinfo=UTC)
+    ledger.start(job.reservation_id, start)
+
+    conductor._follow_placement(job, sky_key(second))
+    assert job.offer_index == k and job.offer.label == second.label
+    assert f"placed on {second.label}" in job.history[-1]
+    assert ledger.reservation(job.reservation_id).rate_per_hour == pytest.approx(second.price_hour)
+    accrued = ledger.accrue_until(job.reservation_id, start + timedelta(hours=1))
+    assert accrued == pytest.approx(second.price_hour)
+    assert [e.job for e in ledger.events(kind="placed")] == [job.name]
+    # the same placement again changes nothing; a machine outside the job's offers is noted, not billed
+    conductor._follow_placement(job, sky_key(second))
+    assert job.offer_index == k and len(ledger.events(kind="placed")) == 1
+    conductor._follow_placement(job, ("lambda", "gpu_8x_h100_sxm5", "us-east-3", None, False))
+    assert job.offer_index == k and "outside its offers" in job.history[-1]
+    assert JobStatus.__dataclass_fields__["placed"].default is None

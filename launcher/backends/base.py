@@ -36,6 +36,9 @@ class JobStatus:
     # recoveries the backend itself made of this launch (SkyPilot's preemption recovery); the conductor
     # counts them with its own relaunches against max_recoveries
     recoveries: int = 0
+    # where the backend put the launch when it chose among the job's offers itself (SkyPilot's ordered
+    # failover): (provider, instance type, region, zone, spot) in the backend's terms; None if unknown
+    placed: tuple[str, str, str, str | None, bool] | None = None
 
 
 class BackendError(RuntimeError):

@@ -494,6 +494,7 @@ def job_status(records: Sequence[Any]) -> SkyJobStatus:
     if reason:
         detail += f": {_explain(first_line(Exception(reason)))}"
     started = min((r.start_at for r in records if r.start_at), default=None)
+    placed = placement(rec)
     ended = rec.end_at if state.finished else None
     return SkyJobStatus(
         state=state,
@@ -502,4 +503,30 @@ def job_status(records: Sequence[Any]) -> SkyJobStatus:
         exit_code=exit_code,
         detail=detail,
         recoveries=recoveries,
+        placed=placed,
     )
+
+
+# SkyPilot's `cluster_resources_full` (sky/utils/resources_utils.py, format_resource), e.g.
+# "1x[spot](gpus=RTX3090:1, cpus=8, mem=32.1, 1x-RTX_3090-m30566120-0, disk=50)": the instance type is
+# the first element that is not `key=value`
+_LAUNCHED = re.compile(r"^\d+x(\[spot\])?\((.*)\)$", re.S)
+
+
+def placement(rec: Any) -> tuple[str, str, str, str | None, bool] | None:
+    """Where SkyPilot launched a managed job, from its queue record (the fields SkyPilot fills from the
+    cluster's handle once it is up: cloud, region, zone, `cluster_resources_full`), in meetara's
+    `skycatalog.sky_key` terms; None while nothing is launched."""
+    from launcher.skycatalog import PROVIDER_OF
+
+    cloud = str(getattr(rec, "cloud", None) or "").lower()
+    region = getattr(rec, "region", None)
+    m = _LAUNCHED.match(str(getattr(rec, "cluster_resources_full", None) or "").strip())
+    if cloud not in PROVIDER_OF or region in (None, "-") or m is None:
+        return None
+    itype = next((e for e in (x.strip() for x in m.group(2).split(",")) if e and "=" not in e), None)
+    if itype is None:
+        return None
+    zone = getattr(rec, "zone", None)
+    zone = None if zone in (None, "-") else str(zone)
+    return PROVIDER_OF[cloud], itype, str(region), zone, m.group(1) is not None
