@@ -17,13 +17,16 @@ Why: with skypilot 0.14.1 and vastai 1.9.1, SkyPilot's Vast provisioner (sky/pro
   corporate proxy, or the test harness's, then fails verification).
 
 What this plugin changes: the deploy variables carry `use_spot` (as RunPod's do), and, only for
-meetara's Vast instance types (`<n>x-<gpu>-m<offer id>-0`,
-`launcher/skycatalog.py`): the search asks Vast for exactly the planned offer id, in the planned
-market (`bid` for spot, `on-demand` otherwise), with the planned disk priced; spot bids the planned
-price (the catalog's SpotPrice less the offer's disk price: the `min_bid` meetara saw); an offer
-gone since planning fails the launch with a line saying so, and SkyPilot's failover moves to meetara's
-next ordered offer. The key is left out of `onstart`. Everything else is SkyPilot's own `launch`.
-Any other instance type goes to SkyPilot's code unchanged.
+meetara's Vast instance types (`<n>x-<gpu>-m<offer id>-0`, `launcher/skycatalog.py`):
+- the search asks Vast for exactly the planned offer id (rentable, not rented: the filters of
+  meetara's own offer search), in the planned market (`bid` for spot, `on-demand` otherwise), with
+  the planned disk priced;
+- spot bids the planned price (the catalog's SpotPrice less the offer's disk price: the `min_bid`
+  meetara saw);
+- an offer gone since planning fails the launch with a line saying so, and SkyPilot's failover moves
+  to meetara's next ordered offer;
+- the key is left out of `onstart`.
+Everything else is SkyPilot's own `launch`; any other instance type goes to SkyPilot's code unchanged.
 """
 
 from __future__ import annotations
@@ -81,14 +84,18 @@ def _search(original):
         plan = _PLANNED.get()
         if plan is None:
             return original(self, query=query, type=type, **kwargs)
-        kwargs.pop("storage", None)
-        # a dict query skips vastai's string parser; its default filters (verified, rentable, not
-        # rented) still apply, and the id names exactly the planned machine, in the planned market
+        for k in ("storage", "no_default"):
+            kwargs.pop(k, None)
+        # a dict query skips vastai's string parser; the filters are those meetara's own offer search
+        # used (launcher/providers/vast.py: rentable, not rented; not vastai's default "verified" only,
+        # which would miss a planned unverified host), and the id names exactly the planned machine
+        query = {"id": {"eq": plan.offer_id}, "rentable": {"eq": True}, "rented": {"eq": False}}
         offers = original(
             self,
-            query={"id": {"eq": plan.offer_id}},
+            query=query,
             type="bid" if plan.spot else "on-demand",
             storage=float(plan.disk_gb),
+            no_default=True,
             **kwargs,
         )
         if plan.spot and isinstance(offers, list) and offers:
