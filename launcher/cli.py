@@ -785,10 +785,10 @@ def sky_stop_command() -> None:
     """Stop meetara's SkyPilot API server and the jobs controller it runs (managed jobs' machines keep
     running; the next cloud command starts the server again and it picks them up)."""
     from launcher import skyserver
-    from launcher.backends.skypilot import available
+    from launcher.backends.skypilot import INSTALL_HINT, available
 
     if not available():
-        raise fail('SkyPilot is not installed: pip install "meetara[cloud]"')
+        raise fail(INSTALL_HINT)
     try:
         was = skyserver.stop()
     except skyserver.SkyServerError as e:

@@ -15,7 +15,6 @@ run it.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import csv
 import functools
@@ -332,6 +331,7 @@ class SkyCatalog:
     # (cloud, instance type, region) -> [(zone, offer)]
     offers: dict[tuple[str, str, str], list[tuple[str | None, Offer]]] = field(default_factory=dict)
     gpu_of: dict[tuple[str, str], str] = field(default_factory=dict)  # (cloud, accelerator) -> meetara GPU
+    gpu_mem_gb: dict[str, float] = field(default_factory=dict)  # accelerator -> memory of one GPU
 
     def offer_for(self, cloud: str, instance_type: str, region: str, zone: str | None, spot: bool) -> Offer:
         """The meetara offer behind a SkyPilot launchable (the cheapest where several share it)."""
@@ -366,6 +366,7 @@ def build_catalog(offers: Sequence[Offer]) -> SkyCatalog:
         itype = sky_instance_type(o.provider, o.instance_type, o.gpu, o.gpu_count)
         region, zone = sky_location(o.provider, o.region)
         cat.gpu_of.setdefault((cloud, acc), o.gpu)
+        cat.gpu_mem_gb[acc] = float(o.gpu_mem_gb)
         cat.offers.setdefault((cloud, itype, region), []).append((zone, o))
         vcpus, mem = shapes.setdefault((cloud, itype), machine_shape(o))
         mib = o.gpu_mem_gb * 1024
@@ -443,10 +444,9 @@ def write_catalogs(offers: Sequence[Offer], home: Path, *, merge: bool = False) 
             {**row, "Price": _price(row["Price"]), "SpotPrice": _price(row["SpotPrice"])}
             for row in cat.rows.get(cloud, [])
         ]
-        if merge and path.exists():
+        if merge:
             ours = {row["InstanceType"] for row in rows}
-            with path.open(newline="", encoding="utf-8") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("InstanceType") not in ours] + rows
+            rows = [r for r in _read_rows(path) if r.get("InstanceType") not in ours] + rows
         _write_rows(path, columns, rows)
         out[cloud] = path
     out.update(_write_common(cat, home))
@@ -457,12 +457,8 @@ def _write_common(cat: SkyCatalog, home: Path) -> dict[str, Path]:
     """SkyPilot's common catalogs (accelerator names per cloud, GPU memory), with the accelerators of
     `cat` merged in: SkyPilot canonicalises names against them and would otherwise download them."""
     names: dict[str, set[str]] = {}
-    memory: dict[str, float] = {}
-    for cloud, rows in cat.rows.items():
-        for row in rows:
-            names.setdefault(row["AcceleratorName"], set()).add(_CLOUD_CLASS[cloud])
-            info = ast.literal_eval(row["GpuInfo"])
-            memory[row["AcceleratorName"]] = info["Gpus"][0]["MemoryInfo"]["SizeInMiB"] / 1024
+    for cloud, acc in cat.gpu_of:
+        names.setdefault(acc, set()).add(_CLOUD_CLASS[cloud])
     d = catalog_dir(home) / "common"
     d.mkdir(parents=True, exist_ok=True)
     acc_path, meta_path = d / "accelerators.csv", d / "metadata.csv"
@@ -476,7 +472,7 @@ def _write_common(cat: SkyCatalog, home: Path) -> dict[str, Path]:
     known = {r.get("GPU") for r in meta}
     meta += [
         {"GPU": n, "MemoryGB": f"{gb:g}", "Manufacturer": "NVIDIA"}
-        for n, gb in sorted(memory.items())
+        for n, gb in sorted(cat.gpu_mem_gb.items())
         if n not in known
     ]
     _write_rows(acc_path, ["AcceleratorName", "Clouds"], acc)

@@ -13,7 +13,7 @@ Credentials are still read where SkyPilot always reads them (`~/.lambda_cloud`, 
 `~/.config/vastai`): those are the user's, not state.
 
 `activate()` must run before `import sky` in a process (SkyPilot anchors some paths at import): the
-SkyPilot backend calls it first. Importing this module is cheap; `status()` does not import SkyPilot.
+SkyPilot backend calls it first. Importing this module is cheap; `state()` does not import SkyPilot.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class ServerState:
 
     port: int
     healthy: bool  # answers SkyPilot's /api/health
+    listening: bool  # something accepts connections on the port (healthy or not)
     version: str | None = None  # the skypilot version the server runs
     pid: int | None = None  # the process holding the port, if it can be seen
     command: str = ""  # its command line, shortened
@@ -151,7 +152,8 @@ def state() -> ServerState:
     something else; and whether SkyPilot's request-queue port for it is held."""
     p = port()
     body = _health(p)
-    pid, cmd, rt = _holder(p) if body is not None or _listening(p) else (None, "", None)
+    listening = body is not None or _listening(p)
+    pid, cmd, rt = _holder(p) if listening else (None, "", None)
     q = queue_port(p)
     queue_holder = ""
     if body is None and _listening(q):
@@ -160,6 +162,7 @@ def state() -> ServerState:
     return ServerState(
         port=p,
         healthy=body is not None,
+        listening=listening,
         version=str(body.get("version")) if body else None,
         pid=pid,
         command=cmd,
@@ -184,7 +187,7 @@ def check(st: ServerState, installed: str | None) -> None:
                 f"{st.runtime_dir}), not meetara's: stop it, or set {PORT_ENV} to a free port"
             )
         return
-    if _listening(p):
+    if st.listening:
         who = f"pid {st.pid} ({st.command})" if st.pid else "a process that does not answer as SkyPilot"
         raise SkyServerError(
             f"port {p} (meetara's SkyPilot API server) is held by {who}: stop it, or set {PORT_ENV} "
@@ -197,11 +200,15 @@ def check(st: ServerState, installed: str | None) -> None:
         )
 
 
+def log_path() -> Path:
+    """meetara's SkyPilot API server log (where SkyPilot writes why it did not start)."""
+    return runtime_dir() / ".sky" / "api_server" / "server.log"
+
+
 def last_log_lines(n: int = 40) -> list[str]:
-    """The end of meetara's SkyPilot API server log (where SkyPilot writes why it did not start)."""
-    path = runtime_dir() / ".sky" / "api_server" / "server.log"
+    """The last non-empty lines of the server log, among its last `n`."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = log_path().read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return []
     return [ln for ln in lines[-n:] if ln.strip()]
@@ -231,12 +238,9 @@ def describe(st: ServerState) -> tuple[bool, str]:
 
 
 def _installed() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
+    from launcher.backends.skypilot import sky_version  # here: that module imports this one
 
-    try:
-        return version("skypilot")
-    except PackageNotFoundError:
-        return None
+    return sky_version()
 
 
 def ensure_running() -> None:
@@ -257,7 +261,7 @@ def ensure_running() -> None:
 
         raise SkyServerError(
             f"meetara's SkyPilot API server did not start on port {st.port} ({first_line(e)}): "
-            f"{why_not_started()} [log: {runtime_dir() / '.sky/api_server/server.log'}]"
+            f"{why_not_started()} [log: {log_path()}]"
         ) from None
     st = state()
     check(st, _installed())

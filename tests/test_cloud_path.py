@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import closed_port, run_cli
 from harness.proxy import ProviderProxy, provider_proxy
 
 from budgets.ledger import Ledger
 
 START_TIMEOUT_MIN = 0.75  # cancel a job with no machine after 45 s (SkyPilot retries after 60 s)
 DISK_GB = 50  # what tasks/train.yaml asks and meetara's Vast prices include
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -45,14 +39,8 @@ class Cloud:
     s3: str
 
     def run(self, *args: str, timeout: float = 300, extra: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "launcher", *args],
-            cwd=self.work,
-            env={**self.env, **(extra or {})},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        env = {**self.env, **(extra or {})}
+        return run_cli(*args, env=env, cwd=self.work, module="launcher", timeout=timeout)
 
     def start(self, *args: str, extra: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen(
@@ -155,7 +143,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory, s3_server: str):
             **proxy.env(),
             "HOME": str(home),
             "MEETARA_STATE_DIR": str(work / "state"),
-            "MEETARA_SKY_PORT": str(_free_port()),
+            "MEETARA_SKY_PORT": str(closed_port()),
             "MEETARA_CONFIG": str(work / "prefs.yaml"),
             "COLUMNS": "200",
         }

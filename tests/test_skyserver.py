@@ -14,32 +14,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import ROOT, closed_port, run_cli
 
 
 def _meetara(tmp_path: Path, port: int, *args: str, extra: dict | None = None) -> subprocess.CompletedProcess:
+    (tmp_path / "home").mkdir(exist_ok=True)
     env = {
-        **os.environ,
         "HOME": str(tmp_path / "home"),
         "MEETARA_STATE_DIR": str(tmp_path / "state"),
         "MEETARA_SKY_PORT": str(port),
         **(extra or {}),
     }
-    (tmp_path / "home").mkdir(exist_ok=True)
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, env=env, cwd=tmp_path, module="launcher", timeout=120)
 
 
 class Holder:
@@ -90,7 +76,7 @@ def holder():
 
 
 def test_meetara_uses_its_own_port_runtime_dir_and_config(tmp_path: Path) -> None:
-    port = _free_port()
+    port = closed_port()
     code = (
         "from launcher import skyserver; import json, os; env = skyserver.activate(); "
         "print(json.dumps({'env': env, 'q': skyserver.queue_port(46580)}))"
@@ -131,7 +117,7 @@ def test_meetara_uses_its_own_port_runtime_dir_and_config(tmp_path: Path) -> Non
 
 
 def test_a_foreign_process_on_the_port_is_one_line(tmp_path: Path, holder) -> None:
-    port = _free_port()
+    port = closed_port()
     h = holder(port)  # answers 404 to /api/health: not a SkyPilot server
     r = _meetara(tmp_path, port, "sky", "status")
     assert r.returncode == 1, r.stderr
@@ -141,7 +127,7 @@ def test_a_foreign_process_on_the_port_is_one_line(tmp_path: Path, holder) -> No
 
 
 def test_a_server_of_another_version_or_runtime_dir_is_named(tmp_path: Path, holder) -> None:
-    port = _free_port()
+    port = closed_port()
     h = holder(port, {"status": "healthy", "version": "0.13.0", "api_version": 20})
     r = _meetara(tmp_path, port, "sky", "status")
     assert r.returncode == 1
@@ -161,7 +147,7 @@ def test_a_leftover_on_the_request_queue_port_is_named(tmp_path: Path, holder) -
     from launcher.skyserver import queue_port
 
     for _ in range(20):  # a server port whose queue port is free too
-        port = _free_port()
+        port = closed_port()
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", queue_port(port))) != 0:
                 break
@@ -174,7 +160,7 @@ def test_a_leftover_on_the_request_queue_port_is_named(tmp_path: Path, holder) -
 def test_a_launch_refused_by_the_server_state_reserves_nothing(tmp_path: Path, holder, s3_server) -> None:
     """The reproduction of issue 19's stale-server report: a launch meets a foreign process on the port.
     One line naming the port and the fix; nothing stays reserved."""
-    port = _free_port()
+    port = closed_port()
     holder(port)
     home = tmp_path / "home"
     (home / ".config" / "vastai").mkdir(parents=True)
@@ -196,7 +182,7 @@ def test_a_launch_refused_by_the_server_state_reserves_nothing(tmp_path: Path, h
 
 
 def test_doctor_reports_the_server_and_the_catalogs(tmp_path: Path) -> None:
-    port = _free_port()
+    port = closed_port()
     r = _meetara(tmp_path, port, "doctor", extra={"COLUMNS": "250"})
     assert r.returncode == 0, r.stderr
     assert f"not running (the first cloud launch starts it on 127.0.0.1:{port})" in r.stdout

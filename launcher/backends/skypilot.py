@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from launcher.plan import OfferRef
 
 INSTALL_HINT = 'SkyPilot is not installed: pip install "meetara[cloud]"'
+RSYNC_HINT = "rsync is missing: SkyPilot copies job files with it (apt install rsync)"
 # the one SkyPilot meetara's catalogs, plugin and recovery rules are written and tested against
 # (pyproject's cloud extra pins it; tests/test_skyserver.py checks the two agree)
 SKYPILOT_VERSION = "0.14.1"
@@ -189,7 +190,7 @@ def doctor() -> list[tuple[str, bool, str]]:
             rows.append((f"{provider} for SkyPilot", False, f"no credentials ({file})"))
     if version is not None:
         rsync = shutil.which("rsync")
-        rows.append(("rsync", rsync is not None, rsync or "missing: SkyPilot copies job files with it"))
+        rows.append(("rsync", rsync is not None, rsync or RSYNC_HINT))
     rows.extend(server_rows())
     names, where = store_credentials()
     if all(n in names for n in STORE_SECRETS):
@@ -281,7 +282,7 @@ class SkyPilotBackend:
         if problem:
             raise BackendError(problem)
         if shutil.which("rsync") is None:
-            raise BackendError("rsync is missing: SkyPilot copies job files with it (apt install rsync)")
+            raise BackendError(RSYNC_HINT)
         if not configured_clouds():
             files = ", ".join(f for f, _ in SKY_CREDENTIALS.values())
             raise BackendError(f"no cloud credentials for SkyPilot: put an API key in one of {files}")
@@ -321,13 +322,12 @@ class SkyPilotBackend:
         """SkyPilot, talking to meetara's own API server (launcher/skyserver.py), started if need be."""
         if not self._server_ok:
             try:
-                skyserver.activate()
-                sky = _import_sky()
+                skyserver.activate()  # before SkyPilot is imported
+                _import_sky()
                 skyserver.ensure_running()
             except skyserver.SkyServerError as e:
                 raise BackendError(str(e)) from None
             self._server_ok = True
-            return sky
         return _import_sky()
 
     def ready(self) -> None:
