@@ -107,6 +107,10 @@ def render_task(
         MEETARA_EPOCHS=f"{work.epochs:g}",
         MEETARA_WARM_START="1" if work.warm_start else "0",
     )
+    if store.startswith("s3://"):
+        from train.store import checksum_envs
+
+        envs.update(checksum_envs())  # the box asks S3 for the checksums this machine does
     secret_names = [*(task.get("secrets") or {}), *OPTIONAL_SECRET_NAMES]
     for key, value in (extra_envs or {}).items():
         if key in secret_names:

@@ -1,12 +1,19 @@
-"""A TCP proxy on 127.0.0.1 in front of a real server, for network faults the client cannot tell from
-real ones: the first N connections reset, or an outage that starts after a given number of HTTP
-requests (open connections are reset, new ones refused) and ends after some refused connections."""
+"""Proxies on 127.0.0.1 in front of a real server.
+
+`FlakyProxy` (TCP) makes network faults the client cannot tell from real ones: the first N connections
+reset, an outage that starts after a given number of HTTP requests (open connections are reset, new
+ones refused) and ends after some refused connections, or a response cut off mid-body.
+
+`ChecksumRefusingS3` (HTTP) is an S3-compatible server as several are: it answers 501 NotImplemented
+to any request that carries boto3's flexible-checksum headers, and forwards the rest to a real one."""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import socket
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 LINGER_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close() sends a RST
 
@@ -19,6 +26,8 @@ class FlakyProxy:
         self.requests = 0
         self._outage_at: int | None = None
         self._outage_refuse: float = 0
+        self._cut_left: int | None = None
+        self.cut = 0
         self._open: set[socket.socket] = set()
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,6 +47,24 @@ class FlakyProxy:
         with self._lock:
             self._outage_at = self.requests + after_requests
             self._outage_refuse = float("inf") if refuse is None else refuse
+
+    def cut_next_response(self, after_bytes: int) -> None:
+        """Reset the connection once `after_bytes` more bytes went back to the client: the next
+        response (headers and the start of its body) arrives cut off, as when a link drops mid-read."""
+        with self._lock:
+            self._cut_left = after_bytes
+
+    def _cut(self, data: bytes) -> bytes | None:
+        """The part of a downstream chunk to pass on before the cut, or None when there is no cut."""
+        with self._lock:
+            if self._cut_left is None:
+                return None
+            if len(data) < self._cut_left:
+                self._cut_left -= len(data)
+                return None
+            head, self._cut_left = data[: self._cut_left], None
+            self.cut += 1
+            return head
 
     def heal(self) -> None:
         with self._lock:
@@ -87,6 +114,10 @@ class FlakyProxy:
             while data := src.recv(65536):
                 if upstream and self._count(data):
                     return  # the request that crossed the line never reaches the server
+                head = None if upstream else self._cut(data)
+                if head is not None:
+                    dst.sendall(head)
+                    return  # the finally below closes both ends: the body stops short
                 dst.sendall(data)
         except OSError:
             pass
@@ -99,3 +130,69 @@ class FlakyProxy:
 
     def close(self) -> None:
         self.sock.close()
+
+
+CHECKSUM_HEADERS = ("x-amz-checksum-", "x-amz-sdk-checksum-algorithm", "x-amz-trailer")
+NOT_IMPLEMENTED = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotImplemented</Code><Message>A header you'
+    b" provided implies functionality that is not implemented</Message></Error>"
+)
+
+
+class ChecksumRefusingS3:
+    """An HTTP proxy in front of a real S3 server that refuses checksum headers with a 501, counting
+    the requests it refused and forwarded."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        proxy = self
+        self.refused: list[str] = []
+        self.forwarded = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                names = [k.lower() for k in self.headers]
+                if any(n.startswith(CHECKSUM_HEADERS) for n in names):
+                    proxy.refused.append(f"{self.command} {self.path}")
+                    self.send_response(501)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(NOT_IMPLEMENTED)))
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(NOT_IMPLEMENTED)
+                    self.close_connection = True
+                    return
+                proxy.forwarded += 1
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    self.send_response(resp.status, resp.reason)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in ("connection", "transfer-encoding", "content-length", "date"):
+                            self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -190,6 +190,78 @@ def test_a_checkpoint_cut_off_by_an_outage_is_never_resumed_from(bucket, s3_serv
         proxy.close()
 
 
+def test_a_body_cut_off_mid_read_is_read_again(bucket, s3_server):
+    """The connection drops after 64 KiB of a 1 MiB checkpoint part's body: the read is retried, and
+    the checkpoint loads whole (the resume a preempted job makes)."""
+    proxy, store = _proxied_store(bucket, s3_server)
+    try:
+        part = os.urandom(1 << 20)
+        checkpoint.save(store, "d/checkpoints", 10, {"a.bin": part}, {"n": 10})
+        proxy.cut_next_response(64 << 10)
+        assert store.get("d/checkpoints/step-00000010/a.bin") == part
+        assert proxy.cut == 1
+        proxy.cut_next_response(64 << 10)  # the first part read by a resume
+        ckpt = checkpoint.latest(store, "d/checkpoints")
+        assert proxy.cut == 2 and ckpt.step == 10 and ckpt.parts["a.bin"] == part
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def checksum_refusing(s3_server: str):
+    from faults import ChecksumRefusingS3
+
+    server = ChecksumRefusingS3(s3_server)
+    yield server
+    server.close()
+
+
+def test_a_server_refusing_checksum_headers_works_with_the_defaults(bucket, checksum_refusing, tmp_path):
+    """boto3 >= 1.36 would send CRC32 headers on every put and part; meetara asks only where S3
+    requires, so a server that answers those headers with 501 stores and returns everything, big
+    (multipart) files included."""
+    store = open_store(f"s3://{bucket}/p", endpoint_url=checksum_refusing.url)
+    store.put("k", b"v")
+    big = tmp_path / "model.gguf"
+    big.write_bytes(os.urandom(9 << 20))  # over boto3's 8 MiB multipart threshold
+    store.put_file("models/model.gguf", big)
+    checkpoint.save(store, "d/checkpoints", 10, {"a.bin": b"a" * 5000}, {"n": 10})
+    assert store.get("k") == b"v"
+    got = tmp_path / "got.gguf"
+    store.get_file("models/model.gguf", got)
+    assert got.read_bytes() == big.read_bytes()
+    assert checkpoint.latest(store, "d/checkpoints").parts == {"a.bin": b"a" * 5000}
+    assert checksum_refusing.refused == [] and checksum_refusing.forwarded >= 6
+
+
+def test_a_501_is_one_line_and_never_retried(bucket, checksum_refusing, monkeypatch):
+    """Asking for checksums (boto3's own setting) on such a server: the first 501 ends it, in one line
+    that names the setting."""
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    store = open_store(f"s3://{bucket}/p", endpoint_url=checksum_refusing.url)
+    with pytest.raises(StoreError) as e:
+        store.put("k", b"v")
+    assert len(checksum_refusing.refused) == 1  # not five times as if transient
+    assert "501 NotImplemented" in str(e.value) and "AWS_REQUEST_CHECKSUM_CALCULATION" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_checksum_settings_follow_the_user(monkeypatch, tmp_path):
+    from train.store import checksum_envs
+
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\nresponse_checksum_validation = when_supported\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.delenv("AWS_RESPONSE_CHECKSUM_VALIDATION", raising=False)
+    assert checksum_envs() == {
+        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_supported",
+    }
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    assert checksum_envs()["AWS_REQUEST_CHECKSUM_CALCULATION"] == "when_supported"
+
+
 # ---- stores that cannot be written: a full disk, a read-only or pseudo filesystem, a file --------
 
 

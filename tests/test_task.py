@@ -158,6 +158,21 @@ def test_extra_envs_cannot_carry_secrets(offers) -> None:
         _render(_plan(offers, prefs), prefs, extra_envs={"AWS_SECRET_ACCESS_KEY": "x"})
 
 
+def test_the_box_asks_s3_for_the_checksums_this_machine_does(offers, monkeypatch) -> None:
+    """The trainer on the box opens the same S3 store: it gets this machine's checksum settings
+    (`when_required` unless the user asked for more), so a server that refuses checksum headers works
+    there too."""
+    monkeypatch.delenv("AWS_REQUEST_CHECKSUM_CALCULATION", raising=False)
+    monkeypatch.delenv("AWS_RESPONSE_CHECKSUM_VALIDATION", raising=False)
+    prefs = Preferences()
+    envs = _render(_plan(offers, prefs), prefs)["envs"]
+    assert envs["AWS_REQUEST_CHECKSUM_CALCULATION"] == "when_required"
+    assert envs["AWS_RESPONSE_CHECKSUM_VALIDATION"] == "when_required"
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_supported")
+    envs = _render(_plan(offers, prefs), prefs)["envs"]
+    assert envs["AWS_REQUEST_CHECKSUM_CALCULATION"] == "when_supported"
+
+
 def test_image_sets_docker_image(offers) -> None:
     prefs = Preferences()
     task = _render(_plan(offers, prefs), prefs, image="ghcr.io/example/meetara-train:0.1")

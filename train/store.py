@@ -1,8 +1,16 @@
 """Object stores for checkpoints and outputs: `file://` (the embedded default) and `s3://` (boto3).
 
 Keys are '/'-separated paths relative to the store's root. Writes are atomic: a reader sees a whole
-object or none. S3 calls retry transient errors with tenacity; an endpoint that stays unreachable
-becomes a `StoreError` (a one-line, user-facing error).
+object or none. S3 calls retry transient errors with tenacity (a dropped connection, a body cut off
+mid-read, a 5xx other than 501); an endpoint that stays unreachable becomes a `StoreError` (a
+one-line, user-facing error). A 501 NotImplemented is never retried: the server will not do that request.
+
+Checksums: boto3 >= 1.36 sends CRC32 checksum headers on every put and part by default, which several
+S3-compatible servers answer with 501. meetara asks for checksums only where S3 requires them
+(`when_required`) unless the user asks for more with boto3's own settings
+(`AWS_REQUEST_CHECKSUM_CALCULATION` / `AWS_RESPONSE_CHECKSUM_VALIDATION`, or
+`request_checksum_calculation` / `response_checksum_validation` in ~/.aws/config); `checksum_envs()`
+carries the choice into a cloud task so the box uses the same.
 """
 
 from __future__ import annotations
@@ -195,15 +203,40 @@ def _pseudo_fs(path: Path) -> str | None:
 
 
 def _transient(exc: BaseException) -> bool:
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
 
-    if isinstance(exc, ConnectionError | HTTPClientError):
+    # HTTPClientError covers ResponseStreamingError (a body cut off mid-read) and read timeouts;
+    # IncompleteReadError is a body shorter than its Content-Length
+    if isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError):
         return True
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = exc.response.get("Error", {}).get("Code", "")
+        if status == 501 or code == "NotImplemented":
+            return False  # the server does not implement the request: asking again cannot help
         return status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling")
     return False
+
+
+CHECKSUM_SETTINGS = {
+    "request_checksum_calculation": "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "response_checksum_validation": "AWS_RESPONSE_CHECKSUM_VALIDATION",
+}
+
+
+def checksum_envs() -> dict[str, str]:
+    """boto3's checksum settings as env vars: what the user set (env, then ~/.aws/config), else
+    `when_required` (see the module docstring)."""
+    import botocore.session
+
+    try:
+        scoped = botocore.session.Session().get_scoped_config()
+    except Exception:  # a profile that does not exist: boto3 reports it on first use
+        scoped = {}
+    return {
+        env: os.environ.get(env) or str(scoped.get(name) or "when_required")
+        for name, env in CHECKSUM_SETTINGS.items()
+    }
 
 
 def _attempts() -> int:
@@ -230,11 +263,13 @@ class S3Store:
         self.bucket, self.prefix = bucket, prefix
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
         # botocore's own retries are off so that tenacity alone decides (one policy, one place).
+        checksums = checksum_envs()
         cfg = Config(
             retries={"max_attempts": 1, "mode": "standard"},
             connect_timeout=float(os.environ.get("MEETARA_STORE_TIMEOUT", "5")),
             read_timeout=60,
             s3={"addressing_style": "path"},
+            **{name: checksums[env] for name, env in CHECKSUM_SETTINGS.items()},
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=cfg)
 
@@ -255,6 +290,12 @@ class S3Store:
                 code = e.response.get("Error", {}).get("Code", "")
                 if code in ("NoSuchKey", "404"):
                     raise KeyError(what) from None
+                if code in ("NotImplemented", "501"):
+                    raise StoreError(
+                        f"{self.url}: {what} failed: the server does not implement this request (501"
+                        " NotImplemented); if it refuses checksum headers, unset"
+                        " AWS_REQUEST_CHECKSUM_CALCULATION (meetara's default asks only where S3 requires)"
+                    ) from None
                 raise StoreError(f"{self.url}: {what} failed: {code or e}") from None
             if isinstance(e, BotoCoreError):
                 raise StoreError(f"{self.url}: {what} failed: {e}") from None
@@ -268,8 +309,10 @@ class S3Store:
         self._call(key, self.client.upload_file, str(path), self.bucket, self._key(key))
 
     def get(self, key: str) -> bytes:
-        resp = self._call(key, self.client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return resp["Body"].read()
+        def fetch() -> bytes:  # the body is read inside the retry: a cut-off read is fetched again
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+        return self._call(key, fetch)
 
     def get_file(self, key: str, path: Path) -> None:
         self._call(key, self.client.download_file, self.bucket, self._key(key), str(path))
