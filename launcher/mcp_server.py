@@ -166,6 +166,13 @@ def _strict_server_class():
             return self.arg_model.model_validate(arguments_to_validate, strict=True).model_dump_one_level()
 
     class StrictServer(MCPServer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # meetara has no prompts: without their handlers the server does not advertise a prompts
+            # capability that would list nothing
+            for method in ("prompts/list", "prompts/get"):
+                self._lowlevel_server._request_handlers.pop(method, None)
+
         def add_tool(self, fn: Callable[..., Any], name: str | None = None, **kwargs: Any) -> None:
             super().add_tool(fn, name=name, **kwargs)
             tool = self._tool_manager.get_tool(name or fn.__name__)
@@ -313,8 +320,11 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
     from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
     confined_to = None if allow_outside else (workdir or Path.cwd()).resolve()
+    from importlib.metadata import version
+
     server = _strict_server_class()(
         "meetara",
+        version=version("meetara"),
         instructions=(
             "meetara fine-tunes one LoRA adapter per knowledge domain on rented spot GPUs (or this machine) "
             "under dollar budgets and brings back validated GGUF files. Call plan before launch; launch "

@@ -36,7 +36,7 @@ async def server(tmp_path: Path, env: dict[str, str], *options: str):
     )
     with open(tmp_path / "mcp-server.log", "w") as errlog:
         async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as s:
-            await s.initialize()
+            s.initialized = await s.initialize()  # what the server said it is and can do
             yield s
 
 
@@ -75,6 +75,7 @@ def test_mcp_lists_plans_launches_and_reports(tmp_path):
     async def main() -> dict:
         seen: dict = {}
         async with server(tmp_path, env) as s:
+            seen["initialized"] = s.initialized
             seen["tools"] = {t.name for t in (await s.list_tools()).tools}
             seen["resources"] = {str(r.uri) for r in (await s.list_resources()).resources}
             templates = (await s.list_resource_templates()).resource_templates
@@ -91,6 +92,11 @@ def test_mcp_lists_plans_launches_and_reports(tmp_path):
         return seen
 
     seen = anyio.run(main)  # assertions out here: inside, a failure comes wrapped in task-group noise
+    from importlib.metadata import version
+
+    info, caps = seen["initialized"].server_info, seen["initialized"].capabilities
+    assert (info.name, info.version) == ("meetara", version("meetara"))
+    assert caps.prompts is None and caps.tools is not None and caps.resources is not None
     assert seen["tools"] == TOOLS
     assert {"meetara://budget", "meetara://runs", "meetara://quality"} <= seen["resources"]
     assert "meetara://runs/{run_id}" in seen["templates"]
