@@ -1,8 +1,12 @@
 """Export a merged GPT-2 and its LoRA adapters to GGUF files that llama.cpp loads, and inspect them.
 
 Written with `gguf.GGUFWriter` directly rather than llama.cpp's converters: those live only in
-llama.cpp's source tree, reject custom-trained tokenizers, and transpose peft's LoRA matrices for
-GPT-2's Conv1D layers into shapes that segfault llama.cpp.
+llama.cpp's source tree and fail on this project's models (they reject a tokenizer whose pre-tokenizer
+hash they do not know, e.g. the tiny model's own BPE, and hard-code GPT-2's 4x MLP width), and their
+LoRA converter writes GPT-2's Conv1D adapters transposed and swapped, which segfaults llama.cpp.
+
+For a model both can convert, `write_model_gguf` writes what `convert_hf_to_gguf.py` writes: the same
+tensors (names, types, shapes, bits) and metadata keys; `tests/test_gguf_parity.py` checks it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ if TYPE_CHECKING:
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 ARCH = "gpt2"
+_log = logging.getLogger("meetara.export")
+# ggml's k-quant block types (256 elements per block).
+_K_QUANTS = {t.name for t in gguf.GGMLQuantizationType if re.fullmatch(r"Q\d_K", t.name)}
 _FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}
 
 # HF module (inside transformer.h.N) -> llama.cpp's gpt2 tensor name (blk.N.<name>).
@@ -46,6 +53,11 @@ _TOP_NAMES = {
     "transformer.ln_f.bias": "output_norm.bias",
     "lm_head.weight": "output.weight",
 }
+# Kept F32 in an f16 file, as llama.cpp's converter and quantizer do: a small table added to activations.
+_KEEP_F32 = {"position_embd.weight"}
+# Special tokens whose ids go into the GGUF when the tokenizer (or the config) has them; llama.cpp's
+# converter writes the same ones (it has no GGUF key for cls).
+_SPECIAL = ("bos", "eos", "unk", "sep", "pad", "mask")
 # GPT-2's Conv1D stores weights as [in, out]; ggml wants nn.Linear's [out, in].
 _CONV1D = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
 _BLOCK_RE = re.compile(r"^transformer\.h\.(\d+)\.(.+)\.(weight|bias)$")
@@ -121,6 +133,16 @@ def _tokenizer_arrays(
     return tokens, types, merges
 
 
+def _head_is_tied(model: GPT2LMHeadModel) -> bool:
+    """True when the output head is the token embedding matrix (shared, or equal bit for bit)."""
+    import torch
+
+    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if out is emb:
+        return True
+    return out.shape == emb.shape and bool(torch.equal(out.detach().cpu(), emb.detach().cpu()))
+
+
 def _special_id(
     tokenizer: PreTrainedTokenizerFast, config: GPT2Config, which: str, n_vocab: int
 ) -> int | None:
@@ -143,8 +165,13 @@ def write_model_gguf(
 ) -> Path:
     """Write a merged fp32 GPT-2 and its tokenizer as a llama.cpp `gpt2` GGUF; returns the path.
 
-    dtype "f16" stores 2-D weights as F16 and norms/biases as F32 (as llama.cpp's converter does);
-    "f32" stores everything as F32.
+    dtype "f16" stores 2-D weights as F16, and norms, biases and the position embeddings as F32 (as
+    llama.cpp's converter does); "f32" stores everything as F32.
+
+    An output head tied to the token embeddings (GPT-2's `tie_word_embeddings`, the default) is not
+    written: llama.cpp then uses `token_embd.weight` for the output too, as it does for the
+    converter's files. A separate copy would add a vocab x n_embd matrix and, in Q4_K_M, move the
+    embeddings from Q6_K (the type llama.cpp gives the output head) to Q4_K.
     """
     if dtype not in _FILE_TYPES:
         raise ValueError(f"dtype must be one of {sorted(_FILE_TYPES)}, got {dtype!r}")
@@ -152,8 +179,10 @@ def write_model_gguf(
     _check_config(config)
     n_vocab = config.vocab_size
     tokens, types, merges = _tokenizer_arrays(tokenizer, n_vocab)
-    state = model.state_dict()
-    if "lm_head.weight" not in state:  # tied weights may be reported only once
+    state = dict(model.state_dict())
+    if _head_is_tied(model):
+        state.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in state:
         state["lm_head.weight"] = model.get_output_embeddings().weight
 
     tensors: list[tuple[str, np.ndarray]] = []
@@ -170,14 +199,17 @@ def write_model_gguf(
                 arr = arr.T
         else:
             raise ValueError(f"unexpected GPT-2 tensor {key!r}")
-        arr = np.ascontiguousarray(arr, dtype=np.float16 if dtype == "f16" and arr.ndim == 2 else np.float32)
-        tensors.append((gguf_name, arr))
+        half = dtype == "f16" and arr.ndim == 2 and gguf_name not in _KEEP_F32
+        tensors.append((gguf_name, np.ascontiguousarray(arr, dtype=np.float16 if half else np.float32)))
+    n_params = sum(arr.size for _, arr in tensors)
 
     path = Path(path)
     with _atomic_target(path) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(name)
+        w.add_size_label(gguf.size_label(n_params, n_params, 0, 0))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_context_length(config.n_positions)
         w.add_embedding_length(config.n_embd)
         w.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
@@ -190,9 +222,9 @@ def write_model_gguf(
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
-        for which, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id)):
+        for which in _SPECIAL:
             if (tid := _special_id(tokenizer, config, which, n_vocab)) is not None:
-                add(tid)
+                getattr(w, f"add_{which}_token_id")(tid)
         # transformers' GPT-2 tokenizer adds neither; say so explicitly so llama.cpp matches it.
         w.add_add_bos_token(False)
         w.add_add_eos_token(False)
@@ -214,7 +246,12 @@ def write_adapter_gguf(
     peft keeps lora_A [r, in] and lora_B [out, r] as nn.Linear weights even with fan_in_fan_out=True
     (Conv1D): the flag only transposes the merged delta B @ A when it is added to Conv1D's [in, out]
     weight. Our base GGUF already holds the transposed [out, in] weight, so A and B are written as-is
-    (ggml ne {in, r} and {r, out}); transposing them, as llama.cpp's converter does, segfaults it.
+    (ggml ne {in, r} and {r, out}).
+
+    This is why meetara writes its own adapters: llama.cpp's `convert_lora_to_gguf.py` applies GPT-2's
+    Conv1D transpose to the adapter too (B @ A transposed is A^T @ B^T), writing lora_B^T as lora_a and
+    lora_A^T as lora_b: transposed and swapped, wrong for a base whose weights are already transposed,
+    and llama.cpp segfaults (exit 139) loading such an adapter instead of raising.
     """
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, value in lora_state.items():
@@ -255,7 +292,13 @@ def write_adapter_gguf(
 
 
 def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: str = "Q4_K_M") -> Path:
-    """Quantize a GGUF model with llama.cpp (in-process: only feed it files this module wrote)."""
+    """Quantize a GGUF model with llama.cpp (in-process: only feed it files this module wrote).
+
+    A k-quant needs rows that are multiples of 256 elements; llama.cpp quantizes other matrices to
+    Q5_0, Q8_0 etc. and still labels the file with the requested type. The file keeps its requested
+    name (as llama.cpp names such files), but every such fallback is logged as a warning here and
+    listed in `read_gguf_summary(dst)["warnings"]`, loudest when no tensor has the named type at all.
+    """
     import llama_cpp  # heavy native import; only the quantize step needs it
 
     code = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}", None)
@@ -277,6 +320,8 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: st
                 raise RuntimeError(f"llama_model_quantize {src} -> {dst} ({ftype}) failed with code {rc}")
     finally:
         log.setLevel(old_level)
+    for warning in read_gguf_summary(dst)["warnings"]:
+        _log.warning("%s", warning)
     return dst
 
 
@@ -314,13 +359,42 @@ def read_gguf_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     if summary["type"] == gguf.GGUFType.ADAPTER:
         summary["adapter_type"] = _field(reader, gguf.Keys.Adapter.TYPE)
         summary["lora_alpha"] = _field(reader, gguf.Keys.Adapter.LORA_ALPHA)
+    summary["warnings"] = _k_quant_warnings(path.name, file_type_name, tensors)
     return summary
+
+
+def _k_quant_warnings(name: str, file_type_name: str | None, tensors: Mapping[str, list]) -> list[str]:
+    """What a k-quant file type's name promises but its tensors do not hold (empty for other files)."""
+    m = re.match(r"MOSTLY_(Q\d_K)", file_type_name or "")
+    if not m:
+        return []
+    main = m.group(1)
+    matrices = {n: (t, shape) for n, (t, shape) in tensors.items() if len(shape) >= 2 and n not in _KEEP_F32}
+    fallbacks = {n: t for n, (t, _) in matrices.items() if t not in _K_QUANTS}
+    if not fallbacks and any(t == main for t, _ in matrices.values()):
+        return []
+    rows = sorted({shape[0] for n, (_, shape) in matrices.items() if n in fallbacks})
+    held = ", ".join(f"{t} x{c}" for t, c in Counter(t for t, _ in matrices.values()).most_common())
+    why = f"rows of {', '.join(map(str, rows))} elements are not multiples of 256" if rows else ""
+    warnings = []
+    if not any(t == main for t, _ in matrices.values()):
+        warnings.append(
+            f"{name} is labelled {file_type_name} but holds no {main} tensor ({held}): llama.cpp fell back "
+            f"to other types{': ' + why if why else ''}; its name and file type do not say what it holds"
+        )
+    if fallbacks:
+        listed = ", ".join(f"{n} {t}" for n, t in fallbacks.items())
+        warnings.append(
+            f"{name}: {len(fallbacks)} of {len(matrices)} matrices are not k-quants ({why}): {listed}"
+        )
+    return warnings
 
 
 def expected_tensor_bytes(config: GPT2Config, *, kind: str, r: int | None = None, dtype: str = "f16") -> int:
     """Tensor-data bytes (before alignment padding) implied by the config for our writers' output.
 
-    kind "model": everything `write_model_gguf` writes (output.weight included, even when tied);
+    kind "model": everything `write_model_gguf` writes (output.weight only when the config unties it,
+    position_embd.weight F32 in an f16 file);
     kind "adapter": F32 lora_a/lora_b on c_attn of every layer at rank `r` (dtype is ignored).
     """
     e, n_layer = config.n_embd, config.n_layer
@@ -333,9 +407,10 @@ def expected_tensor_bytes(config: GPT2Config, *, kind: str, r: int | None = None
     if dtype not in _FILE_TYPES:
         raise ValueError(f"dtype must be one of {sorted(_FILE_TYPES)}, got {dtype!r}")
     ff = config.n_inner or 4 * e
-    matrices = 2 * config.vocab_size * e + config.n_positions * e + n_layer * (3 * e * e + e * e + 2 * ff * e)
-    vectors = 2 * e + n_layer * (2 * e + 3 * e + e + 2 * e + ff + e)
-    return (2 if dtype == "f16" else 4) * matrices + 4 * vectors
+    heads = 1 if getattr(config, "tie_word_embeddings", True) else 2
+    matrices = heads * config.vocab_size * e + n_layer * (3 * e * e + e * e + 2 * ff * e)
+    f32 = config.n_positions * e + 2 * e + n_layer * (2 * e + 3 * e + e + 2 * e + ff + e)
+    return (2 if dtype == "f16" else 4) * matrices + 4 * f32
 
 
 def expected_quantized_bytes(tensor_types: Mapping[str, tuple[str, list[int] | tuple[int, ...]]]) -> int:
