@@ -77,7 +77,7 @@ def synthesise(n: int, seed: int) -> list[Offer]:
                             "region": dc,
                             "gpu_count": count,
                             "vcpus": o.vcpus * count,
-                            "mem_gb": o.mem_gb * count,
+                            "mem_gib": o.mem_gib * count,
                             "price_hour": price,
                         }
                     )
@@ -97,7 +97,7 @@ def synthesise(n: int, seed: int) -> list[Offer]:
                     "region": rng.choice(VAST_PLACES),
                     "gpu_count": count,
                     "vcpus": max(4, o.vcpus // o.gpu_count * count),
-                    "mem_gb": round(o.mem_gb / o.gpu_count * count, 1),
+                    "mem_gib": round(o.mem_gib / o.gpu_count * count, 1),
                     "price_hour": price,
                     "spot_price_hour": round(price * rng.uniform(0.4, 0.6), 4),
                     "disk_price_hour": round(rng.uniform(0.004, 0.02), 6),

@@ -15,7 +15,7 @@ import platform
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 
 from launcher.offers import Offer
 from launcher.preferences import Preferences
@@ -42,7 +42,9 @@ class OfferRef(BaseModel):
     # the machine's host CPUs and memory (GiB), as the offer stated them; SkyPilot's catalogs need both
     # positive. 0: not recorded (a run planned before they were kept): launcher/skycatalog.py derives them
     vcpus: int = 0
-    mem_gb: float = 0.0
+    # "mem_gb" is what this field was called (it held GiB): run records planned before still load
+    mem_gib: float = Field(0.0, validation_alias=AliasChoices("mem_gib", "mem_gb"))
+    gpu_name: str = ""  # the provider's own name of the GPU ("H100 PCIE"), for launching exactly it
 
     @classmethod
     def of(cls, c: Choice) -> OfferRef:
@@ -59,7 +61,8 @@ class OfferRef(BaseModel):
             expected_hour=c.expected_hour,
             source=o.source,
             vcpus=o.vcpus,
-            mem_gb=o.mem_gb,
+            mem_gib=o.mem_gib,
+            gpu_name=o.gpu_name,
         )
 
     @property

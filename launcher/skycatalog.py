@@ -84,18 +84,24 @@ RUNPOD_GPU_KEYS: dict[str, str] = {
     "NVIDIA RTX A6000": "RTXA6000",
 }
 
-# meetara GPU -> Vast's own `gpu_name`, which SkyPilot's Vast provisioner searches for verbatim (it reads
-# it back from the instance type). meetara's normalised names drop the form factor, so the A100 and H100
-# entries are the most common Vast variant of each, not necessarily the offer's own.
+# meetara GPU -> Vast's own `gpu_name`, for offers that do not carry Vast's name (`Offer.gpu_name`: the
+# bundled snapshot, offers rebuilt from a run record's OfferRefs). SkyPilot's Vast provisioner reads the
+# name back from the instance type. meetara's names drop the form factor of the A100 and H100, so those
+# entries are the most common Vast variant, not necessarily the offer's own; an offer from a live search
+# carries its own name and never comes here.
 VAST_GPU_NAMES: dict[str, str] = {
     "A100-40GB": "A100 PCIE",
     "A100-80GB": "A100 SXM4",
     "A100": "A100 SXM4",
     "H100": "H100 SXM",
-    "RTX6000-Ada": "RTX 6000Ada",
-    "RTX4000-Ada": "RTX 4000Ada",
+    "H100-NVL": "H100 NVL",
+    "H200-NVL": "H200 NVL",
+    "GH200": "GH200 SXM",
+    "RTX8000": "Q RTX 8000",
+    "RTX6000": "Q RTX 6000",
     "V100": "Tesla V100",
     "T4": "Tesla T4",
+    "P100": "Tesla P100",
 }
 
 # RunPod data-centre ids ("US-TX-3", "EU-RO-1", "EUR-IS-2", "CA-MTL-1") name their country first, or
@@ -117,28 +123,41 @@ def sky_accelerator(provider: str, instance_type: str, gpu: str) -> str:
     return "A100" if gpu == "A100-40GB" else gpu
 
 
-def sky_instance_type(provider: str, instance_type: str, gpu: str, gpu_count: int) -> str:
+def sky_instance_type(provider: str, instance_type: str, gpu: str, gpu_count: int, gpu_name: str = "") -> str:
     """The instance type SkyPilot's provisioner for `provider` can launch for this offer.
 
     Lambda's are Lambda's own. RunPod's are `<n>x_<GPU key>_SECURE` (the offers are secure-cloud
     prices). Vast's are SkyPilot's invention `<n>x-<gpu_name>-<cores>-<RAM MB>`, of which the
-    provisioner reads the count, the Vast GPU name and the RAM floor: meetara writes
+    provisioner reads the count, the Vast GPU name (spaces as `_`) and the RAM floor: meetara writes
     `<n>x-<gpu_name>-m<offer id>-0`, so that each offer stays its own catalog row and meetara's SkyPilot
-    plugin (launcher/skyplugin.py) rents exactly that offer; the RAM floor is 0.
+    plugin (launcher/skyplugin.py) rents exactly that offer; the RAM floor is 0. `gpu_name` is the
+    provider's own name for the GPU (`Offer.gpu_name`), Vast's verbatim in its instance type.
     """
     if provider == "runpod":
         key = RUNPOD_GPU_KEYS.get(instance_type) or sky_accelerator(provider, instance_type, gpu)
         return f"{gpu_count}x_{key}_SECURE"
     if provider == "vast":
-        name = VAST_GPU_NAMES.get(gpu) or _vast_name(gpu)
-        return f"{gpu_count}x-{name.replace(' ', '_')}-m{instance_type}-0"
+        return f"{gpu_count}x-{vast_gpu_name(gpu, gpu_name).replace(' ', '_')}-m{instance_type}-0"
     return instance_type
 
 
+def vast_gpu_name(gpu: str, gpu_name: str = "") -> str:
+    """Vast's `gpu_name` for an offer of meetara's `gpu`: the offer's own (`gpu_name`) where it has one
+    that SkyPilot's parser gives back unchanged (it splits the instance type at "-" and reads "_" as a
+    space), else the usual Vast spelling of that GPU."""
+    name = " ".join(gpu_name.split())
+    if name and "-" not in name and "_" not in name:
+        return name
+    return VAST_GPU_NAMES.get(gpu) or _vast_name(gpu)
+
+
 def _vast_name(gpu: str) -> str:
-    m = re.fullmatch(r"RTX(\d{4})(Ti)?", gpu)
-    if m:
-        return f"RTX {m.group(1)}" + (" Ti" if m.group(2) else "")
+    m = re.fullmatch(r"RTX(\d{4})(S?)(Ti)?", gpu)
+    if m:  # RTX3090Ti -> "RTX 3090 Ti", RTX4070STi -> "RTX 4070S Ti"
+        return f"RTX {m.group(1)}{m.group(2)}" + (" Ti" if m.group(3) else "")
+    m = re.fullmatch(r"RTX(\d{4})-Ada", gpu)
+    if m:  # RTX6000-Ada -> "RTX 6000Ada"
+        return f"RTX {m.group(1)}Ada"
     if re.fullmatch(r"A\d{4}", gpu):
         return f"RTX {gpu}"
     return gpu
@@ -153,9 +172,14 @@ def sky_location(provider: str, region: str) -> tuple[str, str | None]:
         country = parts[1] if parts[0] in _CONTINENT_PREFIXES else parts[0]
         return country, region
     if provider == "vast":
-        # meetara writes Vast's "Texas, US" as "US-Texas"; SkyPilot's provisioner reads the country
-        # from the last two characters of the region
+        # meetara writes Vast's "Texas, US" as "US-Texas" (launcher/providers/vast.py); SkyPilot's
+        # provisioner reads the country from the last two characters of the region
         country, _, place = region.partition("-")
+        if not re.fullmatch(r"[A-Z]{2}", country):
+            # a region written before the country code led ("Sweden", "unknown"), from a run record
+            from launcher.providers.vast import UNKNOWN_COUNTRY, country_code
+
+            country, place = country_code(region) or UNKNOWN_COUNTRY, region
         return (f"{place}, {country}" if place else country), None
     return region, None
 
@@ -164,7 +188,7 @@ def sky_key(o: OfferRef | Offer, spot: bool | None = None) -> tuple[str, str, st
     """(provider, instance type, region, zone, spot) of an offer in SkyPilot's terms: what a launched
     managed job reports (`JobStatus.placed`). The zone is None where meetara's region names none."""
     region, zone = sky_location(o.provider, o.region)
-    itype = sky_instance_type(o.provider, o.instance_type, o.gpu, o.gpu_count)
+    itype = sky_instance_type(o.provider, o.instance_type, o.gpu, o.gpu_count, o.gpu_name)
     return o.provider, itype, region, zone, bool(o.spot if spot is None else spot)
 
 
@@ -198,10 +222,11 @@ def offers_from_refs(refs: Sequence[OfferRef | Offer]) -> list[Offer]:
                 provider=r.provider,
                 instance_type=r.instance_type,
                 gpu=r.gpu,
+                gpu_name=r.gpu_name,
                 gpu_count=r.gpu_count,
                 gpu_mem_gb=round(r.gpu_mem_gb),
                 vcpus=max(int(r.vcpus), 0),
-                mem_gb=max(float(r.mem_gb), 0.0),
+                mem_gib=max(float(r.mem_gib), 0.0),
                 region=r.region,
                 price_hour=None if r.spot else r.price_hour,
                 spot_price_hour=r.price_hour if r.spot else None,
@@ -216,8 +241,8 @@ def offers_from_refs(refs: Sequence[OfferRef | Offer]) -> list[Offer]:
 def _snapshot_shapes() -> tuple[dict[tuple[str, str, int], tuple[float, float]], list[Offer]]:
     from launcher.offers import load_snapshot
 
-    snap = [o for o in load_snapshot() if o.vcpus > 0 and o.mem_gb > 0]
-    exact = {(o.provider, o.instance_type, o.gpu_count): (float(o.vcpus), float(o.mem_gb)) for o in snap}
+    snap = [o for o in load_snapshot() if o.vcpus > 0 and o.mem_gib > 0]
+    exact = {(o.provider, o.instance_type, o.gpu_count): (float(o.vcpus), float(o.mem_gib)) for o in snap}
     return exact, snap
 
 
@@ -234,8 +259,8 @@ def machine_shape(o: Offer) -> tuple[float, float]:
     (sky/catalog/data_fetchers/fetch_runpod.py, `get_gpu_info`); SkyPilot only uses the figures to
     validate and display resources, and to filter when a task asks for cpus / memory (meetara's don't).
     """
-    if o.vcpus > 0 and o.mem_gb > 0:
-        return float(o.vcpus), float(o.mem_gb)
+    if o.vcpus > 0 and o.mem_gib > 0:
+        return float(o.vcpus), float(o.mem_gib)
     exact, snap = _snapshot_shapes()
     found = exact.get((o.provider, o.instance_type, o.gpu_count))
     if found is None:
@@ -246,13 +271,13 @@ def machine_shape(o: Offer) -> tuple[float, float]:
         ):
             if pool:
                 per_gpu_cpus = min(x.vcpus / x.gpu_count for x in pool)
-                per_gpu_mem = min(x.mem_gb / x.gpu_count for x in pool)
+                per_gpu_mem = min(x.mem_gib / x.gpu_count for x in pool)
                 found = (round(per_gpu_cpus * o.gpu_count, 1), round(per_gpu_mem * o.gpu_count, 1))
                 break
         else:  # an empty snapshot: one vCPU and one GiB per GPU rather than a row SkyPilot refuses
             found = (float(o.gpu_count), float(o.gpu_count))
     vcpus, mem = found
-    return (float(o.vcpus) if o.vcpus > 0 else vcpus), (float(o.mem_gb) if o.mem_gb > 0 else mem)
+    return (float(o.vcpus) if o.vcpus > 0 else vcpus), (float(o.mem_gib) if o.mem_gib > 0 else mem)
 
 
 def check_catalog_rows(offers: Sequence[OfferRef | Offer]) -> int:
@@ -363,7 +388,7 @@ def build_catalog(offers: Sequence[Offer]) -> SkyCatalog:
     for o in offers:
         cloud = SKY_CLOUD[o.provider]
         acc = sky_accelerator(o.provider, o.instance_type, o.gpu)
-        itype = sky_instance_type(o.provider, o.instance_type, o.gpu, o.gpu_count)
+        itype = sky_instance_type(o.provider, o.instance_type, o.gpu, o.gpu_count, o.gpu_name)
         region, zone = sky_location(o.provider, o.region)
         cat.gpu_of.setdefault((cloud, acc), o.gpu)
         cat.gpu_mem_gb[acc] = float(o.gpu_mem_gb)

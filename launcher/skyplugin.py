@@ -21,8 +21,9 @@ meetara's Vast instance types (`<n>x-<gpu>-m<offer id>-0`, `launcher/skycatalog.
 - the search asks Vast for exactly the planned offer id (rentable, not rented: the filters of
   meetara's own offer search), in the planned market (`bid` for spot, `on-demand` otherwise), with
   the planned disk priced;
-- spot bids the planned price (the catalog's SpotPrice less the offer's disk price: the `min_bid`
-  meetara saw);
+- spot bids the planned price (the catalog's SpotPrice less the price of the disk it includes, the
+  `DISK_GB` meetara prices every Vast offer with: the `min_bid` meetara saw, whatever disk the task
+  asks for);
 - an offer gone since planning fails the launch with a line saying so, and SkyPilot's failover moves
   to meetara's next ordered offer;
 - the key is left out of `onstart`.
@@ -40,6 +41,8 @@ from typing import Any
 
 from sky.server import plugins
 
+from launcher.providers.vast import DISK_GB as PRICED_DISK_GB  # the disk meetara's Vast prices include
+
 # meetara's Vast instance type: the offer id rides in the field SkyPilot's own types use for cores
 VAST_TYPE = re.compile(r"^(\d+)x-(.+)-m(\d+)-0$")
 HOURS_PER_MONTH = 30 * 24  # Vast prices storage per GB-month (launcher/providers/vast.py)
@@ -52,17 +55,17 @@ class Planned:
 
     offer_id: int
     spot: bool
-    disk_gb: int
-    catalog_price: float | None  # the catalog's $/h for the market (disk included)
-    bid: float | None = None  # set once the offer is found: catalog price less the offer's disk price
+    disk_gb: int  # the disk the task asks for (what Vast rents and bills)
+    catalog_price: float | None  # the catalog's $/h for the market (PRICED_DISK_GB of disk included)
+    bid: float | None = None  # set once the offer is found: catalog price less the priced disk's price
 
 
 _PLANNED: contextvars.ContextVar[Planned | None] = contextvars.ContextVar("meetara_vast_plan", default=None)
 
 
-def bid_for(catalog_price: float | None, offer: dict, disk_gb: int) -> float | None:
-    """The bid meetara priced: its catalog SpotPrice includes the disk (`disk_gb` x the offer's
-    `storage_cost` $/GB-month), Vast's bid does not."""
+def bid_for(catalog_price: float | None, offer: dict, disk_gb: int = PRICED_DISK_GB) -> float | None:
+    """The bid meetara priced: its catalog SpotPrice includes the disk it was priced with (`disk_gb`,
+    meetara's `PRICED_DISK_GB`, x the offer's `storage_cost` $/GB-month), Vast's bid does not."""
     if catalog_price is None:
         return None
     disk_hour = disk_gb * float(offer.get("storage_cost") or 0) / HOURS_PER_MONTH
@@ -99,7 +102,9 @@ def _search(original):
             **kwargs,
         )
         if plan.spot and isinstance(offers, list) and offers:
-            plan.bid = bid_for(plan.catalog_price, offers[0], plan.disk_gb)
+            # the disk the price included, not the one asked for: a bigger disk costs its storage on
+            # top of the bid, it must not lower the bid below the min_bid meetara planned
+            plan.bid = bid_for(plan.catalog_price, offers[0], PRICED_DISK_GB)
         return offers
 
     search_offers.__meetara__ = True  # type: ignore[attr-defined]

@@ -71,7 +71,9 @@ def sky_resource(ref: OfferRef) -> dict[str, Any]:
     acc = sky_accelerator(ref.provider, ref.instance_type, ref.gpu)
     return {
         "infra": infra,
-        "instance_type": sky_instance_type(ref.provider, ref.instance_type, ref.gpu, ref.gpu_count),
+        "instance_type": sky_instance_type(
+            ref.provider, ref.instance_type, ref.gpu, ref.gpu_count, ref.gpu_name
+        ),
         "accelerators": f"{acc}:{ref.gpu_count}",
         "use_spot": ref.spot,
     }
@@ -148,9 +150,11 @@ def render_task(
     # prefs.max_recoveries, the one count that SkyPilot's own preemption recoveries also go into
     recovery["max_restarts_on_errors"] = 0
     recovery["recover_on_exit_codes"] = []
-    rendered: dict[str, Any] = {}
-    if "disk_size" in res:
-        rendered["disk_size"] = res["disk_size"]
+    from launcher.providers.vast import DISK_GB
+
+    # the disk meetara priced (Vast's offers include DISK_GB of storage) and its plugin bids for,
+    # whatever the template says
+    rendered: dict[str, Any] = {"disk_size": DISK_GB}
     image = image or os.environ.get("MEETARA_IMAGE") or None
     if image:
         rendered["image_id"] = image if image.startswith("docker:") else f"docker:{image}"

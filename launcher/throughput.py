@@ -30,6 +30,8 @@ GPU_TFLOPS: dict[str, float] = {
     "H200": 989,
     "GH200": 989,
     "H100": 989,
+    "H100-NVL": 835,  # dense BF16 (the NVL boards run at a lower clock than SXM)
+    "H200-NVL": 835,
     "A100-80GB": 312,
     "A100-40GB": 312,
     "A100": 312,

@@ -172,7 +172,10 @@ def test_unknown_provider_is_refused() -> None:
         ("A100 PCIE", 40, "A100-40GB"),
         ("NVIDIA A100-SXM4-80GB", None, "A100-80GB"),
         ("A100", None, "A100"),
-        ("H100 NVL", 94, "H100"),
+        ("H100 NVL", 94, "H100-NVL"),  # a different GPU (94 GB, own board), not a form factor
+        ("NVIDIA H100 NVL", 94, "H100-NVL"),
+        ("H200 NVL", 141, "H200-NVL"),
+        ("H100 PCIE", 80, "H100"),
         ("NVIDIA H100 80GB HBM3", 80, "H100"),
         ("H100 (80 GB SXM5)", 80, "H100"),
         ("A10", 24, "A10"),
@@ -180,6 +183,10 @@ def test_unknown_provider_is_refused() -> None:
         ("Tesla V100", 16, "V100"),
         ("Q RTX 8000", 48, "RTX8000"),
         ("Quadro RTX 6000", 24, "RTX6000"),
+        ("RTX 3090 Ti", 24, "RTX3090Ti"),  # as RunPod's and SkyPilot's keys spell it
+        ("NVIDIA GeForce RTX 3090 Ti", 24, "RTX3090Ti"),
+        ("RTX 4070S Ti", 16, "RTX4070STi"),
+        ("GTX 1080 Ti", 11, "GTX1080Ti"),
     ],
 )
 def test_normalize_gpu(name: str, mem_gb: float | None, expected: str) -> None:
@@ -194,7 +201,7 @@ def test_offer_prices_include_disk_and_split_per_gpu() -> None:
         gpu_count=2,
         gpu_mem_gb=24,
         vcpus=16,
-        mem_gb=64,
+        mem_gib=64,
         region="US-Texas",
         price_hour=0.8,
         spot_price_hour=0.4,
@@ -230,6 +237,7 @@ def test_lambda_offers(live: FakeProviders) -> None:
         ("gpu_1x_a10", "europe-central-1"),
         ("gpu_1x_a10", "us-east-1"),
         ("gpu_1x_a6000", "us-west-1"),
+        ("gpu_1x_gh200", "us-east-3"),
         ("gpu_1x_h100_pcie", "us-east-1"),
         ("gpu_1x_h100_pcie", "us-west-3"),
         ("gpu_8x_a100_80gb_sxm4", "us-midwest-1"),
@@ -238,10 +246,11 @@ def test_lambda_offers(live: FakeProviders) -> None:
         "provider": "lambda",
         "instance_type": "gpu_8x_a100_80gb_sxm4",
         "gpu": "A100-80GB",
+        "gpu_name": "A100",
         "gpu_count": 8,
         "gpu_mem_gb": 80,
         "vcpus": 240,
-        "mem_gb": 1800.0,
+        "mem_gib": 1800.0,  # Lambda's `memory_gib`
         "region": "us-midwest-1",
         "price_hour": 22.32,
         "spot_price_hour": None,
@@ -261,7 +270,9 @@ def test_runpod_offers(live: FakeProviders) -> None:
     # Out of stock (null stockStatus or lowestPrice), AMD and empty types are left out.
     assert sorted(offers) == [
         "NVIDIA A100 80GB PCIe",
+        "NVIDIA GeForce RTX 3090 Ti",
         "NVIDIA GeForce RTX 4090",
+        "NVIDIA H100 80GB HBM3",
         "NVIDIA H100 NVL",
         "NVIDIA L40S",
     ]
@@ -269,10 +280,11 @@ def test_runpod_offers(live: FakeProviders) -> None:
         "provider": "runpod",
         "instance_type": "NVIDIA GeForce RTX 4090",
         "gpu": "RTX4090",
+        "gpu_name": "RTX 4090",
         "gpu_count": 1,
         "gpu_mem_gb": 24,
         "vcpus": 6,
-        "mem_gb": 41.0,
+        "mem_gib": 41.0,
         "region": "US",
         "price_hour": 0.74,
         "spot_price_hour": None,
@@ -280,6 +292,10 @@ def test_runpod_offers(live: FakeProviders) -> None:
         "source": "live",
     }
     assert offers["NVIDIA A100 80GB PCIe"].gpu == "A100-80GB"
+    # the NVL (94 GB) is its own GPU; the SXM and PCIe H100 (80 GB) are one
+    assert (offers["NVIDIA H100 NVL"].gpu, offers["NVIDIA H100 NVL"].gpu_mem_gb) == ("H100-NVL", 94)
+    assert offers["NVIDIA H100 80GB HBM3"].gpu == "H100"
+    assert offers["NVIDIA GeForce RTX 3090 Ti"].gpu == "RTX3090Ti"
     # A positive spot price is still read (spot pods ended in 2026; zeros mean none).
     assert offers["NVIDIA H100 NVL"].spot_price_hour == 1.59
     (request,) = live.hits("runpod")
@@ -293,16 +309,17 @@ def test_vast_offers_include_disk_cost(live: FakeProviders) -> None:
     table = gather_offers(live=True, providers=["vast"])
     assert table.errors == {}
     offers = {o.instance_type: o for o in table.offers}
-    assert len(offers) == 7
+    assert len(offers) == 13
     o = offers["31245871"]
     assert fields(o) == {
         "provider": "vast",
         "instance_type": "31245871",
         "gpu": "RTX4090",
+        "gpu_name": "RTX 4090",
         "gpu_count": 1,
         "gpu_mem_gb": 24,
         "vcpus": 16,
-        "mem_gb": 64.4,  # a quarter of the host's 257.6 GB: 16 of its 64 cores
+        "mem_gib": 62.9,  # a quarter of the host's 257,586 MiB: 16 of its 64 cores
         "region": "US-Texas",
         "price_hour": 0.38,
         "spot_price_hour": 0.19,
@@ -315,8 +332,18 @@ def test_vast_offers_include_disk_cost(live: FakeProviders) -> None:
     assert offers["31350882"].price_per_gpu_hour(spot=False) == pytest.approx((3.74 + 50 * 0.25 / 720) / 2)
     assert offers["31188725"].gpu == "A100-80GB" and offers["30455018"].gpu == "A100-40GB"
     assert offers["30455018"].spot_price_hour is None  # min_bid null: no interruptible price
-    assert offers["30566120"].region == "unknown" and offers["30688413"].region == "Sweden"
-    assert offers["30688413"].gpu == "RTX8000"
+    # regions lead with the ISO country code: "ZZ" (unknown) for a null geolocation, a country's name
+    # ("Sweden") gets its code
+    assert offers["30566120"].region == "ZZ" and offers["30688413"].region == "SE-Sweden"
+    assert offers["31077310"].region == "BG-Sofia-Capital"
+    assert offers["30871529"].region == "JP-Yutakachō,ShinagawaDistrict,Tokyo"
+    assert (offers["30688413"].gpu, offers["30688413"].gpu_name) == ("RTX8000", "Q RTX 8000")
+    # a host reporting 23,028 MiB on its RTX 4090 has a 24 GB card
+    assert (offers["31402291"].gpu, offers["31402291"].gpu_mem_gb) == ("RTX4090", 24)
+    assert (offers["31077310"].gpu, offers["31077310"].gpu_mem_gb) == ("H100-NVL", 94)
+    assert offers["30914476"].gpu == "RTX3090Ti" and offers["30914476"].gpu_count == 2
+    # a host that does not report its RAM, or its core count, still offers its GPU at its price
+    assert offers["30790104"].mem_gib == offers["31120458"].mem_gib == 0.0
     (request,) = live.hits("vast")
     assert request["body"]["rentable"] == {"eq": True} and request["body"]["disk_space"] == {"gte": 50}
 
@@ -359,7 +386,7 @@ def test_a_failing_provider_is_recorded_and_the_others_still_answer(
 
 
 @pytest.mark.parametrize(
-    ("provider", "n_offers", "n_bad"), [("lambda", 2, 4), ("runpod", 1, 4), ("vast", 2, 5)]
+    ("provider", "n_offers", "n_bad"), [("lambda", 3, 3), ("runpod", 2, 3), ("vast", 4, 3)]
 )
 def test_malformed_rows_are_skipped_and_counted(
     live: FakeProviders, caplog: pytest.LogCaptureFixture, provider: str, n_offers: int, n_bad: int
@@ -451,7 +478,7 @@ def test_a_corrupt_cache_is_ignored(live: FakeProviders, caplog: pytest.LogCaptu
     gather_offers(live=True, providers=["lambda"])
     cache.cache_path("lambda").write_text('{"offers": [')
     table = gather_offers(live=True, providers=["lambda"])
-    assert table.provenance == {"lambda": "live"} and len(table.offers) == 6
+    assert table.provenance == {"lambda": "live"} and len(table.offers) == 7
     assert "unreadable offers cache" in caplog.text
 
 

@@ -242,11 +242,11 @@ def test_refs_carry_the_offers_figures_and_old_records_still_load(offers) -> Non
     by_key = {(o.provider, o.instance_type, o.region, o.gpu_count): o for o in offers}
     for r in refs:
         o = by_key[(r.provider, r.instance_type, r.region, r.gpu_count)]
-        assert (r.vcpus, r.mem_gb) == (o.vcpus, o.mem_gb) and r.vcpus > 0 and r.mem_gb > 0
+        assert (r.vcpus, r.mem_gib) == (o.vcpus, o.mem_gib) and r.vcpus > 0 and r.mem_gib > 0
 
     # a run record saved before OfferRefs kept vCPUs and memory
-    old = [OfferRef.model_validate(json.loads(r.model_dump_json(exclude={"vcpus", "mem_gb"}))) for r in refs]
-    assert all(r.vcpus == 0 and r.mem_gb == 0 for r in old)
+    old = [OfferRef.model_validate(json.loads(r.model_dump_json(exclude={"vcpus", "mem_gib"}))) for r in refs]
+    assert all(r.vcpus == 0 and r.mem_gib == 0 for r in old)
     for o in offers_from_refs(old):
         vcpus, mem = machine_shape(o)
         assert vcpus > 0 and mem > 0
@@ -257,7 +257,7 @@ def test_refs_carry_the_offers_figures_and_old_records_still_load(offers) -> Non
     vcpus, mem = machine_shape(unknown)
     same = [o for o in offers if o.provider == unknown.provider and o.gpu == unknown.gpu]
     assert vcpus == pytest.approx(2 * min(o.vcpus / o.gpu_count for o in same), abs=0.05)
-    assert mem == pytest.approx(2 * min(o.mem_gb / o.gpu_count for o in same), abs=0.05)
+    assert mem == pytest.approx(2 * min(o.mem_gib / o.gpu_count for o in same), abs=0.05)
 
 
 def test_a_row_with_no_memory_is_one_line_bad_input(offers, monkeypatch) -> None:

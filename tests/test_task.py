@@ -82,7 +82,9 @@ def test_rendered_yaml_parses_with_skypilot(catalogs, offers, tmp_path, policy) 
         region, zone = sky_location(ref.provider, ref.region)
         assert str(r.cloud).lower() == SKY_CLOUD[ref.provider]
         assert (r.region, r.zone) == (region, zone)
-        assert r.instance_type == sky_instance_type(ref.provider, ref.instance_type, ref.gpu, ref.gpu_count)
+        assert r.instance_type == sky_instance_type(
+            ref.provider, ref.instance_type, ref.gpu, ref.gpu_count, ref.gpu_name
+        )
         assert r.use_spot is ref.spot
         assert r.use_spot is (policy == "spot")
         # SkyPilot reruns nothing after a non-zero exit; the conductor holds prefs.max_recoveries

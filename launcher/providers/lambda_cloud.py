@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.offers import Offer, normalize_gpu
-from launcher.providers.base import Fetched, field_of, parse_rows, request_json, rows_of
+from launcher.providers.base import Fetched, field_of, parse_rows, positive, request_json, rows_of
 
 if TYPE_CHECKING:
     import requests
@@ -39,17 +39,19 @@ def _parse(entry: Any, fetched_at: datetime) -> list[Offer]:
     if not match:
         raise ValueError(f"unreadable description {itype['description']!r}")
     count, gpu_name, gpu_mem = int(match[1]), match[2], int(match[3])
-    specs = itype["specs"]
+    specs = itype.get("specs") or {}
     # Regions without capacity are absent from the list: a type sold out everywhere gives no offer.
     return [
         Offer(
             provider=NAME,
             instance_type=itype["name"],
             gpu=normalize_gpu(gpu_name, gpu_mem),
+            gpu_name=gpu_name,
             gpu_count=count,
             gpu_mem_gb=gpu_mem,
-            vcpus=specs["vcpus"],
-            mem_gb=specs["memory_gib"],
+            # CPUs and memory (GiB, as `memory_gib` says) that Lambda does not state are 0: unknown
+            vcpus=int(positive(specs.get("vcpus")) or 0),
+            mem_gib=positive(specs.get("memory_gib")) or 0.0,
             region=region["name"],
             price_hour=itype["price_cents_per_hour"] / 100,
             fetched_at=fetched_at,
@@ -57,6 +59,13 @@ def _parse(entry: Any, fetched_at: datetime) -> list[Offer]:
         )
         for region in entry["regions_with_capacity_available"]
     ]
+
+
+def parse_response(body: Any, fetched_at: datetime | None = None) -> Fetched:
+    """Offers from the body of `GET /api/v1/instance-types`."""
+    rows = rows_of(field_of(body, "data"), "instance types")
+    now = fetched_at or datetime.now(UTC)
+    return parse_rows(NAME, rows, lambda entry: _parse(entry, now))
 
 
 def fetch(
@@ -71,6 +80,4 @@ def fetch(
         timeout=timeout,
         secret=api_key,
     )
-    rows = rows_of(field_of(body, "data"), "instance types")
-    now = datetime.now(UTC)
-    return parse_rows(NAME, rows, lambda entry: _parse(entry, now))
+    return parse_response(body)

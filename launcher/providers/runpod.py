@@ -62,10 +62,13 @@ def _parse(gpu: Any, fetched_at: datetime) -> list[Offer]:
             provider=NAME,
             instance_type=gpu["id"],
             gpu=normalize_gpu(gpu["displayName"], gpu["memoryInGb"]),
+            gpu_name=gpu["displayName"],
             gpu_count=GPU_COUNT,
             gpu_mem_gb=gpu["memoryInGb"],
-            vcpus=lowest["minVcpu"],
-            mem_gb=lowest["minMemory"],
+            # the cheapest pod's CPUs and memory; 0 (unknown) where RunPod sends none. RunPod says
+            # "GB"; SkyPilot's own RunPod catalog takes the figure as GiB, and so does meetara
+            vcpus=int(positive(lowest.get("minVcpu")) or 0),
+            mem_gib=positive(lowest.get("minMemory")) or 0.0,
             region=lowest.get("countryCode") or "any",
             price_hour=None if price is None else price * GPU_COUNT,
             spot_price_hour=None if spot is None else spot * GPU_COUNT,
@@ -73,6 +76,19 @@ def _parse(gpu: Any, fetched_at: datetime) -> list[Offer]:
             source="live",
         )
     ]
+
+
+def parse_response(body: Any, fetched_at: datetime | None = None) -> Fetched:
+    """Offers from the body of the `gpuTypes` query (ProviderError for a GraphQL error)."""
+    # GraphQL reports query errors with HTTP 200 and an `errors` list.
+    if isinstance(body, dict) and body.get("errors"):
+        errors = body["errors"]
+        first = errors[0] if isinstance(errors, list) and errors else errors
+        message = first.get("message") if isinstance(first, dict) else first
+        raise ProviderError(f"GraphQL error: {str(message)[:200]}")
+    rows = rows_of(field_of(field_of(body, "data"), "gpuTypes"), "GPU types")
+    now = fetched_at or datetime.now(UTC)
+    return parse_rows(NAME, rows, lambda gpu: _parse(gpu, now))
 
 
 def fetch(
@@ -94,12 +110,4 @@ def fetch(
         timeout=timeout,
         secret=api_key,
     )
-    # GraphQL reports query errors with HTTP 200 and an `errors` list.
-    if isinstance(body, dict) and body.get("errors"):
-        errors = body["errors"]
-        first = errors[0] if isinstance(errors, list) and errors else errors
-        message = first.get("message") if isinstance(first, dict) else first
-        raise ProviderError(f"GraphQL error: {str(message)[:200]}")
-    rows = rows_of(field_of(field_of(body, "data"), "gpuTypes"), "GPU types")
-    now = datetime.now(UTC)
-    return parse_rows(NAME, rows, lambda gpu: _parse(gpu, now))
+    return parse_response(body)
