@@ -79,3 +79,29 @@ def test_a_truncated_file_fails_validation(tiny):
     assert not report["passed"]
     entry = report["files"]["adapter"]
     assert entry.get("readable") is False or not entry["size"]["ok"] or not entry["llama_cpp"]["loaded"]
+
+
+def test_ids_longer_than_the_positions_are_cut_alike_on_both_sides(tiny):
+    """Issue 13: a probe, a reference or a held-out sample past the model's 256 positions does not
+    raise; transformers and llama.cpp evaluate the same first positions and agree on them."""
+    import numpy as np
+
+    from train.lora import heldout_loss
+    from train.validate import GENERATE, reference_logits
+
+    base, model, base_file, adapter, _, _ = tiny
+    n_pos = base.config.n_positions
+    ids = [(7 * i) % 2000 + 1 for i in range(n_pos + 60)]
+    ref = reference_logits(model, ids)
+    assert ref.shape[0] == n_pos and np.isfinite(ref).all()
+    assert np.isfinite(heldout_loss(model, [ids, ids[:20]], base.tokenizer.pad_token_id))
+    out = run_llama_check(base_file, ids, lora=adapter, generate=GENERATE)
+    assert out["n_tokens"] == n_pos - GENERATE and out["truncated_from"] == len(ids)
+    assert np.abs(out["logits"][:, : ref.shape[1]] - ref[: n_pos - GENERATE]).max() < 0.05
+
+    long_prompt = " ".join([PROMPT] * 40)  # ~400 tokens
+    report = validate_domain(
+        model, base, {"adapter": adapter}, base_file, long_prompt, JobSpec(domains=["x"])
+    )
+    assert report["probe_prompt_tokens"] > n_pos and report["probe_tokens"] == n_pos - GENERATE
+    assert report["passed"], report["files"]["adapter"]["llama_cpp"]

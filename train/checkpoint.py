@@ -18,7 +18,9 @@ import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
+from train import BadInput
 from train.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,26 @@ class Checkpoint:
     step: int
     parts: dict[str, bytes]
     meta: dict
+
+
+class ParamsChanged(BadInput):
+    """The newest checkpoint was trained with other parameters than those of the run that would resume
+    it. `changes` lists (name, old, new)."""
+
+    def __init__(self, step: int, changes: list[tuple[str, Any, Any]]) -> None:
+        self.step, self.changes = step, changes
+        diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes)
+        super().__init__(f"the checkpoint at step {step} was trained with other parameters: {diff}")
+
+
+def changed_params(ckpt: Checkpoint, params: dict) -> list[tuple[str, Any, Any]]:
+    """(name, recorded, given) for each parameter `ckpt` recorded (meta `params`) with another value
+    than `params` has; a name only one side has is not compared (older checkpoints record none)."""
+    old = ckpt.meta.get("params")
+    if not isinstance(old, dict):
+        return []
+    new = json.loads(json.dumps(params))  # as the manifest stores it: tuples are lists, and so on
+    return [(k, old[k], new[k]) for k in old if k in new and old[k] != new[k]]
 
 
 def sha256(data: bytes) -> str:

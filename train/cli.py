@@ -1,8 +1,9 @@
 """`python -m train`: train domains in order and print a final JSON summary.
 
 Exit codes: 0 done, 1 a domain failed validation, 2 bad input (unknown domain, malformed JSONL, bad
-store URL, unreachable store), 75 interrupted by SIGTERM/SIGINT after a checkpoint (rerun resumes),
-77 stopped at MEETARA_STOP_AT (the job's budget reservation runs out then; rerun resumes).
+store URL, unreachable store, a checkpoint trained with other parameters: `--restart-if-changed`),
+75 interrupted by SIGTERM/SIGINT after a checkpoint (rerun resumes), 77 stopped at MEETARA_STOP_AT
+(the job's budget reservation runs out then; rerun resumes).
 
 The in-job budget guard: the launcher gives each cloud job the time its reservation pays for
 (`MEETARA_STOP_AT`, Unix seconds). Training checkpoints and stops by itself when that time comes, so a
@@ -80,6 +81,14 @@ def train_command(
         "[default: off; bench/RESULTS.md has the measurement]",
         show_default=False,
     ),
+    restart_if_changed: bool = typer.Option(
+        False,
+        "--restart-if-changed",
+        help="a domain whose checkpoint was trained with other parameters (--lora-r, --lr, --epochs, "
+        "data, ...) starts over from step 0 and its checkpoints are deleted [default: such a run is "
+        "refused; checkpoints with the same parameters are always resumed]",
+        show_default=False,
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Train one LoRA adapter per domain and export validated GGUF files to the store."""
@@ -97,6 +106,7 @@ def train_command(
             data_dir=data_dir,
             endpoint_url=endpoint_url,
             merged=merged,
+            restart_if_changed=restart_if_changed,
             **({} if warm_start is None else {"warm_start": warm_start}),  # None: JobSpec's default
             params=LoraParams(
                 lr=lr,

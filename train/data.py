@@ -1,5 +1,9 @@
 """Conversation data per domain: a seeded generator, user-supplied JSONL, a quality filter, a split.
 
+User data may hold earlier turns of a conversation in a prompt, joined with a literal `<|endoftext|>`
+(DialoGPT's convention, `TURN_SEPARATOR`): training and validation read it as the turn separator, the
+model's end-of-text token (`model.text_ids`), not as text; the quality filter does not count it as a word.
+
 The generator composes conversations from the registry's topics, advice and vocabulary. Like a real
 synthetic-data generator it sometimes fails (repetition loops, truncation, off-topic drift, repeats);
 it does so at a fixed, seeded rate (`noise`) so the quality filter's acceptance rate is a real
@@ -56,6 +60,7 @@ OFF_TOPIC = [
 ]
 
 NOISE_KINDS = ("repetition", "truncated", "off_topic", "empty")
+TURN_SEPARATOR = "<|endoftext|>"  # GPT-2's end-of-text token, as text: DialoGPT's turn separator
 
 
 @dataclass(frozen=True)
@@ -171,13 +176,15 @@ _WORD = re.compile(r"[a-z0-9']+")
 
 
 def reject_reason(s: Sample, vocabulary: set[str], min_words: int = 6, max_words: int = 200) -> str | None:
-    """Why a sample fails the quality filter, or None if it passes (duplicates are checked by `filter`)."""
-    if not s.prompt.strip() or not s.response.strip():
+    """Why a sample fails the quality filter, or None if it passes (duplicates are checked by `filter`).
+    Turn separators (`TURN_SEPARATOR`) are neither text nor words."""
+    prompt, response = (x.replace(TURN_SEPARATOR, " ") for x in (s.prompt, s.response))
+    if not prompt.strip() or not response.strip():
         return "empty"
-    words = _WORD.findall(s.response.lower())
+    words = _WORD.findall(response.lower())
     if len(words) < min_words:
         return "too_short"
-    if len(words) > max_words or len(_WORD.findall(s.prompt.lower())) > max_words:
+    if len(words) > max_words or len(_WORD.findall(prompt.lower())) > max_words:
         return "too_long"
     trigrams = Counter(zip(words, words[1:], words[2:], strict=False))
     if trigrams and max(trigrams.values()) > 2 or len(set(words)) < 0.4 * len(words):

@@ -46,25 +46,34 @@ def evaluate(
 
     if not tokens:
         raise ValueError("need at least one token")
-    n_ctx = len(tokens) + max(generate, 0)
-    _stage(f"loading {model}" + (f" with LoRA {lora}" if lora else ""))
-    llm = llama_cpp.Llama(
-        model_path=model,
-        lora_path=lora,
-        logits_all=True,  # 0.3.x keeps only the last row in `scores` without it
-        n_ctx=n_ctx,
-        n_batch=n_ctx,
-        n_threads=threads,
-        seed=0,
-        verbose=False,
-    )
+    room = max(generate, 0)
+
+    def load(n_ctx: int) -> Any:
+        _stage(f"loading {model}" + (f" with LoRA {lora}" if lora else ""))
+        return llama_cpp.Llama(
+            model_path=model,
+            lora_path=lora,
+            logits_all=True,  # 0.3.x keeps only the last row in `scores` without it
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_threads=threads,
+            seed=0,
+            verbose=False,
+        )
+
+    given = len(tokens)
+    llm = load(given + room)
     n_vocab = llm.n_vocab()
     n_ctx_train = llama_cpp.llama_model_n_ctx_train(llm.model)
-    # GPT-2 has learned positions: past n_ctx_train llama.cpp would index past position_embd.
-    if n_ctx > n_ctx_train:
-        raise ValueError(
-            f"{len(tokens)} tokens + {generate} generated exceed the model context {n_ctx_train}"
-        )
+    # GPT-2 has learned positions: past n_ctx_train llama.cpp would index past position_embd. Keep the
+    # first tokens that leave room for the generated ones, as the transformers side cuts its ids
+    # (`train.model.fit_positions`); `n_tokens` says how many were evaluated.
+    if given + room > n_ctx_train:
+        if n_ctx_train - room < 1:
+            raise ValueError(f"{generate} generated tokens leave no room in the model context {n_ctx_train}")
+        tokens = tokens[: n_ctx_train - room]
+        llm.close()
+        llm = load(len(tokens) + room)  # a context no larger than the tokens need, as for any other input
     if bad := [t for t in tokens if not 0 <= t < n_vocab]:
         raise ValueError(f"token ids out of range [0, {n_vocab}): {bad[:5]}")
 
@@ -82,13 +91,30 @@ def evaluate(
     out: dict[str, Any] = {
         "n_vocab": n_vocab,
         "n_ctx_train": n_ctx_train,
+        "n_tokens": len(tokens),
+        "truncated_from": given if given > len(tokens) else None,
         "logits": logits.tolist(),
         "generated": generated,
         "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
     }
     if text is not None:
-        out["tokenize_check"] = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        out["tokenize_check"] = tokenize_turns(llm, text)
     return out
+
+
+def tokenize_turns(llm: Any, text: str) -> list[int]:
+    """llama.cpp's token ids for `text` by the rule of `train.model.text_ids`: the text of the model's
+    eos token (`<|endoftext|>` for GPT-2) separates turns and becomes its eos id; the rest is plain text
+    (special=False: no special-token text inside it is parsed)."""
+    eos = llm.token_eos()
+    sep = llm.detokenize([eos], special=True).decode("utf-8", errors="replace") if eos >= 0 else ""
+    ids: list[int] = []
+    for i, piece in enumerate(text.split(sep) if sep else [text]):
+        if i:
+            ids.append(eos)
+        if piece:
+            ids += llm.tokenize(piece.encode("utf-8"), add_bos=False, special=False)
+    return ids
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -89,6 +89,31 @@ class LoraParams(BaseModel):
     )
 
 
+# What a checkpoint's training state depends on: resuming it under other values would mix two runs
+# (AdamW's state carries the old lr, the scheduler the old total, the adapter the old shape). Not in it:
+# where and how often checkpoints go (checkpoint_*, keep_checkpoints, background_upload) and how the
+# same steps are computed (threads, torch_compile, pad_to_max_len, pack: a resume keeps the
+# checkpoint's row layout).
+RESUME_KEYS = (
+    "r",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "lr",
+    "epochs",
+    "batch_size",
+    "max_len",
+    "warmup_steps",
+    "seed",
+)
+
+
+def resume_params(params: LoraParams, **context: Any) -> dict:
+    """The values a checkpoint records and a resume must match: `RESUME_KEYS` of `params`, plus what
+    the caller adds (the pipeline: the base model and a fingerprint of the training data)."""
+    return {k: getattr(params, k) for k in RESUME_KEYS} | context
+
+
 class Interrupted(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint was written first."""
 
@@ -242,17 +267,17 @@ def pick_batch_size(model: Any, params: LoraParams, pad_id: int) -> int:
 
 
 def heldout_loss(model: Any, data: list[list[int]], pad_id: int, batch_size: int = 16) -> float:
-    """Token-weighted mean loss over held-out samples."""
+    """Token-weighted mean loss over held-out samples, each cut to the model's positions."""
     import torch
 
-    from train.model import lm_loss
+    from train.model import fit_positions, lm_loss
 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), _autocast(model):
         for i in range(0, len(data), batch_size):
-            chunk = data[i : i + batch_size]
+            chunk = [fit_positions(x, model.config.n_positions) for x in data[i : i + batch_size]]
             n = sum(len(x) - 1 for x in chunk)
             total += float(lm_loss(model, chunk, pad_id)) * n
             count += n
@@ -325,10 +350,15 @@ def train(
     stop: StopFlag | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     max_steps: int | None = None,
+    resume_key: dict | None = None,
 ) -> TrainResult:
     """Train the LoRA weights of `model` (a peft model) on `data`, checkpointing to `store` under
     `prefix`, resuming from the newest valid checkpoint there. Raises `Interrupted` after saving
-    when `stop` is set. `max_steps` ends the run early (benchmarks); the schedule is unchanged."""
+    when `stop` is set. `max_steps` ends the run early (benchmarks); the schedule is unchanged.
+
+    Every checkpoint records `resume_key` (default `resume_params(params)`); a checkpoint that recorded
+    other values is not resumed: `checkpoint.ParamsChanged` is raised before anything in the store is
+    touched (checkpoints written before they recorded it are resumed as before)."""
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load as st_load
@@ -346,7 +376,10 @@ def train(
             torch.set_num_threads(threads)
     compiling = params.torch_compile if params.torch_compile is not None else cuda
 
+    key = resume_params(params) if resume_key is None else resume_key
     ckpt = checkpoint.latest(store, prefix)
+    if ckpt is not None and (changes := checkpoint.changed_params(ckpt, key)):
+        raise checkpoint.ParamsChanged(ckpt.step, changes)
     checkpoint.discard_after(store, prefix, ckpt.step if ckpt else 0)
     batch_size = ckpt.meta["batch_size"] if ckpt else pick_batch_size(model, params, pad_id)
     lengths = [len(x) for x in data]
@@ -412,6 +445,7 @@ def train(
             "position": step % per_epoch,
             "packed": layout.packed,
             "rows": len(rows),
+            "params": key,
         }
         result.serialize_seconds.append(time.perf_counter() - t)
         if uploader is not None and not blocking:

@@ -256,8 +256,40 @@ def collate_rows(rows: list[list[list[int]]], pad_id: int, pad_to: int | None = 
     return {"input_ids": ids, "position_ids": pos, "labels": labels}
 
 
+def text_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, in DialoGPT's turn format: the literal text of the eos token
+    (`<|endoftext|>` for GPT-2 models) separates turns and becomes the eos id; every other part is
+    plain text (special-token text inside it is not parsed). `llama_check` tokenizes a text for the
+    tokenizer check by the same rule on the llama.cpp side (its eos token's text, its eos id), so both
+    sides agree on what the separator means however each parses special tokens."""
+    sep, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    split = [t.split(sep) if sep else [t] for t in texts]
+    pieces = [p for parts in split for p in parts if p]
+    encoded = iter(
+        tokenizer(pieces, add_special_tokens=False, split_special_tokens=True)["input_ids"] if pieces else []
+    )
+    out = []
+    for parts in split:
+        ids: list[int] = []
+        for i, p in enumerate(parts):
+            if i:
+                ids.append(eos_id)
+            if p:
+                ids += next(encoded)
+        out.append(ids)
+    return out
+
+
+def fit_positions(ids: list[int], n_positions: int, reserve: int = 0) -> list[int]:
+    """The first `n_positions - reserve` ids (`reserve`: room for tokens generated after them). GPT-2's
+    positions are learned: a longer sequence has no position embedding past the end (an IndexError in
+    transformers, a read past `position_embd` in llama.cpp). Cut at the end, as `encode` cuts samples."""
+    return ids[: max(0, n_positions - reserve)]
+
+
 def encode(samples: list, tokenizer: Any, max_len: int) -> list[list[int]]:
-    """Token ids of `prompt<eos>response<eos>` per sample (DialoGPT's turn format), cut to `max_len`."""
+    """Token ids of `prompt<eos>response<eos>` per sample (DialoGPT's turn format, `text_ids`: a literal
+    `<|endoftext|>` inside a prompt or response is a turn separator too), cut to `max_len`."""
     eos = tokenizer.eos_token
     texts = [f"{s.prompt}{eos}{s.response}{eos}" for s in samples]
-    return [x[:max_len] for x in tokenizer(texts)["input_ids"]]
+    return [x[:max_len] for x in text_ids(tokenizer, texts)]

@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 from train import BadInput, checkpoint
 from train.data import domain_data
 from train.domains import Domain, load_registry, select_domains
-from train.lora import Interrupted, LoraParams, StopFlag, attach_lora, heldout_loss
+from train.lora import Interrupted, LoraParams, StopFlag, attach_lora, heldout_loss, resume_params
 from train.lora import train as train_lora
 from train.names import RunId
 from train.similarity import profile
@@ -78,6 +78,11 @@ class JobSpec(BaseModel):
     warm_start: bool = Field(
         False, description="start each domain's LoRA from the most similar domain already done in the run"
     )
+    restart_if_changed: bool = Field(
+        False,
+        description="a domain whose checkpoint was trained with other parameters starts over from step 0 "
+        "(its checkpoints are deleted); without it, such a run is refused before anything is done",
+    )
 
 
 @dataclass
@@ -99,6 +104,78 @@ def domain_prefix(run_id: str, domain: str) -> str:
 
 def is_done(store: ObjectStore, run_id: str, domain: str) -> bool:
     return store.exists(f"{domain_prefix(run_id, domain)}/{MANIFEST}")
+
+
+# the parameters a checkpoint records (`resume_key`) as the command line names them
+_FLAGS = {
+    "r": "--lora-r",
+    "alpha": "--lora-alpha",
+    "lr": "--lr",
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "seed": "--seed",
+    "base_model": "--base-model",
+    "data": "training data",
+}
+
+
+def data_fingerprint(samples: list) -> str:
+    """A short hash of the training samples (`--data-dir`, `--samples`, `--seed` change them)."""
+    blob = json.dumps([[s.prompt, s.response] for s in samples], ensure_ascii=False).encode()
+    return "sha256:" + checkpoint.sha256(blob)[:16]
+
+
+def resume_key(spec: JobSpec, train_samples: list) -> dict:
+    """What a domain's checkpoints record and a resume must match (`lora.resume_params`): the training
+    parameters, the base model and the training data. Not the store, run id, the other domains of the
+    job, the checkpoint interval or anything else that does not change the training state."""
+    return resume_params(spec.params, base_model=spec.base_model, data=data_fingerprint(train_samples))
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "auto" if value is None else str(value)
+
+
+def changed_message(found: list[tuple[str, int, list]]) -> str:
+    """One line for checkpoints trained with other parameters: (domain, step, [(name, old, new)])."""
+
+    def diff(changes: list) -> str:
+        return ", ".join(f"{_FLAGS.get(k, k)} {_show(old)} -> {_show(new)}" for k, old, new in changes)
+
+    if len(found) == 1:
+        (name, step, changes), them, their = found[0], "it", "its"
+        what = f"{name}: the checkpoint at step {step} was trained with other parameters ({diff(changes)})"
+    else:
+        them, their = "them", "their"
+        what = "checkpoints trained with other parameters: " + ", ".join(
+            f"{name} at step {step} ({diff(changes)})" for name, step, changes in found
+        )
+    return (
+        f"{what}; rerun with the original values to resume {them}, or add --restart-if-changed to start "
+        f"{them} over from step 0 with the new ones (deletes {their} checkpoints)"
+    )
+
+
+def check_resumes(store: ObjectStore, spec: JobSpec, todo: list[tuple[Domain, tuple]]) -> None:
+    """Refuse (BadInput) when a domain's newest checkpoint was trained with other parameters than this
+    run's, before anything is loaded or written; with `spec.restart_if_changed`, delete such a
+    domain's checkpoints instead, so that it starts over (checkpoints with the same parameters are
+    still resumed: the same command can be rerun after a preemption)."""
+    found = []
+    for d, data in todo:
+        prefix = f"{domain_prefix(spec.run_id, d.name)}/checkpoints"
+        ckpt = checkpoint.latest(store, prefix)
+        if ckpt is not None and (changes := checkpoint.changed_params(ckpt, resume_key(spec, data[0]))):
+            found.append((d.name, ckpt.step, changes, prefix))
+    if found and not spec.restart_if_changed:
+        raise BadInput(changed_message([f[:3] for f in found]))
+    for name, step, changes, prefix in found:
+        log.warning("%s; starting over from step 0", changed_message([(name, step, changes)]).split(";")[0])
+        checkpoint.discard_after(store, prefix, 0)
 
 
 def run_job(spec: JobSpec, *, events: Events | None = None, stop: StopFlag | None = None) -> dict:
@@ -136,6 +213,7 @@ def run_job(spec: JobSpec, *, events: Events | None = None, stop: StopFlag | Non
             )
     if not todo:
         return summary
+    check_resumes(store, spec, todo)
 
     import torch
 
@@ -255,31 +333,38 @@ def train_domain(
 
     timings: dict[str, float] = {}
     prefix = domain_prefix(spec.run_id, d.name)
+    # GPT-2's positions are learned: no sample (nor a padded row) may be longer than the model's
+    params = spec.params.model_copy(update={"max_len": min(spec.params.max_len, base.config.n_positions)})
     t = time.perf_counter()
     train_s, held_s, quality, source = data
-    terms = profile(x for s in train_s for x in (s.prompt, s.response))
-    train_ids = encode(train_s, base.tokenizer, spec.params.max_len)
-    held_ids = encode(held_s, base.tokenizer, spec.params.max_len)
+    sep = base.tokenizer.eos_token or "\0"  # a turn separator in the text is not a term of the domain
+    terms = profile(x.replace(sep, " ") for s in train_s for x in (s.prompt, s.response))
+    train_ids = encode(train_s, base.tokenizer, params.max_len)
+    held_ids = encode(held_s, base.tokenizer, params.max_len)
     timings["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model = attach_lora(base.model, spec.params)
+    model = attach_lora(base.model, params)
     try:
         warm = warm_start(d, spec, store, model, prefix, terms)
         with model.disable_adapter():
             loss_before = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
         if stop is not None:
             stop.training = True  # a deadline now means: checkpoint at the next step, then stop
-        result = train_lora(
-            model,
-            train_ids,
-            spec.params,
-            pad_id=base.tokenizer.pad_token_id,
-            store=store,
-            prefix=f"{prefix}/checkpoints",
-            stop=stop,
-            on_step=events.step,
-        )
+        try:
+            result = train_lora(
+                model,
+                train_ids,
+                params,
+                pad_id=base.tokenizer.pad_token_id,
+                store=store,
+                prefix=f"{prefix}/checkpoints",
+                stop=stop,
+                on_step=events.step,
+                resume_key=resume_key(spec, train_s),
+            )
+        except checkpoint.ParamsChanged as e:  # written since `check_resumes` looked (another job)
+            raise BadInput(changed_message([(d.name, e.step, e.changes)])) from None
         if stop is not None:
             stop.training = False
         loss_after = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
@@ -329,7 +414,7 @@ def train_domain(
         "files": entries,
         "warm_start_weights": _file_entry(f"{prefix}/{WARM_WEIGHTS}", out / WARM_WEIGHTS),
         "warm_start": warm,
-        "params": spec.params.model_dump(),
+        "params": params.model_dump(),  # as trained (max_len within the model's positions)
         "data": {
             "source": source,
             "quality": quality.as_dict(),

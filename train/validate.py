@@ -7,6 +7,10 @@
    quantized model, evaluates a held-out prompt and generates; its logits are compared with the
    transformers model's on the same token ids (tolerances in `pipeline.Tolerance`), and its
    tokenizer must reproduce the transformers tokenizer's ids.
+
+The probe is a held-out prompt as training reads it (`model.text_ids`: a literal `<|endoftext|>` is
+the turn separator, the eos id, on both sides), cut to the model's positions less the generated
+tokens (`model.fit_positions`), so both models evaluate exactly the same ids however long the prompt.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import numpy as np
 
 from train.gguf_export import expected_quantized_bytes, expected_tensor_bytes, read_gguf_summary
 from train.llama_check import LlamaCheckError, run_llama_check
+from train.model import fit_positions, text_ids
+
+GENERATE = 8  # tokens llama.cpp generates after the probe
 
 
 def _compare(ref: np.ndarray, got: np.ndarray, tie: float = 0.0) -> dict:
@@ -49,25 +56,33 @@ def _llama(
     *,
     lora: Path | None = None,
     text: str | None = None,
+    want_ids: list[int] | None = None,
     tie: float = 0.0,
 ) -> dict:
+    """llama.cpp on `ids` compared with `ref`; with `text`, whether llama.cpp tokenizes it into
+    `want_ids` (the whole text's ids: `ids` may be cut to the model's positions; default `ids`)."""
     try:
-        out = run_llama_check(model, ids, lora=lora, generate=8, text=text)
+        out = run_llama_check(model, ids, lora=lora, generate=GENERATE, text=text)
     except LlamaCheckError as e:
         return {"loaded": False, "error": str(e)}
     res = {"loaded": True, "generated_tokens": len(out["generated"]), "generated_text": out["text"]}
-    res |= _compare(ref, np.asarray(out["logits"])[:, : ref.shape[-1]], tie)
+    got = np.asarray(out["logits"])[:, : ref.shape[-1]]
+    if got.shape[0] != ref.shape[0]:  # not the same positions: nothing to compare (a failed check)
+        return res | {"error": f"llama.cpp evaluated {got.shape[0]} positions, transformers {ref.shape[0]}"}
+    res |= _compare(ref, got, tie)
     if text is not None:
-        res["tokenizer_matches"] = out.get("tokenize_check") == ids
+        res["tokenizer_matches"] = out.get("tokenize_check") == (ids if want_ids is None else want_ids)
     return res
 
 
 def reference_logits(model: Any, ids: list[int], adapter: bool = True) -> np.ndarray:
-    """Logits of the transformers model (eval mode, fp32 output) for `ids`."""
+    """Logits of the transformers model (eval mode, fp32 output) for `ids`, cut to the model's
+    positions (`model.fit_positions`): one row per position evaluated."""
     import contextlib
 
     import torch
 
+    ids = fit_positions(ids, model.config.n_positions)
     dev = next(model.parameters()).device
     ctx = contextlib.nullcontext() if adapter else model.disable_adapter()
     was = model.training
@@ -83,15 +98,23 @@ def validate_domain(
 ) -> dict:
     """Run every check on a domain's files; `passed` is True only if all of them pass."""
     tol = spec.tolerance
-    ids = base.tokenizer(prompt)["input_ids"]
+    full = text_ids(base.tokenizer, [prompt])[0]
+    ids = fit_positions(full, base.config.n_positions, reserve=GENERATE)
     ref = reference_logits(model, ids)
     effect = float(np.max(np.abs(ref - reference_logits(model, ids, adapter=False))))
-    report: dict[str, Any] = {"probe_tokens": len(ids), "adapter_effect_max_abs": effect, "files": {}}
+    report: dict[str, Any] = {
+        "probe_tokens": len(ids),
+        "probe_prompt_tokens": len(full),  # more than probe_tokens when cut to the model's positions
+        # where the prompt's turn separators (a literal <|endoftext|>) are: the eos id on both sides
+        "probe_separators": [i for i, t in enumerate(full) if t == base.tokenizer.eos_token_id],
+        "adapter_effect_max_abs": effect,
+        "files": {},
+    }
 
     report["files"]["adapter"] = _check(
         files["adapter"],
         lambda summary: _adapter_ok(summary, base.config, spec),
-        lambda: _llama_adapter(base_file, files["adapter"], ids, ref, prompt, effect, tol),
+        lambda: _llama_adapter(base_file, files["adapter"], ids, full, ref, prompt, effect, tol),
     )
     if "merged_q4_k_m" in files:
         path = files["merged_q4_k_m"]
@@ -138,11 +161,19 @@ def _quantized_ok(summary: dict) -> tuple[bool, dict]:
 
 
 def _llama_adapter(
-    base_file: Path, adapter: Path, ids: list[int], ref: np.ndarray, prompt: str, effect: float, tol: Any
+    base_file: Path,
+    adapter: Path,
+    ids: list[int],
+    full: list[int],
+    ref: np.ndarray,
+    prompt: str,
+    effect: float,
+    tol: Any,
 ) -> tuple[dict, bool]:
-    run = _llama(base_file, ids, ref, lora=adapter, text=prompt, tie=tol.adapter_max_abs)
+    run = _llama(base_file, ids, ref, lora=adapter, text=prompt, want_ids=full, tie=tol.adapter_max_abs)
     ok = (
         run["loaded"]
+        and "error" not in run
         and run["generated_tokens"] > 0
         and run["max_abs_diff"] <= tol.adapter_max_abs
         and run["top1_agreement"] >= tol.adapter_top1
@@ -155,7 +186,7 @@ def _llama_adapter(
 
 def _llama_quantized(path: Path, ids: list[int], ref: np.ndarray, tol: Any) -> tuple[dict, bool]:
     run = _llama(path, ids, ref)  # strict top-1: its logit bound is loose already
-    if not run["loaded"]:
+    if not run["loaded"] or "error" in run:
         return run, False
     run["max_rel_diff"] = run["max_abs_diff"] / float(ref.std())
     ok = (
@@ -177,5 +208,6 @@ def _brief(summary: dict) -> dict:
         "tensor_types",
         "file_size",
         "lora_alpha",
+        "warnings",  # a k-quant file that holds other types (train.gguf_export.quantize)
     )
     return {k: summary[k] for k in keep if k in summary}
