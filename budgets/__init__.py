@@ -85,14 +85,28 @@ def write_private(path: Path, data: str | bytes) -> Path:
     return path
 
 
+MONEY_PLACES = 6  # the ledger's figures, as `meetara budget --json` and reports give them
+
+
+def usd(x: float, symbol: bool = True) -> str:
+    """Dollars as every message and table shows them: $1,234.50, $0.045, $0.000417. At least two
+    decimals, and as many more (up to MONEY_PLACES) as the amount needs, so a figure read back equals
+    the ledger's value rounded to MONEY_PLACES: small local runs never read as $0.00, and the sums a
+    refusal names add up to the cap they pass."""
+    x = round(float(x), MONEY_PLACES) + 0.0  # + 0.0: no "-$0.00"
+    whole, _, frac = f"{abs(x):,.{MONEY_PLACES}f}".partition(".")
+    frac = frac.rstrip("0").ljust(2, "0")
+    return f"{'-' if x < 0 else ''}{'$' if symbol else ''}{whole}.{frac}"
+
+
 class BudgetExceeded(Exception):
     """A reservation would pass a cap; nothing was written. The message names the cap and the sums."""
 
     def __init__(self, cap_name: str, cap: float, spent: float, reserved: float, asked: float) -> None:
         self.cap_name, self.cap, self.spent, self.reserved, self.asked = cap_name, cap, spent, reserved, asked
         super().__init__(
-            f"{cap_name} cap ${cap:.2f} would be passed: spent ${spent:.2f} + reserved ${reserved:.2f}"
-            f" + asked ${asked:.2f}"
+            f"{cap_name} cap {usd(cap)} would be passed: spent {usd(spent)} + reserved {usd(reserved)}"
+            f" + asked {usd(asked)}"
         )
 
 

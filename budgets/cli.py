@@ -15,8 +15,8 @@ import typer
 
 from budgets import LedgerError
 from budgets.caps import load_budget_config, midnight, utcnow
+from launcher.console import fail
 from train import BadInput
-from train.cli import fail
 
 
 def open_ledger(config: Path | None = None):
@@ -136,6 +136,7 @@ def budget_command(
         typer.echo(json.dumps(doc, indent=1))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"meetara budget ({tz})")
@@ -152,5 +153,5 @@ def budget_command(
             left = f"[red]{money(w.remaining)}[/]" if w.remaining <= 0 else money(w.remaining)
         cap = "none" if w.cap is None else money(w.cap)
         t.add_row(w.name, period, cap, money(w.spent), money(w.reserved), left)
-    t.caption = f"{len(held)} open reservation(s); ledger: {location}"
+    t.caption = escape(f"{len(held)} open reservation(s); ledger: {location}")
     Console().print(t)

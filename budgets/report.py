@@ -155,9 +155,10 @@ def to_csv(rows: list[Row]) -> str:
 
 
 def money(x: float) -> str:
-    """$1,234.50; three decimals under a dollar so that small local runs do not read as $0.00."""
-    places = 2 if abs(x) >= 1 or x == 0 else 3
-    return f"-${-x:,.{places}f}" if x < 0 else f"${x:,.{places}f}"
+    """$1,234.50, $0.045: `budgets.usd`, the one money format of every command."""
+    from budgets import usd
+
+    return usd(x)
 
 
 def period_label(since: datetime | None, until: datetime | None) -> str:
@@ -188,16 +189,24 @@ def _fill_days(rows: list[Row], most: int = 62) -> list[Row]:
 
 def render_table(rows: list[Row], *, by: str, title: str | None = None, total: Row | None = None):
     """A rich Table of the rows (and a total row)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title or f"cost by {by}")
+    t = Table(title=escape(title or f"cost by {by}"))
     t.add_column(by)
     for name in ("cost", "GPU-hours", "domains done", "$ / domain", "preemptions"):
         t.add_column(name, justify="right")
 
     def cells(r: Row) -> list[str]:
         per = money(r.dollars_per_domain) if r.dollars_per_domain is not None else "-"
-        return [r.key, money(r.cost), f"{r.gpu_hours:.2f}", str(r.domains_done), per, str(r.preemptions)]
+        return [
+            escape(r.key),
+            money(r.cost),
+            f"{r.gpu_hours:.2f}",
+            str(r.domains_done),
+            per,
+            str(r.preemptions),
+        ]
 
     for r in rows:
         t.add_row(*cells(r))

@@ -8,14 +8,35 @@ from pathlib import Path
 
 import typer
 
-from train.cli import fail, train_command
+from budgets import usd
+from launcher.console import EXIT_DECLINED, escape, fail, say
+from train.cli import train_command
 
+HELP_OPTIONS = ["-h", "--help"]
 app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
-    no_args_is_help=True,
+    context_settings={"help_option_names": HELP_OPTIONS},
     help="Fine-tune one LoRA adapter per knowledge domain on cheap spot GPUs; bring back GGUFs.",
 )
+
+
+@app.callback(invoke_without_command=True)
+def root(
+    ctx: typer.Context,
+    show_version: bool = typer.Option(False, "--version", is_eager=True, help="print the version and exit"),
+) -> None:
+    """`meetara` alone prints the help and exits 0 (asking for help is not an error)."""
+    if show_version:
+        from launcher.console import version
+
+        typer.echo(f"meetara {version()}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help(), nl=False)
+        raise typer.Exit(0)
+
+
 app.command("train", help="Train domains here (the embedded default: local CPU/GPU, file store).")(
     train_command
 )
@@ -38,22 +59,25 @@ def domains_command(category: str = typer.Option(None, help="only this category"
     table = Table("domain", "category", "description")
     for d in reg.domains:
         if not category or d.category == category:
-            table.add_row(d.name, d.category, d.description)
+            _row(table, d.name, d.category, d.description)
     _console().print(table)
 
 
+def _row(table, *cells, **kwargs) -> None:
+    """Add a table row whose text cells print verbatim (rich reads a str cell as markup)."""
+    table.add_row(*(escape(c) if isinstance(c, str) else c for c in cells), **kwargs)
+
+
 def _console(stderr: bool = False):
-    """A rich console; when output goes to a file or pipe, wide enough that tables keep one row per line."""
-    from rich.console import Console
+    from launcher.console import console
 
-    console = Console(stderr=stderr)
-    return console if console.is_terminal else Console(stderr=stderr, width=160)
+    return console(stderr)
 
 
-def main() -> None:
-    from train.cli import run_app
+def main(argv: list[str] | None = None) -> None:
+    from launcher.console import run_app
 
-    run_app(app, "meetara")
+    run_app(app, "meetara", argv)
 
 
 @app.command("offers")
@@ -88,7 +112,7 @@ def offers_command(
     offers = [o for o in table.offers if not gpu or o.gpu.lower().startswith(gpu.lower())]
     choices = rank(offers, prefs)[:limit]
     for name, why in {**table.skipped, **table.errors}.items():
-        Console(stderr=True).print(f"[yellow]{name}:[/] {why}", highlight=False)
+        Console(stderr=True).print(f"[yellow]{escape(name)}:[/] {escape(why)}", highlight=False)
     if as_json:
         rows = [
             c.offer.model_dump(mode="json")
@@ -100,19 +124,26 @@ def offers_command(
     when = f"snapshot of {table.snapshot_date}" if table.source == "snapshot" else "live"
     out = Table(title=f"{len(choices)} offers ({when})")
     for header in ("provider", "GPU", "n", "GB", "region", "market", "$/h", "$/GPU-h", "exp. $/h"):
-        out.add_column(header, no_wrap=header in ("GPU", "market"), overflow="fold")
+        numeric = "$" in header or header in ("n", "GB")
+        out.add_column(
+            header,
+            no_wrap=header in ("GPU", "market"),
+            overflow="fold",
+            justify="right" if numeric else "left",
+        )
     for c in choices:
         o = c.offer
-        out.add_row(
+        _row(
+            out,
             o.provider,
             o.gpu,
             str(o.gpu_count),
             str(o.gpu_mem_gb),
             o.region,
             "spot" if c.spot else "on-demand",
-            f"{c.price_hour:.3f}",
-            f"{c.price_hour / o.gpu_count:.3f}",
-            f"{c.expected_hour:.3f}",
+            usd(c.price_hour, symbol=False),
+            usd(c.price_hour / o.gpu_count, symbol=False),
+            usd(c.expected_hour, symbol=False),
         )
     _console().print(out)
 
@@ -165,19 +196,20 @@ def providers_show(ctx: typer.Context, config: Path = typer.Option(None, help="p
         prefs = load_preferences(config)
     except BadInput as e:
         raise fail(str(e)) from None
-    t = Table("provider", "enabled", "weight", "max $/GPU-h", "regions", title=str(config_path(config)))
+    t = Table("provider", "enabled", "weight", "max $/GPU-h", "regions", title=escape(config_path(config)))
     for name, p in prefs.providers.items():
-        t.add_row(
+        _row(
+            t,
             name,
             "yes" if p.enabled else "no",
             f"{p.weight:g}",
-            "-" if p.max_price_per_gpu_hour is None else f"{p.max_price_per_gpu_hour:g}",
+            "-" if p.max_price_per_gpu_hour is None else usd(p.max_price_per_gpu_hour, symbol=False),
             ",".join(p.regions) or "any",
         )
     console = _console()
     console.print(t)
     for key, value in prefs.model_dump(exclude={"providers"}).items():
-        console.print(f"{key}: {value}", highlight=False)
+        console.print(f"{key}: {value}", highlight=False, markup=False)
 
 
 @providers_app.command("set")
@@ -300,23 +332,36 @@ def _plan_table(plan) -> object:
     title = f"run {plan.run_id}: {sum(len(j.domains) for j in plan.jobs)} domains in {len(plan.jobs)} jobs"
     src = plan.offers_source + (f" of {plan.snapshot_date}" if plan.snapshot_date else "")
     t = Table(
-        title=title,
-        caption=f"offers: {src}; throughput: {plan.throughput_source}; base {plan.workload.base_model}",
+        title=escape(title),
+        caption=escape(
+            f"offers: {src}; throughput: {plan.throughput_source}; base {plan.workload.base_model}"
+        ),
     )
     for h in ("job", "domains", "offer", "$/h", "hours", "cost $", "fallbacks"):
-        t.add_column(h, overflow="fold")
+        t.add_column(h, overflow="fold", justify="right" if h in ("$/h", "hours", "cost $") else "left")
     for j in plan.jobs:
         shown = ", ".join(j.domains[:3]) + (f" +{len(j.domains) - 3}" if len(j.domains) > 3 else "")
-        t.add_row(
+        _row(
+            t,
             j.name,
             f"{len(j.domains)}: {shown}",
             j.offer.label,
-            f"{j.offer.expected_hour:.3f}",
+            usd(j.offer.expected_hour, symbol=False),
             f"{j.hours:.2f}",
-            f"{j.cost:.2f}",
+            usd(j.cost, symbol=False),
             str(len(j.fallbacks)),
         )
-    t.add_row("total", "", "", "", f"{plan.total_hours:.2f}", f"{plan.total_cost:.2f}", "", style="bold")
+    _row(
+        t,
+        "total",
+        "",
+        "",
+        "",
+        f"{plan.total_hours:.2f}",
+        usd(plan.total_cost, symbol=False),
+        "",
+        style="bold",
+    )
     return t
 
 
@@ -469,7 +514,11 @@ def _launch(
             if rec is not None:
                 out.print(f"run {run_id} has jobs still running: following them", highlight=False)
             elif prep.skipped:
-                out.print(f"{prep.skipped} of {len(names)} domains already done in {prep.store.url}: skipped")
+                out.print(
+                    f"{prep.skipped} of {len(names)} domains already done in {prep.store.url}: skipped",
+                    markup=False,
+                    highlight=False,
+                )
             if prep.plan is not None:
                 out.print(_plan_table(prep.plan))
                 if budget is None:
@@ -477,8 +526,9 @@ def _launch(
                 if prep.plan.total_cost > 0 and not yes:
                     if not sys.stdin.isatty():
                         raise BadInput("not a terminal, so nobody can confirm the spend: pass --yes")
-                    if not typer.confirm(f"launch for about ${prep.plan.total_cost:.2f}?"):
-                        raise typer.Exit(1)
+                    if not typer.confirm(f"launch for about {usd(prep.plan.total_cost)}?"):
+                        say("not launched: nothing was reserved or started")
+                        raise typer.Exit(EXIT_DECLINED)
                 rec = L.commit(prep, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget)
         except LeaseLost as e:
             raise fail(str(e), L.EXIT_OWNED) from None
@@ -503,7 +553,6 @@ def recover_command(
     config: Path = typer.Option(None, help="preferences file"),
 ) -> None:
     """Resume a run: finished domains are skipped, unfinished ones resume from their checkpoints."""
-    from rich.console import Console
     from rich.table import Table
 
     from launcher.launch import unfinished
@@ -522,16 +571,25 @@ def recover_command(
         t.add_column(header, overflow="fold" if header == "store" else "ellipsis", no_wrap=header != "store")
     for rec, todo in rows:
         if todo:
-            rates = {f"{j.offer.expected_hour:.3f}" for j in rec.plan.jobs}
-            t.add_row(
-                rec.run_id, rec.backend, rec.store, f"{len(todo)}: {', '.join(todo[:4])}", ",".join(rates)
+            rates = {usd(j.offer.expected_hour, symbol=False) for j in rec.plan.jobs}
+            _row(
+                t, rec.run_id, rec.backend, rec.store, f"{len(todo)}: {', '.join(todo[:4])}", ",".join(rates)
             )
-    _console(stderr=True).print(t)
     if not run_id:
+        if not any(todo for _, todo in rows):
+            say(
+                "nothing to recover: every run on this machine has all its domains done"
+                if rows
+                else "nothing to recover: no run was launched from this machine"
+            )
+        else:
+            _console(stderr=True).print(t)
         return
     rec, todo = rows[0]
-    if not todo:
-        Console(stderr=True).print(f"run {run_id}: every domain is done; settling and pulling")
+    if todo:
+        _console(stderr=True).print(t)
+    else:
+        say(f"run {run_id}: every domain is done; settling and pulling")
     # under the run's lease: adopt running jobs, settle what a dead launcher left, relaunch the rest
     _launch(
         [d for j in rec.plan.jobs for d in j.domains],
@@ -568,19 +626,23 @@ def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
         console=err,
         disable=not tty,
     )
-    bars = {n: progress.add_task(n, total=len(j.domains), state="planned") for n, j in rec.jobs.items()}
+    bars = {
+        n: progress.add_task(escape(n), total=len(j.domains), state="planned") for n, j in rec.jobs.items()
+    }
     seen: dict[str, tuple] = {}
 
     def on_job(job, done: int) -> None:
-        progress.update(bars[job.name], completed=done, state=f"{job.state.lower()} {job.offer.label}")
+        progress.update(
+            bars[job.name], completed=done, state=escape(f"{job.state.lower()} {job.offer.label}")
+        )
         key = (job.state, done, job.preemptions)
         if not tty and seen.get(job.name) != key:
             seen[job.name] = key
-            err.print(f"{job.name}: {job.state.lower()}, {done}/{len(job.domains)} domains", highlight=False)
+            say(f"{job.name}: {job.state.lower()}, {done}/{len(job.domains)} domains")
 
     def on_pulled(r) -> None:
         if not tty or r.status == "error":
-            err.print(f"{r.domain}: {r.status} {r.detail}".rstrip(), highlight=False)
+            say(f"{r.domain}: {r.status} {r.detail}".rstrip())
 
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM: cancel, settle, exit like Ctrl-C
     try:
@@ -595,10 +657,10 @@ def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
                     tail = prep.backend.logs(j.handle, 5)
                 except Exception:
                     tail = ""
-                err.print(f"{j.name}: {j.state.lower()} (exit code {j.exit_code})\n{tail}", highlight=False)
+                say(f"{j.name}: {j.state.lower()} (exit code {j.exit_code})\n{tail}")
     if outcome.message:
         err.print(
-            f"{'error: ' if outcome.code in (1, 3, 4) else ''}{outcome.message}",
+            f"{'error: ' if outcome.code in (1, 3, 4) else ''}{escape(outcome.message)}",
             highlight=False,
             soft_wrap=True,
         )
@@ -616,12 +678,13 @@ def _pull_and_report(store, run_id: str, domains: list[str], models_dir: Path, r
     from launcher.pull import pull
 
     results = pull(store, run_id, domains, models_dir)
-    t = Table(title=f"run {run_id}: models in {models_dir}")
+    t = Table(title=escape(f"run {run_id}: models in {models_dir}"))
     for h in ("domain", "status", "files", "MB"):
         t.add_column(h)
     for r in results:
         size = sum(Path(p).stat().st_size for k, p in r.files.items() if k != "base") / 1e6
-        t.add_row(
+        _row(
+            t,
             r.domain,
             r.status,
             ", ".join(Path(p).name for k, p in r.files.items() if k != "base"),
@@ -632,8 +695,8 @@ def _pull_and_report(store, run_id: str, domains: list[str], models_dir: Path, r
     if rec is not None:
         hours = sum(j.run_seconds for j in rec.jobs.values()) / 3600
         spent = sum(j.run_seconds / 3600 * j.offer.price_hour for j in rec.jobs.values())
-        cost = f"; {hours:.2f} machine-hours, ${spent:.2f} at the offers' rates"
-    t.caption = f"{ok}/{len(results)} domains validated and here{cost}"
+        cost = f"; {hours:.2f} machine-hours, {usd(spent)} at the offers' rates"
+    t.caption = escape(f"{ok}/{len(results)} domains validated and here{cost}")
     _console().print(t)
     bad = [r for r in results if r.status == "error"]
     if bad:
@@ -702,7 +765,8 @@ def status_command(
     ):
         t.add_column(h)
     for r in rows:
-        t.add_row(
+        _row(
+            t,
             r["run"],
             r["job"],
             r["state"].lower(),
@@ -724,6 +788,7 @@ def doctor_command(config: Path = typer.Option(None, help="preferences file")) -
     import platform
 
     from rich.table import Table
+    from rich.text import Text
 
     from launcher.preferences import config_path, load_preferences
     from train import BadInput
@@ -758,11 +823,61 @@ def doctor_command(config: Path = typer.Option(None, help="preferences file")) -
             rows.append(("ledger", False, str(e)))
     t = Table("check", "ok", "detail", title="meetara doctor")
     for name, ok, detail in rows:
-        t.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", detail)
+        _row(t, name, Text("yes", style="green") if ok else Text("no", style="red"), detail)
     _console().print(t)
 
 
-sky_app = typer.Typer(help="meetara's own SkyPilot API server (state in meetara's state directory).")
+@app.command("cancel")
+def cancel_command(
+    target: str = typer.Argument(..., metavar="RUN|JOB", help="a run id (all its jobs) or a job name"),
+    config: Path = typer.Option(None, help="preferences file (its ledger)"),
+) -> None:
+    """Stop a run's jobs, or one job (training checkpoints first); settle what ran, release the rest."""
+    from budgets import LedgerError
+    from launcher.jobs import cancel, cancel_lines
+    from train import BadInput
+
+    try:
+        report = cancel(target, config=config)
+    except (BadInput, LedgerError) as e:
+        raise fail(str(e)) from None
+    for line in cancel_lines(report):
+        say(line, stderr=False)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("logs")
+def logs_command(
+    job: str = typer.Argument(..., metavar="JOB", help="a job name (meetara status), or a run with one job"),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="keep printing what the job writes until it ends"
+    ),
+    tail: int = typer.Option(None, "--tail", "-n", min=1, help="only the last N lines [default: all]"),
+) -> None:
+    """Show a job's log (its current launch): local jobs' log file, SkyPilot's managed-job log."""
+    from launcher.backends.base import BackendError
+    from launcher.jobs import follow_log, read_log
+    from train import BadInput
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        if follow:
+            follow_log(job, write, tail=tail)
+        else:
+            write(read_log(job, tail))
+    except (BadInput, BackendError) as e:
+        raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+sky_app = typer.Typer(
+    no_args_is_help=True, help="meetara's own SkyPilot API server (state in meetara's state directory)."
+)
 app.add_typer(sky_app, name="sky")
 
 
@@ -775,7 +890,7 @@ def sky_status_command() -> None:
         ok, detail = skyserver.describe(skyserver.state())
     except skyserver.SkyServerError as e:
         raise fail(str(e)) from None
-    _console().print(detail, soft_wrap=True, highlight=False)
+    _console().print(detail, soft_wrap=True, highlight=False, markup=False)
     if not ok:
         raise typer.Exit(1)
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from budgets import usd
 from budgets.lease import LeaseLost
 from launcher.backends.base import Backend, JobState, JobStatus
 from launcher.crash import crash_point
@@ -319,7 +320,7 @@ class Conductor:
         before = job.offer
         job.offer_index = idx
         job.note(
-            f"placed on {job.offer.label} at ${job.offer.price_hour:.3f}/h (offer {idx + 1} of "
+            f"placed on {job.offer.label} at {usd(job.offer.price_hour)}/h (offer {idx + 1} of "
             f"{len(job.offers)}; planned {before.label} had no capacity)"
         )
         self.hooks.placed(job)

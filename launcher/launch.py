@@ -118,10 +118,12 @@ def todo_domains(store: ObjectStore, run_id: str, domains: Sequence[str]) -> lis
 
 
 def check_budget(plan: Plan, budget: float | None) -> None:
+    from launcher.money import usd
+
     if budget is not None and plan.total_cost > budget + 1e-9:
         raise BadInput(
-            f"the plan costs ${plan.total_cost:.2f} (expected, preemption overhead included), over --budget "
-            f"${budget:.2f}: raise the budget, choose fewer domains, or loosen provider preferences"
+            f"the plan costs {usd(plan.total_cost)} (expected, preemption overhead included), over --budget "
+            f"{usd(budget)}: raise the budget, choose fewer domains, or loosen provider preferences"
         )
 
 

@@ -682,7 +682,7 @@ def mcp_command(
 ) -> None:
     """Serve meetara's tools (offers, plan, launch, status, report, recover, pull) and resources (budget,
     runs, quality) over the Model Context Protocol on stdin/stdout, for an MCP client to start."""
-    from train.cli import fail
+    from launcher.console import fail
 
     config = config.expanduser().resolve() if config else None  # before a chdir: relative to the cwd
     if workdir is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from budgets import usd  # noqa: F401  (the one money format; launcher code imports it from here)
 from budgets.ledger import Ledger
 from launcher.backends.base import Backend, BackendError
 from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
@@ -120,7 +121,7 @@ class Money:
             "placed",
             job=job.name,
             reservation_id=job.reservation_id,
-            detail=f"{job.offer.label} at ${job.offer.price_hour:.4f}/h",
+            detail=f"{job.offer.label} at {usd(job.offer.price_hour)}/h",
         )
 
     def launch_failed(self, job: JobRecord) -> None:
@@ -178,7 +179,7 @@ class Money:
         reason = None
         for w in self.ledger.window_status(now):
             if w.cap is not None and w.spent + ahead > w.cap + 1e-9:
-                reason = f"{w.name} cap ${w.cap:.2f} (spent ${w.spent:.2f})"
+                reason = f"{w.name} cap {usd(w.cap)} (spent {usd(w.spent)})"
                 break
         if reason is None and rec.budget is not None:
             spent = sum(
@@ -187,12 +188,12 @@ class Money:
                 if j.reservation_id
             )
             if spent + ahead > rec.budget + 1e-9:
-                reason = f"--budget ${rec.budget:.2f} (spent ${spent:.2f})"
+                reason = f"--budget {usd(rec.budget)} (spent {usd(spent)})"
         if reason is None:
             for j in running:
                 res = self.ledger.reservation(j.reservation_id)
                 if res.accrued + j.offer.price_hour * self.poll_s / 3600 > res.amount + 1e-9:
-                    self._stop([j], f"its reservation ${res.amount:.2f} (spent ${res.accrued:.2f})", now)
+                    self._stop([j], f"its reservation {usd(res.amount)} (spent {usd(res.accrued)})", now)
             return
         self._stop(running, reason, now)
 
@@ -230,14 +231,22 @@ def _note(job: JobRecord) -> str | None:
 
 
 def settle_stale(
-    ledger: Ledger, run_id: str, backend: Backend, rec: RunRecord | None, owner: str | None = None
+    ledger: Ledger,
+    run_id: str,
+    backend: Backend,
+    rec: RunRecord | None,
+    owner: str | None = None,
+    only: set[int] | None = None,
 ) -> list[int]:
     """Settle the reservations of `run_id` that a launcher which died left open: from the backend's
     start and end times where the job ran, released where it never launched. Returns their ids.
-    The caller holds the run's lease (`owner`) and has resolved LAUNCHING jobs (launch.adopt)."""
+    The caller holds the run's lease (`owner`) and has resolved LAUNCHING jobs (launch.adopt).
+    `only`: these reservation ids and no others (`meetara cancel JOB`)."""
     jobs = {j.reservation_id: j for j in (rec.jobs.values() if rec else []) if j.reservation_id}
     closed = []
     for res in ledger.open_reservations(run_id):
+        if only is not None and res.id not in only:
+            continue
         job = jobs.get(res.id)
         if job is None or job.handle is None:
             ledger.release(res.id, note="never launched (launcher stopped first)", owner=owner)

@@ -318,9 +318,10 @@ def notebook_command(
     train_args: str = typer.Option(
         "", "--train-args", help="more options for python -m train, e.g. '--samples 400 --epochs 3'"
     ),
+    force: bool = typer.Option(False, "--force", "-f", help="overwrite the notebook file if it exists"),
 ) -> None:
     """Write a Colab notebook that trains these domains into the store and validates the GGUF files."""
-    from train.cli import fail
+    from launcher.console import fail
 
     try:
         extra = shlex.split(train_args)
@@ -336,7 +337,10 @@ def notebook_command(
             install=install,
             extra_args=extra,
         )
-        path = write_notebook(nb, out or Path(f"meetara-{run_id}.ipynb"))
+        target = out or Path(f"meetara-{run_id}.ipynb")
+        if target.exists() and not force:
+            raise BadInput(f"{target} exists: pass --force to overwrite it, or --out another file")
+        path = write_notebook(nb, target)
     except (BadInput, ValueError, OSError) as e:
         raise fail(str(e)) from None
     typer.echo(str(path))

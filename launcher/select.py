@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from budgets import usd
 from launcher.offers import Offer
 from launcher.preferences import Preferences
 
@@ -34,7 +35,7 @@ class Choice:
     def label(self) -> str:
         kind = "spot" if self.spot else "on-demand"
         o = self.offer
-        return f"{o.provider} {o.gpu_count}x{o.gpu} {o.region} {kind} ${self.price_hour:.2f}/h"
+        return f"{o.provider} {o.gpu_count}x{o.gpu} {o.region} {kind} {usd(self.price_hour)}/h"
 
 
 def _modes(policy: str) -> tuple[bool, ...]:

@@ -330,7 +330,7 @@ def test_commands_print_tables_json_csv_and_a_chart(tmp_path, config):
     assert doc["rows"][0]["key"] == "legal" and doc["rows"][0]["cost"] == 0.5 and doc["total"]["cost"] == 0.5
     assert png.read_bytes()[:4] == b"\x89PNG" and "legal,0.5," in table.read_text()
     out = r.invoke(app(), ["report", "--by", "run", "--config", str(config)])
-    assert out.exit_code == 0 and "r1" in out.stdout and "$0.500" in out.stdout
+    assert out.exit_code == 0 and "r1" in out.stdout and "$0.50" in out.stdout
 
 
 def test_dates_on_the_command_line_are_in_the_budget_time_zone():

@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from pydantic import ValidationError
@@ -30,9 +31,12 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BUDGET = 1, 2, 75, 77
 err = Console(stderr=True)
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    """Print a one-line error to stderr and return the exit to raise."""
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+def fail(message: object, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    """Print `error: <message>` on stderr, verbatim (rich would eat brackets such as `meetara[cloud]` or
+    a user's `[bold]`), and return the exit to raise."""
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(str(message))}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
 
 
@@ -265,10 +269,26 @@ def setup_logging() -> None:
     install()
 
 
+def tidy_help(command: Any, help_names: list[str]) -> None:
+    """Boolean flags take no value: show them (and --help) without the `<bool>` type typer otherwise
+    shows in help, on `command` and every subcommand."""
+    ctx = typer.Context(command, help_option_names=help_names)
+    helper = command.get_help_option(ctx)  # made once per command and cached: the one help shows
+    for param in [*getattr(command, "params", []), *([helper] if helper is not None else [])]:
+        if getattr(param, "is_flag", False) and getattr(param, "metavar", None) is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        tidy_help(sub, help_names)
+
+
 def run_app(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> None:
-    """Run a typer app so that usage errors are one line on stderr with exit code 2 (click draws a box)."""
+    """Run a typer app: usage errors are one line on stderr with exit code 2 (click draws a box), printed
+    verbatim; a group named alone prints its help (exit 0); a bug is one line too (exit 1)."""
+    from rich.markup import escape
+
     setup_logging()
     command = typer.main.get_command(app)
+    tidy_help(command, (app.info.context_settings or {}).get("help_option_names") or ["--help"])
     try:
         rc = command.main(argv, prog_name=prog_name, standalone_mode=False)
     except typer.Exit as e:
@@ -278,11 +298,14 @@ def run_app(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> 
         rc = 130
     except typer.TyperException as e:  # click's usage errors (typer vendors click)
         message = e.format_message() if hasattr(e, "format_message") else str(e)
-        err.print(f"[bold red]error:[/] {message} (see {prog_name} --help)", soft_wrap=True, highlight=False)
-        rc = EXIT_BAD_INPUT
+        if type(e).__name__ == "NoArgsIsHelpError":  # `meetara` or `meetara sky` alone: its help
+            if message.strip():  # rich help is printed while the error is made; plain help is its text
+                typer.echo(message)
+            rc = 0
+        else:
+            fail(f"{message} (see {prog_name} --help)")
+            rc = EXIT_BAD_INPUT
     except Exception as e:  # a bug, not bad input: say so in one line; MEETARA_LOG=DEBUG shows where
-        from rich.markup import escape
-
         from train.redact import redact
 
         logging.getLogger("meetara").debug("internal error", exc_info=True)

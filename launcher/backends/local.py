@@ -159,9 +159,13 @@ class LocalBackend:
             deadline = time.monotonic() + grace_s
             while self.status(handle).state == JobState.RUNNING and time.monotonic() < deadline:
                 time.sleep(0.2)
-        self.signal(handle, signal.SIGKILL)
+        killed = self.signal(handle, signal.SIGKILL)
         if proc is not None:
             proc.wait()
+        if killed and not (d / "rc").exists():
+            # the runner died with the job and recorded nothing: record when it was stopped, so the job
+            # is billed until now (not until its last log line) and reads as CANCELLED, exit code 137
+            write_private(d / "rc", str(128 + signal.SIGKILL))
 
     def signal(self, handle: str, sig: int) -> bool:
         """Send `sig` to the job's whole process group; False if it is not running."""

@@ -38,7 +38,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -411,6 +411,23 @@ class SkyPilotBackend:
             sky.get(sky.jobs.cancel(job_ids=[self._job_id(handle)]))
         except Exception as e:
             raise BackendError(f"SkyPilot cancel {handle}: {first_line(e)}") from None
+
+    def stream_logs(
+        self, handle: str, write: Callable[[str], object], *, tail: int | None = None, follow: bool = True
+    ) -> None:
+        """Write the job's log (its last `tail` lines; all when None) to `write`; with `follow`, until
+        the job ends (`meetara logs --follow`)."""
+        sky = self._server()
+
+        class _Out(io.TextIOBase):
+            def write(self, text: str) -> int:
+                write(text)
+                return len(text)
+
+        try:
+            sky.jobs.tail_logs(job_id=self._job_id(handle), follow=follow, tail=tail, output_stream=_Out())
+        except Exception as e:
+            raise BackendError(f"SkyPilot logs {handle}: {first_line(e)}") from None
 
     def logs(self, handle: str, tail: int = 50) -> str:
         sky = self._server()

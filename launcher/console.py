@@ -1,0 +1,57 @@
+"""How `meetara` talks: rich consoles, one-line errors, and the app runner.
+
+Everything printed through rich is markup unless escaped: a message that holds brackets (pip extras
+such as `meetara[cloud]`, lists, a user's own text, an exception's text) must go through `escape` or
+`print(..., markup=False)`, or rich eats the brackets. `fail` and the app runner (train/cli.py, shared
+with `python -m train`) escape what they print.
+"""
+
+from __future__ import annotations
+
+from train.cli import EXIT_BAD_INPUT, fail, run_app, tidy_help
+
+# shared with `python -m train` (which must not import launcher)
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_DECLINED",
+    "console",
+    "escape",
+    "fail",
+    "run_app",
+    "say",
+    "tidy_help",
+    "version",
+]
+EXIT_DECLINED = 0  # the user answered "no" to a confirmation: nothing was done, and nothing failed
+
+
+def console(stderr: bool = False):
+    """A rich console; when output goes to a file or pipe, wide enough that tables keep one row per line."""
+    from rich.console import Console
+
+    c = Console(stderr=stderr)
+    return c if c.is_terminal else Console(stderr=stderr, width=160)
+
+
+def escape(text: object) -> str:
+    """`text` as rich markup that prints verbatim (brackets kept)."""
+    from rich.markup import escape as _escape
+
+    return _escape(str(text))
+
+
+def say(message: object, *, stderr: bool = True) -> None:
+    """Print one plain line (no markup, no highlighting, no wrapping) through rich."""
+    from rich.console import Console
+
+    Console(stderr=stderr).print(str(message), markup=False, highlight=False, soft_wrap=True)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("meetara")
+    except PackageNotFoundError:
+        return "unknown"

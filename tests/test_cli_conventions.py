@@ -1,0 +1,426 @@
+"""The CLI as an ML engineer used to SkyPilot and dstack expects it (issue 17): the verbs (`cancel`,
+`logs`), the conventions (`--version`, `-h`, plain flags in help, documented exit codes), text printed
+verbatim (rich markup never eats brackets), and money shown with the precision that decides.
+
+Every command runs for real: `python -m launcher` subprocesses, the SQLite ledger file, local jobs as
+process groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from budgets import usd
+from budgets.ledger import Ledger
+
+RATE_H = 10.0  # $/h of the local machine in these tests
+
+
+def _env(tmp_path: Path, **extra: str) -> dict:
+    return {
+        "MEETARA_STORE": f"file://{tmp_path}/store",
+        "MEETARA_LEDGER_URL": str(tmp_path / "ledger.sqlite"),
+        "MEETARA_STATE_DIR": str(tmp_path / "state"),
+        "MEETARA_LOCAL_PRICE_HOUR": str(RATE_H),
+        "MEETARA_LOCAL_STARTUP_S": "600",
+        "MEETARA_DAILY_CAP": "100",
+        "MEETARA_WEEKLY_CAP": "100",
+        "MEETARA_MONTHLY_CAP": "100",
+        **extra,
+    }
+
+
+def meetara(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    return run_cli(*args, env=_env(tmp_path, **env), cwd=tmp_path, module="launcher", timeout=300)
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+# -- verbs and conventions ---------------------------------------------------------------------------------
+
+
+def test_no_arguments_prints_the_help_and_exits_0(tmp_path):
+    r = meetara(tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Usage: meetara" in r.stdout and "cancel" in r.stdout and "logs" in r.stdout
+    assert r.stderr == ""
+    group = meetara("sky", tmp_path=tmp_path)  # a command group named alone: its help
+    assert (group.returncode, group.stderr) == (0, "") and "Usage: meetara sky" in group.stdout
+
+
+def test_version(tmp_path):
+    from importlib.metadata import version
+
+    r = meetara("--version", tmp_path=tmp_path)
+    assert (r.returncode, r.stdout.strip()) == (0, f"meetara {version('meetara')}")
+
+
+def _commands() -> list[list[str]]:
+    """Every command path of the app (`["providers", "set"]`, ...), from the app itself."""
+    import typer
+
+    from launcher.cli import app
+
+    out: list[list[str]] = []
+
+    def walk(cmd, path: list[str]) -> None:
+        out.append(path)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return out
+
+
+def test_h_is_help_on_every_command_and_flags_show_no_type(tmp_path):
+    paths = _commands()
+    assert ["cancel"] in paths and ["logs"] in paths and ["sky", "stop"] in paths
+    for path in paths:
+        r = meetara(*path, "-h", tmp_path=tmp_path)
+        assert r.returncode == 0, (path, r.stderr)
+        assert f"Usage: meetara {' '.join(path)}".rstrip() in r.stdout, path
+        assert "<bool>" not in r.stdout, (path, r.stdout)  # a flag takes no value
+    launch = meetara("launch", "--help", tmp_path=tmp_path).stdout
+    assert re.search(r"--yes\s+-y\s+do not ask", launch), launch
+
+
+def test_recover_with_nothing_to_do_says_so_in_one_line(tmp_path):
+    r = meetara("recover", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "nothing to recover: no run was launched from this machine"
+    assert r.stdout == ""
+
+
+def test_notebook_refuses_to_overwrite_without_force(tmp_path):
+    args = ("notebook", "-d", "nutrition", "--store", "s3://bucket/meetara", "-o", "nb.ipynb")
+    first = meetara(*args, tmp_path=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "nb.ipynb").write_text("mine")
+    again = meetara(*args, tmp_path=tmp_path)
+    assert again.returncode == 2 and "nb.ipynb exists: pass --force" in one_error_line(again)
+    assert (tmp_path / "nb.ipynb").read_text() == "mine"
+    forced = meetara(*args, "--force", tmp_path=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((tmp_path / "nb.ipynb").read_text())["cells"]
+
+
+def test_declining_the_launch_prompt_exits_0_and_reserves_nothing(tmp_path):
+    """On a terminal, `launch` without --yes asks; "n" is not a failure: exit 0, nothing spent."""
+    main, child = pty.openpty()
+    try:
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launcher",
+                "launch",
+                "-d",
+                "nutrition",
+                "--budget",
+                "5",
+                "--run-id",
+                "ask",
+            ],
+            stdin=child,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=tmp_path,
+            env={**os.environ, **_env(tmp_path)},
+            text=True,
+        )
+        os.write(main, b"n\n")  # the terminal's line buffer holds it until the prompt reads it
+        out, err = p.communicate(timeout=120)
+    finally:
+        os.close(main)
+        os.close(child)
+    assert p.returncode == 0, err
+    assert "launch for about $" in out and "not launched: nothing was reserved or started" in err
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    assert ledger.reservations("ask") == [] and ledger.lease("ask") is None
+    ledger.close()
+
+
+# -- text printed verbatim -----------------------------------------------------------------------------------
+
+HIDE = """
+import importlib.metadata as m, sys
+sys.modules["peft"] = None  # find_spec says: not installed
+_version = m.version
+def version(name):
+    if name == "skypilot":
+        raise m.PackageNotFoundError(name)
+    return _version(name)
+m.version = version
+"""
+
+
+def test_doctor_install_hints_keep_their_extras(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(HIDE)
+    r = meetara("doctor", tmp_path=tmp_path, PYTHONPATH=str(tmp_path / "site"))
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # a table may fold a long cell
+    assert 'missing: pip install -e ".[train]" (training)' in text, r.stdout
+    assert 'pip install "meetara[cloud]"' in text, r.stdout
+
+
+def test_user_text_with_markup_prints_verbatim(tmp_path):
+    bad = meetara("plan", "-d", "[bold]cooking", tmp_path=tmp_path)
+    assert bad.returncode == 2 and "'[bold]cooking'" in one_error_line(bad)
+    usage = meetara("[red]launch", tmp_path=tmp_path)  # click's own usage errors too
+    assert usage.returncode == 2 and "No such command '[red]launch'" in one_error_line(usage)
+    unknown = meetara("cancel", "[bold]j1", tmp_path=tmp_path)
+    assert unknown.returncode == 2
+    assert one_error_line(unknown) == "error: no run or job '[bold]j1' on this machine (see meetara status)"
+    trained = run_cli("-d", "[bold]cooking", env=_env(tmp_path), cwd=tmp_path)  # `python -m train`
+    assert trained.returncode == 2 and "'[bold]cooking'" in one_error_line(trained)
+
+
+# -- money ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x, text",
+    [(0, "$0.00"), (0.045, "$0.045"), (0.001, "$0.001"), (1234.5, "$1,234.50"), (2.32575, "$2.32575"),
+     (0.05 + 0.04, "$0.09"), (-1.5, "-$1.50"), (1e-9, "$0.00"), (0.0123456789, "$0.012346")],
+)  # fmt: skip
+def test_usd_shows_the_ledgers_figure(x, text):
+    assert usd(x) == text
+    assert float(text.replace("$", "").replace(",", "")) == round(x, 6)
+
+
+def _dollars(text: str, label: str) -> float:
+    m = re.search(rf"{re.escape(label)} -?\$([\d,]+\.\d+)", text)
+    assert m, (label, text)
+    return float(m.group(1).replace(",", ""))
+
+
+def test_money_in_a_refusal_and_in_budget_round_trips_to_the_ledger(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    rid = ledger.reserve(
+        "earlier", "j1", 0.1, provider="local", gpu="cpu", rate_per_hour=1, rate_source="local"
+    )
+    ledger.settle(rid, 0.045)
+    ledger.close()
+
+    budget = meetara("budget", "--json", tmp_path=tmp_path, MEETARA_DAILY_CAP="0.05")
+    daily = json.loads(budget.stdout)["windows"][0]
+    assert daily["spent"] == 0.045 and daily["remaining"] == 0.005
+    table = meetara("budget", tmp_path=tmp_path, MEETARA_DAILY_CAP="0.05")
+    row = next(line for line in table.stdout.splitlines() if "daily" in line)
+    assert re.findall(r"\$[\d.]+", row) == ["$0.05", "$0.045", "$0.00", "$0.005"], row
+
+    plan = json.loads(meetara("plan", "-d", "nutrition", "--json", tmp_path=tmp_path).stdout)
+    asked = round(plan["jobs"][0]["cost"] * 1.25, 6)  # what the job reserves (launcher/money.py)
+    r = meetara(
+        "launch", "-d", "nutrition", "--budget", "5", "-y", tmp_path=tmp_path, MEETARA_DAILY_CAP="0.05"
+    )
+    line = r.stderr.strip().splitlines()[-1]  # after the plan's table
+    assert r.returncode == 2 and line.startswith("error: refused: daily cap $0.05 would be passed"), line
+    assert _dollars(line, "spent") == daily["spent"]
+    assert _dollars(line, "reserved") == daily["reserved"]
+    assert _dollars(line, "asked") == asked
+    assert _dollars(line, "spent") + _dollars(line, "asked") > 0.05  # the figures shown decide it
+
+    tiny = meetara("launch", "-d", "nutrition", "--budget", "0.001", "-y", tmp_path=tmp_path)
+    assert tiny.returncode == 2 and "over --budget $0.001:" in one_error_line(tiny)
+    assert _dollars(one_error_line(tiny), "the plan costs") == round(plan["total_cost"], 6)
+
+
+# -- cancel and logs --------------------------------------------------------------------------------
+
+
+def test_cancel_stops_an_unfollowed_local_job_and_settles_its_money(tmp_path):
+    """A launcher dies while its job trains (nobody follows the run): `logs -f` follows the job's log,
+    `cancel JOB` stops it (it checkpoints), settles what it ran and releases the rest of its reservation;
+    `logs` shows the log verbatim."""
+    run = ("--run-id", "cx", "--poll", "0.2", "--epochs", "40")
+    died = meetara(
+        "launch",
+        "-d",
+        "nutrition",
+        "--budget",
+        "5",
+        "-y",
+        *run,
+        tmp_path=tmp_path,
+        MEETARA_CRASH_AT="running",
+    )
+    assert died.returncode == -9, died.stderr[-2000:]
+    follow = _follow_log("cx-j1", tmp_path)
+    try:
+        seen = []
+        # training has begun once a step line is in the log (SIGTERM then checkpoints and exits 75)
+        while not re.search(r"^nutrition: step \d+/", "".join(seen), re.M):
+            line = follow.stdout.readline()
+            assert line, f"logs --follow ended early: {''.join(seen)} {follow.stderr.read()}"
+            seen.append(line)
+        cancel = meetara("cancel", "cx-j1", tmp_path=tmp_path)
+        assert cancel.returncode == 0, cancel.stderr
+        # the job ended: --follow ends too. Read on through the same buffered stream the lines above came
+        # from (communicate() would read the pipe beneath it and lose what that stream holds already)
+        watchdog = threading.Timer(120, follow.kill)
+        watchdog.start()
+        rest, err = follow.stdout.read(), follow.stderr.read()
+        follow.wait()
+        watchdog.cancel()
+    finally:
+        follow.kill()
+    assert follow.returncode == 0, err
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    (res,) = ledger.reservations("cx")
+    assert res.state == "settled" and res.note == "stopped: cancelled while no launcher watched"
+    assert 0 < res.settled_amount < res.amount and ledger.outstanding() == 0
+    ran = (res.ended_at - res.started_at).total_seconds() * RATE_H / 3600
+    assert res.settled_amount == pytest.approx(ran)
+    assert ledger.lease("cx") is None
+    ledger.close()
+    assert cancel.stdout.splitlines() == [
+        "cancelled cx-j1 (checkpoints are kept: `meetara recover` resumes)",
+        f"cx-j1: settled {usd(res.settled_amount)} spent, released {usd(res.amount - res.settled_amount)}",
+    ]
+
+    status = json.loads(meetara("status", "cx", "--json", tmp_path=tmp_path).stdout)
+    assert [(j["job"], j["state"]) for j in status] == [("cx-j1", "CANCELLED")]
+    again = meetara("cancel", "cx", tmp_path=tmp_path)
+    assert (again.returncode, again.stdout.strip()) == (0, "nothing to cancel: no job of run cx is running")
+
+    log = meetara("logs", "cx", tmp_path=tmp_path)
+    assert log.returncode == 0 and log.stdout.startswith("[meetara local] setup\n")  # brackets kept
+    assert "".join(seen) + rest == log.stdout  # --follow showed all of it
+    last = meetara("logs", "cx-j1", "--tail", "1", tmp_path=tmp_path)
+    assert last.stdout == log.stdout.splitlines(keepends=True)[-1]
+
+
+def _follow_log(job: str, tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher", "logs", job, "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env={**os.environ, **_env(tmp_path)},
+        text=True,
+    )
+
+
+def test_cancel_while_a_launcher_follows_leaves_the_money_to_it(tmp_path):
+    """The launcher that follows the run holds its lease: `cancel` stops the job through the backend and
+    moves no money; the launcher sees the job end, settles what it ran and releases the rest."""
+    env = {**os.environ, **_env(tmp_path)}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "launch", "-d", "nutrition", "--budget", "5", "-y"]
+        + ["--run-id", "live", "--poll", "0.2", "--epochs", "40"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
+        text=True,
+    )
+    try:
+        follow = _follow_log("live-j1", tmp_path)
+        # `logs` refuses until the launcher has recorded the launch: ask again until it follows the log
+        while True:
+            line = follow.stdout.readline()
+            if line:
+                break
+            assert follow.wait(60) == 2 and launcher.poll() is None, follow.stderr.read()
+            follow = _follow_log("live-j1", tmp_path)
+        while not re.match(r"nutrition: step \d+/", line):
+            line = follow.stdout.readline()
+            assert line, follow.stderr.read()
+        cancel = meetara("cancel", "live", tmp_path=tmp_path)
+        assert cancel.returncode == 0, cancel.stderr
+        out, err = launcher.communicate(timeout=180)
+        follow.communicate(timeout=60)
+    finally:
+        launcher.kill()
+        follow.kill()
+    lines = cancel.stdout.splitlines()
+    assert lines[0] == "cancelled live-j1 (checkpoints are kept: `meetara recover` resumes)"
+    assert re.fullmatch(r"the launcher following run live \(pid \d+ on .+\) settles the money", lines[1])
+    assert len(lines) == 2
+    assert launcher.returncode == 1 and "live-j1 cancelled" in err, err[-2000:]
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    (res,) = ledger.reservations("live")
+    assert res.state == "settled" and res.note == "stopped: cancelled"
+    assert 0 < res.settled_amount < res.amount and ledger.outstanding() == 0
+    assert ledger.lease("live") is None
+    ledger.close()
+
+
+class _Backend:
+    """A backend whose job runs until cancelled; `stops_at_once=False`: it is still stopping after the
+    cancel call returns (SkyPilot cancels asynchronously)."""
+
+    name = "skypilot"
+
+    def __init__(self, started, ended, stops_at_once: bool) -> None:
+        self.started, self.ended, self.stops_at_once = started, ended, stops_at_once
+        self.cancelled: list[str] = []
+
+    def status(self, handle: str):
+        from launcher.backends.base import JobState, JobStatus
+
+        if handle in self.cancelled and self.stops_at_once:
+            return JobStatus(JobState.CANCELLED, self.started, self.ended)
+        return JobStatus(JobState.RUNNING, self.started)
+
+    def cancel(self, handle: str) -> None:
+        self.cancelled.append(handle)
+
+    def find(self, name: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize("stops_at_once", [True, False])
+def test_cancel_settles_through_the_backend_interface(tmp_path, monkeypatch, stops_at_once):
+    """`cancel` asks the run's backend (SkyPilot here, through the same interface) and settles what ran
+    at the job's rate from the backend's start and end times; a job still stopping keeps its money open."""
+    from datetime import UTC, datetime, timedelta
+
+    from launcher.jobs import cancel, cancel_lines
+    from launcher.launch import new_run
+    from launcher.plan import Workload, plan_local
+    from launcher.preferences import Preferences
+
+    for k, v in _env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    plan = plan_local(["nutrition"], Preferences(), Workload(base_model="tiny"), "sk")
+    rec = new_run(plan, store="s3://b/p", endpoint_url=None, models_dir=tmp_path / "models", budget=5)
+    rec.backend = "skypilot"
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    (job,) = rec.jobs.values()
+    job.reservation_id = ledger.reserve(
+        "sk", job.name, 1.0, provider="vast", gpu="A100", rate_per_hour=3.6, rate_source="live"
+    )
+    job.state, job.handle = "RUNNING", "7"
+    rec.save()
+    started = datetime.now(UTC) - timedelta(seconds=100)
+    backend = _Backend(started, started + timedelta(seconds=90), stops_at_once)
+
+    report = cancel("sk-j1", backend=backend)
+    assert backend.cancelled == ["7"] and report.cancelled == ["sk-j1"] and report.followed_by is None
+    res = ledger.reservation(job.reservation_id)
+    if stops_at_once:  # 90 s at $3.60/h: $0.09 spent, $0.91 released
+        assert res.state == "settled" and res.settled_amount == pytest.approx(0.09)
+        assert cancel_lines(report)[1] == "sk-j1: settled $0.09 spent, released $0.91"
+    else:
+        assert res.state == "open" and report.open == ["sk-j1"]
+        assert cancel_lines(report)[1] == "sk-j1: still stopping; `meetara recover sk` settles its money"
+    assert ledger.lease("sk") is None
+    ledger.close()
