@@ -188,7 +188,8 @@ def task_factory(rec: RunRecord, prefs: Preferences):
             # every 10th in the cloud, where steps are many and fast)
             extra_envs={
                 "MEETARA_LOG_EVERY": "1" if rec.backend == "local" else "10",
-                **({"MEETARA_STOP_AT": f"{job.stop_at:.0f}"} if job.stop_at else {}),
+                # not whole seconds: rounding could move the deadline up to half a second later
+                **({"MEETARA_STOP_AT": f"{job.stop_at:.3f}"} if job.stop_at else {}),
             },
         )
 

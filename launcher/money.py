@@ -31,6 +31,9 @@ from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
 RESERVE_MARGIN = 1.25  # estimates err; a job may spend a quarter more than planned before it is stopped
 STOP_MARGIN = 0.1  # the in-job guard fires this share of the reservation early (at most 60 s) ...
 STOP_MARGIN_MAX_S = 60.0  # ... leaving time for the checkpoint upload before the money runs out
+# ... and at least this much: the step in progress, its checkpoint and the process's exit take seconds
+# however small the reservation
+STOP_MARGIN_MIN_S = 2.0
 RATE_SOURCE = {"snapshot": "snapshot", "live": "live", "local": "local"}
 
 
@@ -108,7 +111,7 @@ class Money:
                 job.note("not launched: its reservation is used up")
                 self._settle(job, "stopped: budget (reservation used up)")
                 return
-            margin = min(seconds * STOP_MARGIN, STOP_MARGIN_MAX_S)
+            margin = min(max(seconds * STOP_MARGIN, STOP_MARGIN_MIN_S), STOP_MARGIN_MAX_S)
             job.stop_at = (utcnow() + timedelta(seconds=seconds - margin)).timestamp()
 
     def placed(self, job: JobRecord) -> None:
