@@ -122,6 +122,24 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+def local_env(tmp_path: Path, rate_h: float, **extra: str) -> dict[str, str]:
+    """Env for a launcher with everything under `tmp_path` (store, ledger file, state) and the local
+    machine billed at `rate_h` $/h, with a generous start-up allowance (the first job of a test session
+    builds the tiny model, and a loaded machine must not run out of its reservation) and caps that make
+    room for it."""
+    return {
+        "MEETARA_STORE": f"file://{tmp_path}/store",
+        "MEETARA_LEDGER_URL": str(tmp_path / "ledger.sqlite"),
+        "MEETARA_STATE_DIR": str(tmp_path / "state"),
+        "MEETARA_LOCAL_PRICE_HOUR": str(rate_h),
+        "MEETARA_LOCAL_STARTUP_S": "600",
+        "MEETARA_DAILY_CAP": "100",
+        "MEETARA_WEEKLY_CAP": "100",
+        "MEETARA_MONTHLY_CAP": "100",
+        **extra,
+    }
+
+
 def run_cli(
     *args: str, env: dict | None = None, cwd: Path | None = None, module: str = "train", timeout: float = 600
 ) -> subprocess.CompletedProcess:

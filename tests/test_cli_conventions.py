@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import local_env, run_cli
 
 from budgets import usd
 from budgets.ledger import Ledger
@@ -26,17 +26,7 @@ RATE_H = 10.0  # $/h of the local machine in these tests
 
 
 def _env(tmp_path: Path, **extra: str) -> dict:
-    return {
-        "MEETARA_STORE": f"file://{tmp_path}/store",
-        "MEETARA_LEDGER_URL": str(tmp_path / "ledger.sqlite"),
-        "MEETARA_STATE_DIR": str(tmp_path / "state"),
-        "MEETARA_LOCAL_PRICE_HOUR": str(RATE_H),
-        "MEETARA_LOCAL_STARTUP_S": "600",
-        "MEETARA_DAILY_CAP": "100",
-        "MEETARA_WEEKLY_CAP": "100",
-        "MEETARA_MONTHLY_CAP": "100",
-        **extra,
-    }
+    return local_env(tmp_path, RATE_H, **extra)
 
 
 def meetara(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from conftest import local_env
 from pg import postgres_url  # noqa: F401
 from test_ledger import url  # noqa: F401
 from test_local_backend import wait_for
@@ -30,21 +31,7 @@ STEP_ONE = re.compile(r"^(\S+): step 1/\d+", re.M)
 
 
 def _env(tmp_path: Path, **extra: str) -> dict:
-    return {
-        **os.environ,
-        "MEETARA_STORE": f"file://{tmp_path}/store",
-        "MEETARA_LEDGER_URL": str(tmp_path / "ledger.sqlite"),
-        "MEETARA_STATE_DIR": str(tmp_path / "state"),
-        "MEETARA_LOCAL_PRICE_HOUR": str(RATE_H),
-        # a generous start-up allowance: the first job of a test session builds the tiny model, and a
-        # loaded machine must not run out of its reservation (that is the in-job guard's test); the
-        # caps make room for it
-        "MEETARA_LOCAL_STARTUP_S": "600",
-        "MEETARA_DAILY_CAP": "100",
-        "MEETARA_WEEKLY_CAP": "100",
-        "MEETARA_MONTHLY_CAP": "100",
-        **extra,
-    }
+    return {**os.environ, **local_env(tmp_path, RATE_H, **extra)}
 
 
 def meetara(*args: str, cwd: Path, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
