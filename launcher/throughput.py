@@ -79,7 +79,9 @@ class Speed:
 
 
 def model_params(base_model: str) -> float:
-    """Parameters of a known base model; `ValueError` names the known ones otherwise."""
+    """Parameters of a known base model (`random:NAME` has NAME's); `ValueError` names the known ones
+    otherwise."""
+    base_model = base_model.removeprefix("random:")
     if base_model in MODEL_PARAMS:
         return MODEL_PARAMS[base_model]
     short = base_model.rsplit("/", 1)[-1]

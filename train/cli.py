@@ -51,7 +51,10 @@ def train_command(
         "default", "--run-id", envvar="MEETARA_RUN_ID", help="names the run in the store"
     ),
     base_model: str = typer.Option(
-        "tiny", help="'tiny' (offline) or a GPT-2 model name such as microsoft/DialoGPT-medium"
+        "tiny",
+        help="'tiny' (offline), a GPT-2 model name such as microsoft/DialoGPT-medium, or random:NAME "
+        "(offline: that architecture with seeded random weights and GPT-2's real tokenizer, for "
+        "benchmarks, dry runs and tests at the real shape; its outputs are noise)",
     ),
     endpoint_url: str = typer.Option(
         None,

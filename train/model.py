@@ -1,5 +1,7 @@
-"""Base models: `tiny` (offline, built from a config) or a Hugging Face name such as
-`microsoft/DialoGPT-medium` (downloaded by transformers where the network is, i.e. on the GPU box).
+"""Base models: `tiny` (offline, built from a config), `random:NAME` (offline: a known GPT-2-family
+architecture with seeded random weights and GPT-2's real tokenizer, for benchmarks, dry runs and tests
+at the real shape), or a Hugging Face name such as `microsoft/DialoGPT-medium` (downloaded by
+transformers where the network is, i.e. on the GPU box).
 
 `tiny` is the GPT-2 architecture at toy size with a ByteLevel BPE tokenizer trained locally on the
 generated corpus of every domain, then briefly pretrained on that mixed corpus so that it is a
@@ -35,6 +37,21 @@ TINY_CONFIG = {
 TINY_PRETRAIN = {"steps": 120, "batch": 16, "lr": 3e-3, "samples_per_domain": 60, "seed": 1234}
 TINY_VERSION = 1
 
+RANDOM = "random:"
+RANDOM_SEED = 0
+# (n_layer, n_embd, n_head) of the GPT-2-family models `random:NAME` builds; all have GPT-2's 50,257
+# tokens, 1,024 positions and a 4x MLP (the shapes of their Hugging Face configs)
+GPT2_SHAPES: dict[str, tuple[int, int, int]] = {
+    "gpt2": (12, 768, 12),
+    "distilgpt2": (6, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
+    "microsoft/DialoGPT-small": (12, 768, 12),
+    "microsoft/DialoGPT-medium": (24, 1024, 16),
+    "microsoft/DialoGPT-large": (36, 1280, 20),
+}
+
 
 @dataclass
 class Base:
@@ -68,7 +85,11 @@ def load_base(name: str, registry: Registry, *, dtype: Any = None, device: str =
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     quiet_transformers()
-    if name == TINY:
+    if name.startswith(RANDOM):
+        model, tok = random_base(name)
+        model = model.to(dtype or torch.float32)
+        source = f"{name} (seed {RANDOM_SEED}, GPT-2's tokenizer)"
+    elif name == TINY:
         path = ensure_tiny(registry)
         tok = PreTrainedTokenizerFast(
             tokenizer_file=str(path / "tokenizer.json"),
@@ -91,6 +112,51 @@ def load_base(name: str, registry: Registry, *, dtype: Any = None, device: str =
         )
     model.to(device)
     return Base(name, model, tok, source)
+
+
+def random_config(name: str) -> Any:
+    """The GPT2Config of `random:NAME`; `BadInput` names the known architectures otherwise."""
+    from transformers import GPT2Config
+
+    from train import BadInput
+    from train.gpt2_vocab import VOCAB_SIZE
+
+    arch = name.removeprefix(RANDOM)
+    if arch not in GPT2_SHAPES:
+        known = ", ".join(RANDOM + k for k in GPT2_SHAPES)
+        raise BadInput(f"unknown architecture in base model {name!r}; known: {known}")
+    n_layer, n_embd, n_head = GPT2_SHAPES[arch]
+    eos = VOCAB_SIZE - 1  # <|endoftext|>, as in GPT-2's config
+    return GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_positions=1024,
+        n_ctx=1024,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=eos,
+        eos_token_id=eos,
+    )
+
+
+def random_base(name: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of `random:NAME`: that architecture with weights drawn from transformers' own
+    initialisation under a fixed seed (the same on every machine), and GPT-2's real byte-level BPE
+    tokenizer (train/gpt2_vocab.py). Nothing is downloaded. Its outputs are noise: it exists to measure
+    and test every stage at the real shape."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from train.gpt2_vocab import gpt2_tokenizer
+
+    config = random_config(name)
+    tok = gpt2_tokenizer()
+    tok.pad_token = tok.eos_token  # as load_base does for Hugging Face GPT-2 tokenizers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        model = GPT2LMHeadModel(config)
+    model.eval()
+    return model, tok
 
 
 def _tiny_key(registry: Registry) -> str:
