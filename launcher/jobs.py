@@ -91,6 +91,12 @@ def cancel(target: str, *, config: Path | None = None, backend=None) -> CancelRe
             for job in t.jobs:
                 try:
                     handle = _handle(job, be)
+                    if holder is not None and handle is not None and job.state == LAUNCHING:
+                        # found after its launcher died (as launch.adopt does): recorded before anything
+                        # else, so its money is settled from the backend's times whatever follows, never
+                        # released as if it had not launched
+                        job.handle, job.state = handle, "PENDING"
+                        job.note(f"found {handle} after its launcher stopped")
                     if handle is None or be.status(handle).state.finished:
                         report.not_running.append(job.name)
                         continue
@@ -100,8 +106,6 @@ def cancel(target: str, *, config: Path | None = None, backend=None) -> CancelRe
                     continue
                 report.cancelled.append(job.name)
                 if holder is not None:
-                    job.handle = handle
-                    job.state = "PENDING" if job.state == LAUNCHING else job.state
                     job.note("cancelled by `meetara cancel`")
             if holder is not None:
                 rec.save()

@@ -106,7 +106,7 @@ class Money:
         job.stop_at = None
         if res.rate_per_hour > 0:
             seconds = left / res.rate_per_hour * 3600
-            if seconds <= 0:
+            if seconds <= STOP_MARGIN_MIN_S:  # not even the time to stop cleanly: no launch
                 job.state = "STOPPED-BUDGET"
                 job.note("not launched: its reservation is used up")
                 self._settle(job, "stopped: budget (reservation used up)")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from conftest import run_cli
 from test_local_backend import wait_for
 
@@ -221,3 +222,32 @@ def test_a_corrupt_ledger_is_one_line_and_left_as_it_was(tmp_path):
         lines = [x for x in r.stderr.splitlines() if x.strip()]
         assert r.returncode == 2 and len(lines) == 1 and str(ledger_path) in lines[0], (args, r.stderr)
     assert ledger_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("left_s, launched", [(1.0, False), (10.0, True), (30.0, True)])
+def test_a_launch_gets_a_deadline_it_can_stop_by(tmp_path, monkeypatch, left_s, launched):
+    """The in-job deadline leaves at least STOP_MARGIN_MIN_S to stop in (the step in progress, its
+    checkpoint, the exit); a reservation with less money left than that is not launched at all."""
+    from launcher.money import STOP_MARGIN, STOP_MARGIN_MIN_S
+
+    monkeypatch.setenv("MEETARA_STATE_DIR", str(tmp_path / "state"))
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    plan = plan_local(["legal"], Preferences(local_price_hour=36.0), Workload(), "dl")
+    rec = new_run(plan, store=f"file://{tmp_path}/store", endpoint_url=None, models_dir=tmp_path, budget=None)
+    money = Money(ledger, rec, backend=None, poll_s=1)
+    money.reserve_plan()
+    (job,) = rec.jobs.values()
+    res = ledger.reservation(job.reservation_id)
+    seconds = res.amount / res.rate_per_hour * 3600
+    assert seconds > left_s  # the reservation (about 44 s of the tiny job here) has that much to spend
+    t0 = datetime.now(UTC) - timedelta(seconds=seconds - left_s)
+    ledger.start(job.reservation_id, t0)
+    ledger.accrue_until(job.reservation_id, datetime.now(UTC))  # all but left_s of it is spent
+    before = datetime.now(UTC).timestamp()
+    money.before_launch(job)
+    if launched:
+        margin = max(left_s * STOP_MARGIN, STOP_MARGIN_MIN_S)
+        assert job.stop_at == pytest.approx(before + left_s - margin, abs=0.5)
+    else:
+        assert job.stop_at is None and job.state == "STOPPED-BUDGET"
+        assert ledger.reservation(job.reservation_id).state == "settled"

@@ -377,6 +377,25 @@ class _Backend:
         return None
 
 
+def _sky_run(tmp_path: Path, monkeypatch, run_id: str):
+    """A SkyPilot run of one job with $1.00 reserved at $3.60/h, recorded on disk: (record, job, ledger)."""
+    from launcher.launch import new_run
+    from launcher.plan import Workload, plan_local
+    from launcher.preferences import Preferences
+
+    for k, v in _env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    plan = plan_local(["nutrition"], Preferences(), Workload(base_model="tiny"), run_id)
+    rec = new_run(plan, store="s3://b/p", endpoint_url=None, models_dir=tmp_path / "models", budget=5)
+    rec.backend = "skypilot"
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    (job,) = rec.jobs.values()
+    job.reservation_id = ledger.reserve(
+        run_id, job.name, 1.0, provider="vast", gpu="A100", rate_per_hour=3.6, rate_source="live"
+    )
+    return rec, job, ledger
+
+
 @pytest.mark.parametrize("stops_at_once", [True, False])
 def test_cancel_settles_through_the_backend_interface(tmp_path, monkeypatch, stops_at_once):
     """`cancel` asks the run's backend (SkyPilot here, through the same interface) and settles what ran
@@ -384,20 +403,8 @@ def test_cancel_settles_through_the_backend_interface(tmp_path, monkeypatch, sto
     from datetime import UTC, datetime, timedelta
 
     from launcher.jobs import cancel, cancel_lines
-    from launcher.launch import new_run
-    from launcher.plan import Workload, plan_local
-    from launcher.preferences import Preferences
 
-    for k, v in _env(tmp_path).items():
-        monkeypatch.setenv(k, v)
-    plan = plan_local(["nutrition"], Preferences(), Workload(base_model="tiny"), "sk")
-    rec = new_run(plan, store="s3://b/p", endpoint_url=None, models_dir=tmp_path / "models", budget=5)
-    rec.backend = "skypilot"
-    ledger = Ledger(tmp_path / "ledger.sqlite")
-    (job,) = rec.jobs.values()
-    job.reservation_id = ledger.reserve(
-        "sk", job.name, 1.0, provider="vast", gpu="A100", rate_per_hour=3.6, rate_source="live"
-    )
+    rec, job, ledger = _sky_run(tmp_path, monkeypatch, "sk")
     job.state, job.handle = "RUNNING", "7"
     rec.save()
     started = datetime.now(UTC) - timedelta(seconds=100)
@@ -413,4 +420,39 @@ def test_cancel_settles_through_the_backend_interface(tmp_path, monkeypatch, sto
         assert res.state == "open" and report.open == ["sk-j1"]
         assert cancel_lines(report)[1] == "sk-j1: still stopping; `meetara recover sk` settles its money"
     assert ledger.lease("sk") is None
+    ledger.close()
+
+
+class _EndedBackend(_Backend):
+    """The launch a dead launcher started (and never recorded) ran and ended before `cancel`."""
+
+    def status(self, handle: str):
+        from launcher.backends.base import JobState, JobStatus
+
+        return JobStatus(JobState.SUCCEEDED, self.started, self.ended)
+
+    def find(self, name: str) -> str:
+        return "7"
+
+
+def test_cancel_settles_a_launch_its_dead_launcher_never_recorded(tmp_path, monkeypatch):
+    """The launcher died between starting a launch and recording it (LAUNCHING, no handle): `cancel`
+    finds it by name as `recover` would, and bills what it ran; the money is not released as if it had
+    never launched."""
+    from datetime import UTC, datetime, timedelta
+
+    from launcher.jobs import cancel
+    from launcher.runs import LAUNCHING, load_run
+
+    rec, job, ledger = _sky_run(tmp_path, monkeypatch, "lx")
+    job.state, job.handle, job.launch_name = LAUNCHING, None, "meetara-lx-j1-1"
+    rec.save()
+    started = datetime.now(UTC) - timedelta(seconds=100)
+    backend = _EndedBackend(started, started + timedelta(seconds=90), True)
+
+    report = cancel("lx-j1", backend=backend)
+    assert report.not_running == ["lx-j1"] and backend.cancelled == []
+    res = ledger.reservation(job.reservation_id)
+    assert res.state == "settled" and res.settled_amount == pytest.approx(0.09)  # 90 s at $3.60/h
+    assert load_run("lx").jobs["lx-j1"].handle == "7"
     ledger.close()
