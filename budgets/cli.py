@@ -117,7 +117,7 @@ def budget_command(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Caps, spent, reserved and remaining per window (day, week, month in the budget time zone)."""
-    from budgets.report import money
+    from budgets import usd
 
     try:
         with open_ledger(config) as ledger:
@@ -150,8 +150,8 @@ def budget_command(
         if w.remaining is None:
             left = "no cap"
         else:
-            left = f"[red]{money(w.remaining)}[/]" if w.remaining <= 0 else money(w.remaining)
-        cap = "none" if w.cap is None else money(w.cap)
-        t.add_row(w.name, period, cap, money(w.spent), money(w.reserved), left)
+            left = f"[red]{usd(w.remaining)}[/]" if w.remaining <= 0 else usd(w.remaining)
+        cap = "none" if w.cap is None else usd(w.cap)
+        t.add_row(w.name, period, cap, usd(w.spent), usd(w.reserved), left)
     t.caption = escape(f"{len(held)} open reservation(s); ledger: {location}")
     Console().print(t)

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from budgets import usd
 from budgets.ledger import PREEMPTED, SETTLED, Event, Ledger, Reservation
 
 BY = ("provider", "domain", "day", "run")
@@ -154,13 +155,6 @@ def to_csv(rows: list[Row]) -> str:
     return out.getvalue()
 
 
-def money(x: float) -> str:
-    """$1,234.50, $0.045: `budgets.usd`, the one money format of every command."""
-    from budgets import usd
-
-    return usd(x)
-
-
 def period_label(since: datetime | None, until: datetime | None) -> str:
     """'2025-03-01 to 2025-03-31' (an `until` at midnight is shown as the day before: it is exclusive)."""
     start = since.date().isoformat() if since else "start"
@@ -198,10 +192,10 @@ def render_table(rows: list[Row], *, by: str, title: str | None = None, total: R
         t.add_column(name, justify="right")
 
     def cells(r: Row) -> list[str]:
-        per = money(r.dollars_per_domain) if r.dollars_per_domain is not None else "-"
+        per = usd(r.dollars_per_domain) if r.dollars_per_domain is not None else "-"
         return [
             escape(r.key),
-            money(r.cost),
+            usd(r.cost),
             f"{r.gpu_hours:.2f}",
             str(r.domains_done),
             per,
@@ -255,7 +249,7 @@ def plot(
     ax.set_xlabel("cost (USD)", fontsize=11)
     zone = since.tzinfo if since is not None and by == "day" else None
     ax.set_ylabel(f"day ({zone})" if zone else by, fontsize=11)
-    ax.set_title(f"meetara cost by {by}, {period_label(since, until)} (total {money(total)})", fontsize=12)
+    ax.set_title(f"meetara cost by {by}, {period_label(since, until)} (total {usd(total)})", fontsize=12)
     ax.xaxis.set_major_formatter(lambda x, _: f"${x:,.2f}".rstrip("0").rstrip("."))
     ax.tick_params(axis="y", labelsize=10)
     ax.margins(y=0.02)  # bars from top to bottom, no empty band

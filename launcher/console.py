@@ -8,20 +8,10 @@ with `python -m train`) escape what they print.
 
 from __future__ import annotations
 
-from train.cli import EXIT_BAD_INPUT, fail, run_app, tidy_help
+from train.cli import fail, run_app
 
 # shared with `python -m train` (which must not import launcher)
-__all__ = [
-    "EXIT_BAD_INPUT",
-    "EXIT_DECLINED",
-    "console",
-    "escape",
-    "fail",
-    "run_app",
-    "say",
-    "tidy_help",
-    "version",
-]
+__all__ = ["EXIT_DECLINED", "console", "escape", "fail", "run_app", "say", "version"]
 EXIT_DECLINED = 0  # the user answered "no" to a confirmation: nothing was done, and nothing failed
 
 

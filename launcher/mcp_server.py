@@ -170,8 +170,9 @@ def _strict_server_class():
             super().__init__(*args, **kwargs)
             # meetara has no prompts: without their handlers the server does not advertise a prompts
             # capability that would list nothing
+            handlers = getattr(self._lowlevel_server, "_request_handlers", {})  # the SDK's own table
             for method in ("prompts/list", "prompts/get"):
-                self._lowlevel_server._request_handlers.pop(method, None)
+                handlers.pop(method, None)
 
         def add_tool(self, fn: Callable[..., Any], name: str | None = None, **kwargs: Any) -> None:
             super().add_tool(fn, name=name, **kwargs)
@@ -320,11 +321,11 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
     from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
     confined_to = None if allow_outside else (workdir or Path.cwd()).resolve()
-    from importlib.metadata import version
+    from launcher.console import version
 
     server = _strict_server_class()(
         "meetara",
-        version=version("meetara"),
+        version=version(),
         instructions=(
             "meetara fine-tunes one LoRA adapter per knowledge domain on rented spot GPUs (or this machine) "
             "under dollar budgets and brings back validated GGUF files. Call plan before launch; launch "
