@@ -118,7 +118,7 @@ def todo_domains(store: ObjectStore, run_id: str, domains: Sequence[str]) -> lis
 
 
 def check_budget(plan: Plan, budget: float | None) -> None:
-    from launcher.money import usd
+    from budgets import usd
 
     if budget is not None and plan.total_cost > budget + 1e-9:
         raise BadInput(

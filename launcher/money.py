@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from budgets import usd  # noqa: F401  (the one money format; launcher code imports it from here)
+from budgets import usd
 from budgets.ledger import Ledger
 from launcher.backends.base import Backend, BackendError
 from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
