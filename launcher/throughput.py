@@ -81,10 +81,10 @@ class Speed:
 def model_params(base_model: str) -> float:
     """Parameters of a known base model (`random:NAME` has NAME's); `ValueError` names the known ones
     otherwise."""
-    base_model = base_model.removeprefix("random:")
-    if base_model in MODEL_PARAMS:
-        return MODEL_PARAMS[base_model]
-    short = base_model.rsplit("/", 1)[-1]
+    arch = base_model.removeprefix("random:")
+    if arch in MODEL_PARAMS:
+        return MODEL_PARAMS[arch]
+    short = arch.rsplit("/", 1)[-1]
     for name, n in MODEL_PARAMS.items():
         if name.rsplit("/", 1)[-1].lower() == short.lower():
             return n
