@@ -375,26 +375,44 @@ def plan_command(
     epochs: float = typer.Option(2.0, min=0.01),
     live: bool = typer.Option(False, help="price from the providers' live APIs"),
     provider: list[str] = typer.Option(None, "--provider", "-p"),
+    store: str = typer.Option(
+        None, help="the store `launch` would use, to skip domains done there (default as for launch)"
+    ),
+    endpoint_url: str = typer.Option(None, "--endpoint-url", envvar="MEETARA_S3_ENDPOINT_URL"),
     config: Path = typer.Option(None, help="preferences file"),
     as_json: bool = typer.Option(False, "--json"),
     warm_start: bool = WARM_START,
 ) -> None:
-    """Dry run: the offer, the jobs and their projected cost. Launches nothing."""
+    """Dry run: what `launch` with the same arguments would run (domains already done are skipped), the
+    offer, the jobs and their projected cost. Launches nothing."""
 
-    from launcher.launch import make_plan
+    from launcher.launch import plan_unfinished
     from train import BadInput
 
     try:
         prefs, names, backend, work = _plan_options(
             domains, backend, run_id, base_model, samples, epochs, config, warm_start
         )
-        plan = make_plan(
-            names, backend=backend, prefs=prefs, work=work, run_id=run_id, live=live, providers=provider
+        plan = plan_unfinished(
+            names,
+            backend=backend,
+            prefs=prefs,
+            work=work,
+            run_id=run_id,
+            store=store,
+            endpoint_url=endpoint_url,
+            live=live,
+            providers=provider,
         )
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None
     if as_json:
         typer.echo(plan.model_dump_json(indent=1))
+        return
+    if plan.done:
+        say(f"{len(plan.done)} of {len(names)} domains already done in {plan.store}: skipped")
+    if not plan.jobs:
+        say(f"nothing to plan: run {run_id} has every domain asked for; `meetara pull` fetches them")
         return
     _console().print(_plan_table(plan))
 
@@ -712,20 +730,15 @@ def pull_command(
     models_dir: Path = typer.Option(Path("models")),
 ) -> None:
     """Download a run's validated GGUFs (sha256-checked, atomic, resumable) into ./models."""
-    from launcher.launch import absolute_store, default_store, select
-    from launcher.runs import load_run
+    from launcher.launch import select
+    from launcher.pull import open_run_store
     from train import BadInput
-    from train.store import StoreError, open_store
+    from train.store import StoreError
 
     try:
-        rec = load_run(run_id)
-        url = store or (rec.store if rec else None) or default_store("local")
-        st = open_store(
-            absolute_store(url),
-            endpoint_url=endpoint_url or (rec.endpoint_url if rec else None),
-            writable=False,
-        )
-        _pull_and_report(st, run_id, select(domains), models_dir)
+        names = select(domains)
+        st = open_run_store(run_id, store, endpoint_url)
+        _pull_and_report(st, run_id, names, models_dir)
     except (BadInput, StoreError) as e:
         raise fail(str(e)) from None
 

@@ -112,6 +112,53 @@ def make_plan(
         raise BadInput(str(e)) from None
 
 
+def plan_unfinished(
+    names: Sequence[str],
+    *,
+    backend: str,
+    prefs: Preferences,
+    work: Workload,
+    run_id: str,
+    store: str | None = None,
+    endpoint_url: str | None = None,
+    live: bool = False,
+    providers: list[str] | None = None,
+) -> Plan:
+    """`meetara plan`: what `launch` with the same arguments would plan. Domains already done in the
+    run's store are listed in `Plan.done`, not planned; all of them done gives a plan with no jobs."""
+    from train.store import StoreError
+
+    url = store or os.environ.get("MEETARA_STORE")
+    if url is None:
+        rec = load_run(run_id)
+        url = rec.store if rec is not None else (default_store(backend) if backend == "local" else None)
+        endpoint_url = endpoint_url or (rec.endpoint_url if rec is not None else None)
+    todo, url = list(names), url and absolute_store(url)
+    missing_folder = url is not None and url.startswith("file://") and not Path(url[7:]).exists()
+    if url is not None and not missing_folder:  # a dry run makes no folder
+        try:
+            todo = todo_domains(open_store(url, endpoint_url=endpoint_url, writable=False), run_id, names)
+        except StoreError as e:
+            raise BadInput(f"cannot check which domains are done: {e}") from None
+    done = [d for d in names if d not in todo]
+    if todo:
+        plan = make_plan(
+            todo, backend=backend, prefs=prefs, work=work, run_id=run_id, live=live, providers=providers
+        )
+    else:
+        plan = Plan(
+            run_id=run_id,
+            backend=backend,
+            workload=work,
+            jobs=[],
+            total_hours=0,
+            total_cost=0,
+            offers_source="none",
+            throughput_source="none",
+        )
+    return plan.model_copy(update={"done": done, "store": url})
+
+
 def todo_domains(store: ObjectStore, run_id: str, domains: Sequence[str]) -> list[str]:
     """The domains whose manifest is not in the store yet (finished work is never paid for twice)."""
     return [d for d in domains if not is_done(store, run_id, d)]

@@ -389,15 +389,17 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
         base_model: BaseModelName = None,
         samples: Samples = 200,
         epochs: Epochs = 2.0,
+        store: Store = None,
     ) -> dict[str, Any]:
-        """Dry run: the offer, the jobs and their projected cost (`meetara plan --json`). Launches nothing."""
+        """Dry run: the offer, the jobs and their projected cost (`meetara plan --json`); domains already
+        done in the run's store are listed under `done`, not planned. Launches nothing."""
         from launcher.cli import _plan_options
-        from launcher.launch import make_plan
+        from launcher.launch import plan_unfinished
 
         prefs, names, backend, work = _plan_options(
             domains, backend, run_id, base_model, samples, epochs, config
         )
-        p = make_plan(names, backend=backend, prefs=prefs, work=work, run_id=run_id)
+        p = plan_unfinished(names, backend=backend, prefs=prefs, work=work, run_id=run_id, store=store)
         return p.model_dump(mode="json")
 
     @server.tool()
@@ -522,18 +524,15 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
         models_dir: ModelsDir = "models",
     ) -> dict[str, Any]:
         """Download a run's validated GGUFs (sha256-checked, atomic, resumable) into models_dir."""
-        from launcher.launch import absolute_store, default_store, select
+        from launcher.launch import select
+        from launcher.pull import open_run_store
         from launcher.pull import pull as pull_run
-        from launcher.runs import load_run
-        from train.store import open_store
 
         _confine(models_dir, "models_dir", confined_to)
         _confine_store(store, confined_to)
-        rec = load_run(run_id)
-        url = store or (rec.store if rec else None) or default_store("local")
-        endpoint = os.environ.get("MEETARA_S3_ENDPOINT_URL") or (rec.endpoint_url if rec else None)
-        st = open_store(absolute_store(url), endpoint_url=endpoint, writable=False)
-        results = pull_run(st, run_id, select(domains), Path(models_dir))
+        names = select(domains)
+        st = open_run_store(run_id, store, os.environ.get("MEETARA_S3_ENDPOINT_URL"))
+        results = pull_run(st, run_id, names, Path(models_dir))
         bad = [r for r in results if r.status == "error"]
         if bad:
             return _tool_error(f"{len(bad)} download(s) refused: {bad[0].detail}")

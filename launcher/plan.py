@@ -106,6 +106,9 @@ class Plan(BaseModel):
     snapshot_date: str | None = None
     throughput_source: str
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    # asked for but already done in the run's store: not planned, not paid for again (`meetara plan`)
+    done: list[str] = []
+    store: str | None = None  # the store that was checked for done domains
 
     def job(self, name: str) -> JobPlan:
         return next(j for j in self.jobs if j.name == name)

@@ -185,6 +185,26 @@ def pull_domain(store: ObjectStore, run_id: str, domain: str, dest: Path) -> Pul
     return result
 
 
+def open_run_store(run_id: str, store: str | None = None, endpoint_url: str | None = None) -> ObjectStore:
+    """The store a run's GGUFs are pulled from: `store`, else the run's own, else MEETARA_STORE or ./store
+    (read-only). A run neither launched from this machine nor found in that store is a one-line
+    `BadInput`, as `meetara status` gives for an unknown run (a run trained elsewhere into the store, e.g.
+    by the notebook, is found there)."""
+    from launcher.launch import absolute_store, default_store
+    from launcher.runs import load_run
+    from train.store import open_store
+
+    rec = load_run(run_id)
+    url = absolute_store(store or (rec.store if rec else None) or default_store("local"))
+    endpoint_url = endpoint_url or (rec.endpoint_url if rec else None)
+    if rec is None and url.startswith("file://") and not os.path.isdir(url[7:]):
+        raise BadInput(f"no run {run_id!r} on this machine or in {url} (see meetara status)")
+    st = open_store(url, endpoint_url=endpoint_url, writable=False)
+    if rec is None and not st.list(f"runs/{run_id}"):
+        raise BadInput(f"no run {run_id!r} on this machine or in {st.url} (see meetara status)")
+    return st
+
+
 def pull(
     store: ObjectStore,
     run_id: str,

@@ -456,3 +456,72 @@ def test_cancel_settles_a_launch_its_dead_launcher_never_recorded(tmp_path, monk
     assert res.state == "settled" and res.settled_amount == pytest.approx(0.09)  # 90 s at $3.60/h
     assert load_run("lx").jobs["lx-j1"].handle == "7"
     ledger.close()
+
+
+# -- commands agree about the same facts ------------------------------------------------------------------
+
+
+def test_plan_and_launch_agree_on_domains_already_done(tmp_path):
+    """Work done in the run's store is skipped by `plan` exactly as by `launch`: neither prices it."""
+    trained = meetara(
+        "train", "-d", "nutrition", "--samples", "16", "--epochs", "0.1", "--run-id", "r1", tmp_path=tmp_path
+    )
+    assert trained.returncode == 0, trained.stderr
+    both = meetara("plan", "-d", "nutrition,fitness", "--run-id", "r1", "--json", tmp_path=tmp_path)
+    assert both.returncode == 0, both.stderr
+    plan = json.loads(both.stdout)
+    assert plan["done"] == ["nutrition"] and plan["store"] == f"file://{tmp_path}/store"
+    assert [d for j in plan["jobs"] for d in j["domains"]] == ["fitness"]
+    shown = meetara("plan", "-d", "nutrition,fitness", "--run-id", "r1", tmp_path=tmp_path)
+    assert f"1 of 2 domains already done in file://{tmp_path}/store: skipped" in shown.stderr
+    assert "fitness" in shown.stdout and "nutrition" not in shown.stdout
+
+    done = meetara("plan", "-d", "nutrition", "--run-id", "r1", tmp_path=tmp_path)
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    assert "nothing to plan: run r1 has every domain asked for" in done.stderr
+    launched = meetara("launch", "-d", "nutrition", "--run-id", "r1", "--budget", "1", tmp_path=tmp_path)
+    assert launched.returncode == 0, launched.stderr
+    assert "1 of 1 domains already done" in launched.stderr
+    assert (tmp_path / "models" / "nutrition" / "adapter.gguf").is_file()
+    ledger = Ledger(tmp_path / "ledger.sqlite")  # nothing was reserved for done work
+    assert ledger.open_reservations() == [] and ledger.spent("monthly") == 0
+
+
+RUN_ID_COMMANDS = [
+    ("status", "nosuch"),
+    ("recover", "nosuch"),
+    ("cancel", "nosuch"),
+    ("logs", "nosuch"),
+    ("pull", "--run-id", "nosuch"),
+]
+
+
+@pytest.mark.parametrize("args", RUN_ID_COMMANDS, ids=lambda a: a[0])
+def test_every_run_id_command_refuses_an_unknown_run_in_one_line(tmp_path, args):
+    other = tmp_path / "store" / "runs" / "other" / "domains" / "legal"
+    other.mkdir(parents=True)  # a store that holds another run only
+    (other / "failed.json").write_text("{}")
+    r = meetara(*args, tmp_path=tmp_path)
+    assert r.returncode == 2 and "'nosuch'" in one_error_line(r), r.stderr
+    assert r.stdout == ""
+    assert not (tmp_path / "models").exists()
+
+
+def test_pull_finds_a_run_trained_elsewhere_in_the_store(tmp_path):
+    """A run this machine never launched (the notebook's, another laptop's) is known by its store."""
+    trained = meetara(
+        "train",
+        "-d",
+        "nutrition",
+        "--samples",
+        "16",
+        "--epochs",
+        "0.1",
+        "--run-id",
+        "colab",
+        tmp_path=tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr
+    r = meetara("pull", "--run-id", "colab", "-d", "nutrition", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "models" / "nutrition" / "manifest.json").is_file()

@@ -251,6 +251,9 @@ def test_mcp_pull_outside_the_workdir_is_refused(tmp_path):
     work.mkdir()
     elsewhere.mkdir()
     (work / "link").symlink_to(elsewhere)  # inside by name, outside once resolved
+    step = work / "store" / "runs" / "default" / "domains" / "legal" / "checkpoints" / "step-8"
+    step.mkdir(parents=True)  # a run in the store, not finished
+    (step / "meta.json").write_text("{}")
     env = sandbox(tmp_path, MEETARA_STORE=f"file://{work}/store")
     outside = [
         ("pull", dict(models_dir=str(elsewhere))),
