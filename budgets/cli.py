@@ -15,7 +15,7 @@ import typer
 
 from budgets import LedgerError
 from budgets.caps import load_budget_config, midnight, utcnow
-from launcher.console import fail
+from launcher.console import fail, print_whole
 from train import BadInput
 
 
@@ -94,7 +94,7 @@ def report_command(
             raise fail(f"{plot_path}: cannot write the chart ({e.strerror or e})") from None
         typer.echo(f"wrote {plot_path}", err=True)
     if csv_path is not None:
-        text = rep.to_csv(rows)
+        text = rep.to_csv(rows, by=by)
         if str(csv_path) == "-":
             typer.echo(text, nl=False)
         else:
@@ -106,10 +106,8 @@ def report_command(
     if as_json:
         typer.echo(rep.to_json(rows, by=by, since=start, until=stop, total=total))
     elif str(csv_path) != "-":
-        from rich.console import Console
-
         title = f"cost by {by}, {rep.period_label(start, stop)}"
-        Console().print(rep.render_table(rows, by=by, title=title, total=total))
+        print_whole(rep.render_table(rows, by=by, title=title, total=total))
 
 
 def budget_command(

@@ -6,9 +6,10 @@ import csv
 import io
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from fractions import Fraction
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -16,8 +17,9 @@ from budgets import usd
 from budgets.ledger import PREEMPTED, SETTLED, Event, Ledger, Reservation
 
 BY = ("provider", "domain", "day", "run")
-FIELDS = ("key", "cost", "gpu_hours", "domains_done", "dollars_per_domain", "preemptions")
+VALUES = ("cost", "gpu_hours", "domains_done", "dollars_per_domain", "preemptions")  # after the key column
 NO_DOMAIN, UNKNOWN = "(no domain)", "(unknown)"
+SPLIT_NOTE = "a job's cost and preemptions are split evenly across the domains it trained"  # by domain
 
 
 @dataclass
@@ -27,7 +29,7 @@ class Row:
     gpu_hours: float = 0.0  # accrued seconds / 3600 x the reservation's GPU count
     domains_done: int = 0
     dollars_per_domain: float | None = None  # cost / domains_done
-    preemptions: int = 0
+    preemptions: float = 0  # a whole count, except by domain: a job's preemption is split over its domains
 
 
 def report(
@@ -40,9 +42,10 @@ def report(
     - domains_done: distinct domains of settled reservations (ended in the range) not closed by a stop.
     - preemptions: 'preempted' events in the range, keyed through the reservation they name (else the
       run's latest reservation of that job).
-    - by='domain': a job trains several domains on one machine, so its cost and GPU-hours are split
-      evenly across its domains, and a preemption of the job counts for each of its domains (so the
-      domain rows' preemptions can add up to more than the events).
+    - by='domain': a job trains several domains on one machine, so its cost, GPU-hours and preemptions
+      are split evenly across its domains (a preemption stops the machine, not one domain, and the ledger
+      does not record which domain was training): a job of 4 domains preempted once gives each 0.25, and
+      the domain rows' preemptions add up to the events, as for every other `by`.
     - by='total' gives a single row over everything.
     Rows: by day in date order, otherwise by cost, highest first."""
     if by not in (*BY, "total"):
@@ -65,11 +68,15 @@ def report(
         if res.domains and res.state == SETTLED and not res.stopped and _within(res.ended_at, since, until):
             for key, _ in _keys(by, res.provider, res.run_id, res.domains, res.ended_at, zone):
                 done[key].update([key] if by == "domain" else res.domains)
+    preempted: dict[str, Fraction] = defaultdict(Fraction)  # exact shares: whole sums stay whole
     for ev in ledger.events(since, until, kind=PREEMPTED):
         res = event_reservation(ev, reservations, by_id)
         provider, domains = (res.provider, res.domains) if res else (UNKNOWN, (UNKNOWN,))
-        for key, _ in _keys(by, provider, ev.run_id, domains, ev.at, zone):
-            row(key).preemptions += 1
+        keys = _keys(by, provider, ev.run_id, domains, ev.at, zone)
+        for key, _ in keys:
+            preempted[key] += Fraction(1, len(keys))
+    for key, n in preempted.items():
+        row(key).preemptions = int(n) if n.denominator == 1 else float(n)
     for key, names in done.items():
         row(key).domains_done = len(names)
     for r in rows.values():
@@ -122,8 +129,16 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
-def as_dicts(rows: Iterable[Row]) -> list[dict]:
-    return [{k: (_round(v) if isinstance(v, float) else v) for k, v in asdict(r).items()} for r in rows]
+def as_dicts(rows: Iterable[Row], by: str | None = None) -> list[dict]:
+    """The rows as dicts of rounded numbers ('key' first). With `by`, each also names its key for what it
+    is ({"domain": "legal", "key": "legal", ...}); 'key' stays for readers of earlier reports."""
+    out = []
+    for r in rows:
+        d = {k: (_round(v) if isinstance(v, float) else v) for k, v in asdict(r).items()}
+        if float(d["preemptions"]).is_integer():  # a whole count reads as one (3, not 3.0)
+            d["preemptions"] = int(d["preemptions"])
+        out.append({by: r.key, **d} if by else d)
+    return out
 
 
 def to_json(
@@ -138,19 +153,20 @@ def to_json(
         "by": by,
         "since": since.isoformat() if since else None,
         "until": until.isoformat() if until else None,
-        "rows": as_dicts(rows),
+        "rows": as_dicts(rows, by),
     }
     if total is not None:
         doc["total"] = as_dicts([total])[0]
     return json.dumps(doc, indent=1)
 
 
-def to_csv(rows: list[Row]) -> str:
-    """CSV with a header row (FIELDS); an empty cell where dollars_per_domain is undefined."""
+def to_csv(rows: list[Row], *, by: str) -> str:
+    """CSV with a header row: the `by` dimension ('provider', 'domain', 'day' or 'run'), then VALUES; an
+    empty cell where dollars_per_domain is undefined."""
     out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
+    w = csv.DictWriter(out, fieldnames=(by, *VALUES), lineterminator="\n", extrasaction="ignore")
     w.writeheader()
-    for d in as_dicts(rows):
+    for d in as_dicts(rows, by):
         w.writerow({k: ("" if v is None else v) for k, v in d.items()})
     return out.getvalue()
 
@@ -187,7 +203,7 @@ def render_table(rows: list[Row], *, by: str, title: str | None = None, total: R
     from rich.table import Table
 
     t = Table(title=escape(title or f"cost by {by}"))
-    t.add_column(by)
+    t.add_column(by, no_wrap=True, overflow="fold")  # a name is never cut short: folded if it must be
     for name in ("cost", "GPU-hours", "domains done", "$ / domain", "preemptions"):
         t.add_column(name, justify="right")
 
@@ -199,7 +215,7 @@ def render_table(rows: list[Row], *, by: str, title: str | None = None, total: R
             f"{r.gpu_hours:.2f}",
             str(r.domains_done),
             per,
-            str(r.preemptions),
+            count(r.preemptions),
         ]
 
     for r in rows:
@@ -208,8 +224,88 @@ def render_table(rows: list[Row], *, by: str, title: str | None = None, total: R
         t.add_section()
         t.add_row(*cells(total), style="bold")
     if by == "domain":
-        t.caption = "a job's cost is split evenly across the domains it trained"
+        t.caption = SPLIT_NOTE
     return t
+
+
+def count(x: float) -> str:
+    """A count as the table shows it: 3, or a share of one such as 0.25 or 1.33 (by domain)."""
+    return f"{x:.2f}".rstrip("0").rstrip(".") if x != int(x) else str(int(x))
+
+
+def money_ticks(values: Sequence[float]) -> list[str]:
+    """Dollar labels for an axis's ticks, all with one number of decimals: the fewest that write each
+    tick exactly (none for whole dollars, else at least cents), so ticks never read alike:
+    $0 $5 $10, $0.00 $2.50 $5.00, $0.0000 $0.0005 $0.0010."""
+    xs = [float(v) for v in values]
+    if not xs:
+        return []
+    marks = sorted(set(xs))
+    step = min((b - a for a, b in zip(marks, marks[1:], strict=False)), default=abs(marks[0]) or 1.0)
+    places = next((p for p in range(13) if all(abs(round(x, p) - x) <= step * 1e-3 for x in xs)), 12)
+    places = max(places, 2) if places else 0
+
+    def label(x: float) -> str:
+        x = round(x, places) + 0.0  # + 0.0: no "-$0"
+        return f"{'-' if x < 0 else ''}${abs(x):,.{places}f}"
+
+    return [label(x) for x in xs]
+
+
+def chart(
+    rows: list[Row],
+    *,
+    by: str = "provider",
+    since: datetime | None = None,
+    until: datetime | None = None,
+    max_bars: int = 40,
+):
+    """The matplotlib Figure of `plot`: a horizontal bar chart of cost per key, each bar labelled with its
+    cost as the table gives it (budgets.usd), the money axis with `money_ticks`. A bare Figure: no
+    pyplot, no display, nothing to close.
+
+    Past `max_bars` keys the cheapest are summed into one 'others' bar (days are never merged)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import Formatter
+
+    class MoneyTicks(Formatter):
+        def __call__(self, x, pos=None):  # one value alone (not a tick): as the table writes it
+            return usd(x)
+
+        def format_ticks(self, values):
+            return money_ticks(values)
+
+    rows = _fill_days(rows) if by == "day" else sorted(rows, key=lambda r: -r.cost)
+    if by != "day" and len(rows) > max_bars:
+        rest = rows[max_bars - 1 :]
+        rows = [*rows[: max_bars - 1], Row(f"others ({len(rest)})", cost=sum(r.cost for r in rest))]
+    labels = [r.key for r in rows][::-1]  # barh draws bottom-up: first row on top
+    costs = [r.cost for r in rows][::-1]
+    total = sum(r.cost for r in rows)
+
+    fig = Figure(figsize=(9, max(2.8, 0.42 * len(rows) + 1.6)), dpi=110)
+    ax = fig.subplots()
+    bars = ax.barh(labels, costs, color="#3b75af", height=0.65)
+    top = max([*costs, 0.0])
+    ax.set_xlim(min([*costs, 0.0]) * 1.25, top * 1.22 if top > 0 else 1.0)
+    ax.bar_label(bars, labels=[usd(c) for c in costs], padding=4, fontsize=10)
+    ax.set_xlabel("cost (USD)", fontsize=11)
+    zone = since.tzinfo if since is not None and by == "day" else None
+    ax.set_ylabel(f"day ({zone})" if zone else by, fontsize=11)
+    ax.set_title(f"meetara cost by {by}, {period_label(since, until)} (total {usd(total)})", fontsize=12)
+    ax.xaxis.set_major_formatter(MoneyTicks())
+    ax.tick_params(axis="y", labelsize=10)
+    ax.margins(y=0.02)  # bars from top to bottom, no empty band
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if not rows:
+        ax.text(0.5, 0.5, "no spending in this period", ha="center", va="center", transform=ax.transAxes)
+    if by == "domain":
+        fig.text(0.01, 0.01, SPLIT_NOTE, fontsize=8, alpha=0.7)
+    fig.tight_layout()
+    return fig
 
 
 def plot(
@@ -221,50 +317,7 @@ def plot(
     until: datetime | None = None,
     max_bars: int = 40,
 ) -> Path:
-    """A PNG horizontal bar chart of cost per key, dollar values on the bars; returns the path.
-
-    Past `max_bars` keys the cheapest are summed into one 'others' bar (days are never merged)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never a display
-    import matplotlib.pyplot as plt
-
-    rows = _fill_days(rows) if by == "day" else sorted(rows, key=lambda r: -r.cost)
-    if by != "day" and len(rows) > max_bars:
-        rest = rows[max_bars - 1 :]
-        rows = [*rows[: max_bars - 1], Row(f"others ({len(rest)})", cost=sum(r.cost for r in rest))]
-    labels = [r.key for r in rows][::-1]  # barh draws bottom-up: first row on top
-    costs = [r.cost for r in rows][::-1]
-    total = sum(r.cost for r in rows)
-
-    fig, ax = plt.subplots(figsize=(9, max(2.8, 0.42 * len(rows) + 1.6)), dpi=110)
-    bars = ax.barh(labels, costs, color="#3b75af", height=0.65)
-    top = max([*costs, 0.0])
-    ax.set_xlim(min([*costs, 0.0]) * 1.25, top * 1.22 if top > 0 else 1.0)
-    # one number format per chart: cents, unless every bar is under a dollar
-    places = 2 if max([abs(c) for c in costs], default=0) >= 1 else 3
-    ax.bar_label(
-        bars, labels=[f"{'-' if c < 0 else ''}${abs(c):,.{places}f}" for c in costs], padding=4, fontsize=10
-    )
-    ax.set_xlabel("cost (USD)", fontsize=11)
-    zone = since.tzinfo if since is not None and by == "day" else None
-    ax.set_ylabel(f"day ({zone})" if zone else by, fontsize=11)
-    ax.set_title(f"meetara cost by {by}, {period_label(since, until)} (total {usd(total)})", fontsize=12)
-    ax.xaxis.set_major_formatter(lambda x, _: f"${x:,.2f}".rstrip("0").rstrip("."))
-    ax.tick_params(axis="y", labelsize=10)
-    ax.margins(y=0.02)  # bars from top to bottom, no empty band
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_axisbelow(True)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    if not rows:
-        ax.text(0.5, 0.5, "no spending in this period", ha="center", va="center", transform=ax.transAxes)
-    if by == "domain":
-        fig.text(
-            0.01, 0.01, "a job's cost is split evenly across the domains it trained", fontsize=8, alpha=0.7
-        )
-    fig.tight_layout()
+    """A PNG of `chart` (cost per key, dollar values on the bars) at `path`; returns the path."""
     path = Path(path)
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    chart(rows, by=by, since=since, until=until, max_bars=max_bars).savefig(path, format="png")
     return path

@@ -11,7 +11,7 @@ from __future__ import annotations
 from train.cli import fail, run_app
 
 # shared with `python -m train` (which must not import launcher)
-__all__ = ["EXIT_DECLINED", "console", "escape", "fail", "run_app", "say", "version"]
+__all__ = ["EXIT_DECLINED", "console", "escape", "fail", "print_whole", "run_app", "say", "version"]
 EXIT_DECLINED = 0  # the user answered "no" to a confirmation: nothing was done, and nothing failed
 
 
@@ -21,6 +21,18 @@ def console(stderr: bool = False):
 
     c = Console(stderr=stderr)
     return c if c.is_terminal else Console(stderr=stderr, width=160)
+
+
+def print_whole(renderable: object, *, stderr: bool = False) -> None:
+    """Print a table: on a terminal it fits the screen; piped or redirected there is no screen, so it
+    prints at its natural width (never cut or folded names that a script reads back)."""
+    from rich.console import Console
+
+    c = Console(stderr=stderr)
+    if not c.is_terminal:
+        unbounded = c.options.update_width(1_000_000)  # measure() is clamped to the options' width
+        c = Console(stderr=stderr, width=max(c.width, c.measure(renderable, options=unbounded).maximum))
+    c.print(renderable)
 
 
 def escape(text: object) -> str:

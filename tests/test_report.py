@@ -1,5 +1,7 @@
-"""Cost reports: totals and per-key sums agree with the ledger on random ledgers; JSON, CSV and the PNG
-chart carry the same numbers; `meetara report` / `meetara budget` fail in one line on bad input."""
+"""Cost reports: totals and per-key sums agree with the ledger on random ledgers (preemptions too, by
+domain); JSON, CSV and the PNG chart carry the same numbers, CSV under the `--by` dimension's name;
+money ticks tell small amounts apart; a piped table prints whole names; `meetara report` /
+`meetara budget` fail in one line on bad input."""
 
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from budgets import usd
 from budgets.caps import BudgetConfig
 from budgets.cli import budget_command, report_command
 from budgets.ledger import Ledger
-from budgets.report import BY, plot, report, to_csv, to_json
+from budgets.report import BY, chart, money_ticks, plot, report, to_csv, to_json
+from tests.conftest import run_cli
 
 T0 = datetime(2025, 5, 28, 18, 0, tzinfo=UTC)
 PROVIDERS, DOMAINS, RUNS = (
@@ -31,6 +35,7 @@ PROVIDERS, DOMAINS, RUNS = (
     ("r1", "r2", "r3"),
 )
 NO_CAPS = {"daily": None, "weekly": None, "monthly": None}
+CSV_VALUES = ["cost", "gpu_hours", "domains_done", "dollars_per_domain", "preemptions"]
 SCRATCH = "/dev/shm" if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
 
 job = st.fixed_dictionaries(
@@ -99,17 +104,19 @@ def expected(ledger: Ledger, by: str, since=None, until=None) -> tuple[dict, dic
     return cost, hours
 
 
-def preemptions(jobs: list[dict], by: str, since, until, zone) -> dict[str, int]:
-    """Preemptions per key, from what `build` recorded (its events are k minutes after their job)."""
-    out: dict[str, int] = defaultdict(int)
+def preemptions(jobs: list[dict], by: str, since, until, zone) -> dict[str, float]:
+    """Preemptions per key, from what `build` recorded (its events are k minutes after their job); by
+    domain, each is shared evenly by its job's domains."""
+    out: dict[str, float] = defaultdict(float)
     for j in jobs:
         for k, (kind, _) in enumerate(j["events"]):
             at = T0 + timedelta(hours=j["hour"], minutes=k)
             if kind != "preempted" or (since and at < since) or (until and at >= until):
                 continue
             if by == "domain":
-                for d in set(j["domains"]) or ["(no domain)"]:
-                    out[d] += 1
+                names = set(j["domains"]) or {"(no domain)"}
+                for d in names:
+                    out[d] += 1 / len(names)
             else:
                 out[
                     {"provider": j["provider"], "run": j["run"], "day": str(at.astimezone(zone).date())}[by]
@@ -161,25 +168,31 @@ def test_reports_add_up(jobs, zone, window):
                 for key in cost:
                     assert got[key].cost == pytest.approx(cost[key], abs=1e-9)
                     assert got[key].gpu_hours == pytest.approx(hours[key], abs=1e-9)
-                assert {k: r.preemptions for k, r in got.items() if r.preemptions} == preemptions(
-                    jobs, by, since, until, ledger.config.zone
+                assert {k: r.preemptions for k, r in got.items() if r.preemptions} == pytest.approx(
+                    preemptions(jobs, by, since, until, ledger.config.zone)
                 )
-                if by != "domain":  # by domain, a job's preemption counts for each of its domains
-                    assert sum(r.preemptions for r in rows) == preempted
+                # each preemption counted once, by domain as much as by provider, day or run
+                assert sum(r.preemptions for r in rows) == pytest.approx(preempted, abs=1e-9)
                 for r in rows:
                     if r.domains_done:
                         assert r.dollars_per_domain == pytest.approx(r.cost / r.domains_done)
                     else:
                         assert r.dollars_per_domain is None
                 doc = json.loads(to_json(rows, by=by, since=since, until=until))
+                text = to_csv(rows, by=by)
+                assert text.splitlines()[0].split(",") == [by, *CSV_VALUES]  # the key column named for by
                 from_csv = [
-                    {k: (None if v == "" else (v if k == "key" else float(v))) for k, v in row.items()}
-                    for row in csv.DictReader(io.StringIO(to_csv(rows)))
+                    {k: (None if v == "" else (v if k == by else float(v))) for k, v in row.items()}
+                    for row in csv.DictReader(io.StringIO(text))
                 ]
-                assert doc["rows"] == from_csv  # the same numbers, in the same order
-                assert [d["key"] for d in doc["rows"]] == [r.key for r in rows]
+                # the same numbers, in the same order; JSON names the key both ways
+                assert [{k: v for k, v in d.items() if k != "key"} for d in doc["rows"]] == from_csv
+                assert (
+                    [d["key"] for d in doc["rows"]] == [d[by] for d in doc["rows"]] == [r.key for r in rows]
+                )
             total = report(ledger, "total", since, until)
             assert sum(r.cost for r in total) == pytest.approx(spent, abs=1e-9)
+            assert sum(r.preemptions for r in total) == preempted
 
 
 def test_domains_done_and_preemptions_by_key(tmp_path):
@@ -203,7 +216,9 @@ def test_domains_done_and_preemptions_by_key(tmp_path):
         by_domain = {r.key: r for r in report(ledger, "domain")}
         assert by_domain["legal"].cost == pytest.approx(1.0 + 1.5)  # half of each job that trained it
         assert by_domain["health"].domains_done == 0  # its job was stopped
-        assert (by_domain["legal"].preemptions, by_domain["math"].preemptions) == (1, 1)
+        # the one preemption of r1/j1 (legal, math) is shared by its two domains: counted once in all
+        assert (by_domain["legal"].preemptions, by_domain["math"].preemptions) == (0.5, 0.5)
+        assert sum(r.preemptions for r in by_domain.values()) == 1 == report(ledger, "total")[0].preemptions
         assert [r.key for r in report(ledger, "day")] == ["2025-05-28"]
         assert [r.key for r in report(ledger, "run")] == ["r1", "r2"]  # by cost, highest first
         with pytest.raises(ValueError, match="by must be one of"):
@@ -230,6 +245,100 @@ def test_plot_writes_a_readable_png(tmp_path):
     many = [type(rows[0])(f"domain-{i:02d}", cost=i / 3) for i in range(70)]
     image = matplotlib.image.imread(plot(many, tmp_path / "many.png", by="domain"))
     assert abs(image.shape[0] - (0.42 * 40 + 1.6) * 110) <= 1  # 40 bars: the cheapest merged into one
+
+
+@pytest.mark.parametrize(
+    ("ticks", "labels"),
+    [
+        ([0, 0.0005, 0.001, 0.0015], ["$0.0000", "$0.0005", "$0.0010", "$0.0015"]),
+        ([0, 5, 10, 15], ["$0", "$5", "$10", "$15"]),
+        ([0, 2.5, 5], ["$0.00", "$2.50", "$5.00"]),
+        ([0.1, 0.2, 0.30000000000000004], ["$0.10", "$0.20", "$0.30"]),  # float noise of the locator
+        ([-0.5, -1e-17, 0.5], ["-$0.50", "$0.00", "$0.50"]),  # no "-$0.00"
+        ([0, 1000, 2000], ["$0", "$1,000", "$2,000"]),
+        ([0, 2e-6, 4e-6], ["$0.000000", "$0.000002", "$0.000004"]),
+        ([], []),
+    ],
+)
+def test_money_ticks_carry_the_decimals_their_spacing_needs(ticks, labels):
+    assert money_ticks(ticks) == labels
+
+
+def test_chart_of_small_costs_has_distinct_money_ticks(tmp_path):
+    with Ledger(tmp_path / "l.sqlite", config=BudgetConfig(**NO_CAPS)) as ledger:
+        for i, (domains, cost) in enumerate(
+            [(["legal", "finance", "health", "math"], 0.013), (["legal"], 0.0021), (["art"], 0.0004)]
+        ):
+            rid = ledger.reserve(
+                "r",
+                f"j{i}",
+                1,
+                provider="local",
+                domains=domains,
+                gpu="cpu",
+                rate_per_hour=1,
+                rate_source="live",
+            )
+            ledger.accrue(rid, cost, seconds=60, now=T0)
+        rows = report(ledger, "domain")
+    assert max(r.cost for r in rows) < 0.01  # every bar under a cent: the case that read "$0 $0 $0 $0.01"
+    fig = chart(rows, by="domain")
+    fig.draw_without_rendering()  # lays the ticks out as savefig would
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    locs = list(ax.get_xticks())
+    assert len(labels) == len(locs) >= 3 and len(set(labels)) == len(labels), labels
+    for label, loc in zip(labels, locs, strict=True):  # each tick reads as its own value
+        assert float(label.replace("$", "").replace(",", "")) == pytest.approx(loc, abs=1e-12), labels
+    # and each bar is labelled with its cost as the table shows it
+    assert sorted(t.get_text() for t in ax.texts) == sorted(usd(r.cost) for r in rows)
+    assert {"$0.00535", "$0.00325", "$0.0004"} <= {t.get_text() for t in ax.texts}
+
+
+def test_report_by_domain_piped_prints_whole_names_and_counts_each_preemption_once(tmp_path):
+    from train.domains import load_registry
+
+    names = sorted(load_registry().names, key=len, reverse=True)[:4]  # the registry's longest names
+    assert len(names[0]) >= 20
+    ledger_path = tmp_path / "ledger.sqlite"
+    with Ledger(ledger_path, config=BudgetConfig(**NO_CAPS)) as ledger:
+        job = {"gpu": "A100", "rate_per_hour": 1.2, "rate_source": "live"}
+        a = ledger.reserve("r1", "j1", 5, provider="vast", domains=names, now=T0, **job)
+        b = ledger.reserve("r2", "j1", 5, provider="runpod", domains=names[:1], now=T0, **job)
+        for rid in (a, b):
+            ledger.start(rid, T0)
+            ledger.accrue_until(rid, T0 + timedelta(hours=1))
+        for k in range(3):  # the run of 4 domains is preempted 3 times (one event names its reservation)
+            at = T0 + timedelta(minutes=10 + k)
+            ledger.record_event("r1", "preempted", job="j1", reservation_id=a if k == 0 else None, now=at)
+        ledger.record_event("r2", "preempted", job="j1", now=T0 + timedelta(minutes=20))
+    config = tmp_path / "meetara.yaml"
+    config.write_text(f"budgets:\n  daily: none\n  ledger_url: {ledger_path}\n")
+
+    def meetara(*args: str):
+        # piped, as `meetara report | less` or a script sees it; COLUMNS=80: rich's width off a terminal
+        out = run_cli("report", *args, "--config", str(config), module="launcher", env={"COLUMNS": "80"})
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    table = meetara("--by", "domain")
+    cells = [
+        [c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines() if line.startswith("│")
+    ]
+    assert "…" not in table, table
+    assert [c[0] for c in cells] == [names[0], *sorted(names[1:]), "total"], table  # by cost, then name
+    shown = {c[0]: c[5] for c in cells}
+    assert shown == {names[0]: "1.75", **{n: "0.75" for n in names[1:]}, "total": "4"}, table
+
+    header, *rows = csv.reader(io.StringIO(meetara("--by", "domain", "--csv", "-")))
+    assert header == ["domain", *CSV_VALUES]
+    by_domain = {row[0]: float(row[-1]) for row in rows}
+    assert by_domain == {names[0]: 1.75, **{n: 0.75 for n in names[1:]}}
+    for by in ("provider", "run"):  # the same 4 preemptions, however the report is cut
+        header, *rows = csv.reader(io.StringIO(meetara("--by", by, "--csv", "-")))
+        assert header[0] == by and sum(float(row[-1]) for row in rows) == sum(by_domain.values()) == 4
+    doc = json.loads(meetara("--by", "domain", "--json"))
+    assert sum(d["preemptions"] for d in doc["rows"]) == doc["total"]["preemptions"] == 4
 
 
 # -- the commands ------------------------------------------------------------------------------------------
@@ -328,7 +437,9 @@ def test_commands_print_tables_json_csv_and_a_chart(tmp_path, config):
     assert out.exit_code == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["rows"][0]["key"] == "legal" and doc["rows"][0]["cost"] == 0.5 and doc["total"]["cost"] == 0.5
+    assert doc["rows"][0]["domain"] == "legal"
     assert png.read_bytes()[:4] == b"\x89PNG" and "legal,0.5," in table.read_text()
+    assert table.read_text().startswith("domain,cost,gpu_hours,")
     out = r.invoke(app(), ["report", "--by", "run", "--config", str(config)])
     assert out.exit_code == 0 and "r1" in out.stdout and "$0.50" in out.stdout
 
