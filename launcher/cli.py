@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from budgets import usd
-from launcher.console import EXIT_DECLINED, escape, fail, say
+from launcher.console import EXIT_DECLINED, escape, fail, print_whole, say
 from train.cli import train_command
 
 HELP_OPTIONS = ["-h", "--help"]
@@ -60,7 +60,7 @@ def domains_command(category: str = typer.Option(None, help="only this category"
     for d in reg.domains:
         if not category or d.category == category:
             _row(table, d.name, d.category, d.description)
-    _console().print(table)
+    print_whole(table)
 
 
 def _row(table, *cells, **kwargs) -> None:
@@ -99,7 +99,7 @@ def offers_command(
 
     from launcher.offers import gather_offers
     from launcher.preferences import Preferences, load_preferences
-    from launcher.select import rank
+    from launcher.select import emptied_providers, rank
     from train import BadInput
 
     try:
@@ -110,9 +110,19 @@ def offers_command(
     if spot is not None:
         prefs = prefs.model_copy(update={"spot_policy": "spot" if spot else "on-demand"})
     offers = [o for o in table.offers if not gpu or o.gpu.lower().startswith(gpu.lower())]
-    choices = rank(offers, prefs)[:limit]
-    for name, why in {**table.skipped, **table.errors}.items():
-        Console(stderr=True).print(f"[yellow]{escape(name)}:[/] {escape(why)}", highlight=False)
+    ranked = rank(offers, prefs)
+    choices = ranked[:limit]
+    notes = {**table.skipped, **table.errors, **emptied_providers(table.offers, prefs)}
+    for name, why in notes.items():
+        Console(stderr=True).print(
+            f"[yellow]{escape(name)}:[/] {escape(why)}", highlight=False, soft_wrap=True
+        )
+    if live and not table.offers:
+        raise fail(
+            f"no live offers: {', '.join(sorted({**table.skipped, **table.errors}))} gave none (above); "
+            "`meetara offers` without --live shows the bundled snapshot",
+            1 if table.errors else 2,
+        )
     if as_json:
         rows = [
             c.offer.model_dump(mode="json")
@@ -122,7 +132,14 @@ def offers_command(
         typer.echo(json.dumps(rows, indent=1))
         return
     when = f"snapshot of {table.snapshot_date}" if table.source == "snapshot" else "live"
-    out = Table(title=f"{len(choices)} offers ({when})")
+    shown = f"{len(choices)} of {len(ranked)}" if len(ranked) > len(choices) else f"{len(ranked)}"
+    out = Table(title=f"{shown} offer{'' if len(ranked) == 1 else 's'} ({when})")
+    hidden = sorted({c.offer.provider for c in ranked} - {c.offer.provider for c in choices})
+    if len(ranked) > len(choices):
+        out.caption = escape(
+            f"cheapest first; --limit {len(ranked)} shows all"
+            + (f", -p {hidden[0]} one provider (not shown: {', '.join(hidden)})" if hidden else "")
+        )
     for header in ("provider", "GPU", "n", "GB", "region", "market", "$/h", "$/GPU-h", "exp. $/h"):
         numeric = "$" in header or header in ("n", "GB")
         out.add_column(
@@ -145,7 +162,7 @@ def offers_command(
             usd(c.price_hour / o.gpu_count, symbol=False),
             usd(c.expected_hour, symbol=False),
         )
-    _console().print(out)
+    print_whole(out)
 
 
 def _register_budget_commands() -> None:
@@ -284,6 +301,12 @@ def providers_set(
     except BadInput as e:
         raise fail(str(e)) from None
     typer.echo(f"saved {saved}")
+    from launcher.offers import gather_offers
+    from launcher.select import emptied_providers
+
+    table = gather_offers()  # the bundled snapshot: no network
+    for name, why in emptied_providers(table.offers, prefs).items():
+        say(f"warning: {name}: {why} (snapshot of {table.snapshot_date}; see meetara offers --all)")
 
 
 # ---- plan / launch / status / pull / doctor ------------------------------------------------------
@@ -409,12 +432,14 @@ def plan_command(
     if as_json:
         typer.echo(plan.model_dump_json(indent=1))
         return
+    for name, why in plan.excluded.items():
+        say(f"warning: {name}: {why}")
     if plan.done:
         say(f"{len(plan.done)} of {len(names)} domains already done in {plan.store}: skipped")
     if not plan.jobs:
         say(f"nothing to plan: run {run_id} has every domain asked for; `meetara pull` fetches them")
         return
-    _console().print(_plan_table(plan))
+    print_whole(_plan_table(plan))
 
 
 @app.command("launch")
@@ -538,6 +563,8 @@ def _launch(
                     highlight=False,
                 )
             if prep.plan is not None:
+                for name, why in prep.plan.excluded.items():
+                    say(f"warning: {name}: {why}")
                 out.print(_plan_table(prep.plan))
                 if budget is None:
                     raise BadInput("pass --budget to launch the unfinished domains (see the table)")
@@ -601,11 +628,11 @@ def recover_command(
                 else "nothing to recover: no run was launched from this machine"
             )
         else:
-            _console(stderr=True).print(t)
+            print_whole(t, stderr=True)
         return
     rec, todo = rows[0]
     if todo:
-        _console(stderr=True).print(t)
+        print_whole(t, stderr=True)
     else:
         say(f"run {run_id}: every domain is done; settling and pulling")
     # under the run's lease: adopt running jobs, settle what a dead launcher left, relaunch the rest
@@ -715,7 +742,7 @@ def _pull_and_report(store, run_id: str, domains: list[str], models_dir: Path, r
         spent = sum(j.run_seconds / 3600 * j.offer.price_hour for j in rec.jobs.values())
         cost = f"; {hours:.2f} machine-hours, {usd(spent)} at the offers' rates"
     t.caption = escape(f"{ok}/{len(results)} domains validated and here{cost}")
-    _console().print(t)
+    print_whole(t)
     bad = [r for r in results if r.status == "error"]
     if bad:
         raise fail(f"{len(bad)} download(s) refused: {bad[0].detail}", 1)
@@ -791,7 +818,7 @@ def status_command(
             f"{r['lost_seconds']:.1f}",
             f"{r['machine_seconds']:.0f}",
         )
-    _console().print(t)
+    print_whole(t)
 
 
 @app.command("doctor")
@@ -837,7 +864,7 @@ def doctor_command(config: Path = typer.Option(None, help="preferences file")) -
     t = Table("check", "ok", "detail", title="meetara doctor")
     for name, ok, detail in rows:
         _row(t, name, Text("yes", style="green") if ok else Text("no", style="red"), detail)
-    _console().print(t)
+    print_whole(t)
 
 
 @app.command("cancel")

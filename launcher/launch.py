@@ -95,11 +95,13 @@ def make_plan(
     if backend == "local":
         return plan_local(domains, prefs, work, run_id)
     from launcher.offers import gather_offers
-    from launcher.plan import NoOffer
+    from launcher.plan import NoOffer, needs_for
+    from launcher.select import emptied_providers
 
     try:
         table = gather_offers(live=live, providers=providers)
-        return plan_cloud(
+        excluded = emptied_providers(table.offers, prefs, needs_for(work))
+        plan = plan_cloud(
             domains,
             table.offers,
             prefs,
@@ -108,8 +110,12 @@ def make_plan(
             offers_source=table.source,
             snapshot_date=str(table.snapshot_date) if table.snapshot_date else None,
         )
-    except (NoOffer, ValueError) as e:
+    except NoOffer as e:
+        why = "".join(f"; {p}: {w}" for p, w in excluded.items())
+        raise BadInput(f"{e}{why}") from None
+    except ValueError as e:
         raise BadInput(str(e)) from None
+    return plan.model_copy(update={"excluded": excluded})
 
 
 def plan_unfinished(

@@ -109,6 +109,8 @@ class Plan(BaseModel):
     # asked for but already done in the run's store: not planned, not paid for again (`meetara plan`)
     done: list[str] = []
     store: str | None = None  # the store that was checked for done domains
+    # providers with offers the preferences exclude every one of, and why (`emptied_providers`)
+    excluded: dict[str, str] = {}
 
     def job(self, name: str) -> JobPlan:
         return next(j for j in self.jobs if j.name == name)

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from budgets import usd
+from launcher import regions
 from launcher.offers import Offer
 from launcher.preferences import Preferences
 
@@ -48,8 +49,8 @@ def why_excluded(offer: Offer, prefs: Preferences, needs: Needs) -> str | None:
     gpu = offer.gpu.lower()
     if not pp.enabled:
         return f"provider {offer.provider} is disabled"
-    if pp.regions and offer.region not in pp.regions:
-        return f"region {offer.region} not allowed for {offer.provider}"
+    if not regions.allowed(pp.regions, offer.provider, offer.region):
+        return f"region {offer.region} not in {offer.provider}'s regions ({','.join(pp.regions)})"
     if prefs.allowed_gpus and gpu not in {g.lower() for g in prefs.allowed_gpus}:
         return f"GPU {offer.gpu} not in allowed GPUs"
     if gpu in {g.lower() for g in prefs.blocked_gpus}:
@@ -79,3 +80,44 @@ def rank(offers: Iterable[Offer], prefs: Preferences, needs: Needs | None = None
     # ties break on stable fields so that the same input always gives the same plan
     out.sort(key=lambda c: (c.score, c.offer.provider, c.offer.instance_type, c.offer.region, c.spot))
     return out
+
+
+def emptied_providers(
+    offers: Iterable[Offer], prefs: Preferences, needs: Needs | None = None
+) -> dict[str, str]:
+    """Enabled providers with offers of which the preferences (and `needs`) allow none, each with why
+    in one line: a preference that silently drops a whole provider changes every plan."""
+    needs = needs or Needs()
+    by_provider: dict[str, list[Offer]] = {}
+    for o in offers:
+        by_provider.setdefault(o.provider, []).append(o)
+    out = {}
+    for provider, group in sorted(by_provider.items()):
+        pp = prefs.provider(provider)
+        if not pp.enabled or rank(group, prefs, needs):
+            continue
+        kinds: dict[str, int] = {}
+        for o in group:
+            kind = _exclusion(o, prefs, needs)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        why = "; ".join(sorted(kinds, key=lambda k: -kinds[k]))
+        out[provider] = f"your preferences exclude all {len(group)} of its offers ({why})"
+    return out
+
+
+def _exclusion(offer: Offer, prefs: Preferences, needs: Needs) -> str:
+    """What keeps `offer` out, said of the preference (not of the offer), for `emptied_providers`."""
+    pp = prefs.provider(offer.provider)
+    if not regions.allowed(pp.regions, offer.provider, offer.region):
+        return f"no region matches --regions {','.join(pp.regions)}"
+    reason = why_excluded(offer, prefs, needs)
+    if reason is None:
+        caps = [c for c in (pp.max_price_per_gpu_hour, prefs.max_price_per_gpu_hour) if c is not None]
+        return f"over the max {usd(min(caps))}/GPU-h" if caps else "no price for the spot policy"
+    if "allowed GPUs" in reason:
+        return f"no GPU in the allowed GPUs ({','.join(prefs.allowed_gpus)})"
+    if "blocked" in reason:
+        return "its GPUs are blocked"
+    if "GPU memory" in reason:
+        return f"less than {max(needs.gpu_mem_gb, prefs.min_gpu_mem_gb):g} GB of GPU memory"
+    return reason

@@ -525,3 +525,125 @@ def test_pull_finds_a_run_trained_elsewhere_in_the_store(tmp_path):
     r = meetara("pull", "--run-id", "colab", "-d", "nutrition", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "models" / "nutrition" / "manifest.json").is_file()
+
+
+# -- preferences that empty a provider, tables that hide ---------------------------------------------------
+
+
+def _snapshot_regions() -> dict[str, set[str]]:
+    from launcher.offers import load_snapshot
+
+    out: dict[str, set[str]] = {}
+    for o in load_snapshot():
+        out.setdefault(o.provider, set()).add(o.region)
+    return out
+
+
+@pytest.mark.parametrize(
+    "wanted, kept",
+    [
+        # a country code: every region in that country, however the provider writes it
+        ("US", lambda p, r: r.lower().startswith("us-")),
+        ("de", lambda p, r: r in ("europe-central-1", "DE-Germany")),
+        ("SE", lambda p, r: r in ("EU-SE-1", "SE-Sweden")),
+        ("JP", lambda p, r: r in ("asia-northeast-1", "JP-Tokyo")),
+        ("CA", lambda p, r: r in ("CA-MTL-1", "CA-Ontario", "CA-Quebec")),
+        # a prefix of a provider's own names, at a '-' boundary
+        ("us-east", lambda p, r: r in ("us-east-1", "us-east-3")),
+        ("EU", lambda p, r: r.startswith("EU-")),
+        # a region exactly, in any case
+        ("us-west-2", lambda p, r: r == "us-west-2"),
+        ("us-texas", lambda p, r: r == "US-Texas"),
+        ("U", lambda p, r: False),
+    ],
+)
+def test_a_region_preference_matches_as_users_write_it(wanted, kept):
+    from launcher.regions import matches
+
+    for provider, regions in _snapshot_regions().items():
+        for region in regions:
+            assert matches(wanted, provider, region) == kept(provider, region), (wanted, provider, region)
+
+
+def test_readme_region_example_keeps_vast_offers_in_those_countries(tmp_path):
+    """`providers set vast --weight 1.2 --regions US,CA` (the README's example) keeps the US and Canadian
+    Vast offers; it once dropped every one of them and the plan cost 5x, silently."""
+    from launcher.offers import load_snapshot
+
+    env = {"MEETARA_CONFIG": str(tmp_path / "prefs.yaml")}
+    r = meetara("providers", "set", "vast", "--weight", "1.2", "--regions", "US,CA", tmp_path=tmp_path, **env)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    shown = json.loads(
+        meetara("offers", "-p", "vast", "--json", "--limit", "500", tmp_path=tmp_path, **env).stdout
+    )
+    expected = {
+        (o.instance_type, o.region)
+        for o in load_snapshot()
+        if o.provider == "vast" and o.region[:3] in ("US-", "CA-")
+    }
+    assert expected and {(o["instance_type"], o["region"]) for o in shown} == expected
+    # the countries plan exactly as their regions listed one by one would
+    listed = {"MEETARA_CONFIG": str(tmp_path / "listed.yaml")}
+    regions = ",".join(sorted({region for _, region in expected}))
+    meetara("providers", "set", "vast", "--weight", "1.2", "--regions", regions, tmp_path=tmp_path, **listed)
+    plans = [
+        json.loads(
+            meetara("plan", "-d", "all", "--backend", "skypilot", "--json", tmp_path=tmp_path, **e).stdout
+        )
+        for e in (env, listed)
+    ]
+    assert plans[0]["excluded"] == {} and plans[0]["jobs"] == plans[1]["jobs"]
+    assert any(j["offer"]["provider"] == "vast" for j in plans[0]["jobs"])
+
+
+def test_a_preference_that_excludes_all_of_a_provider_is_reported_everywhere(tmp_path):
+    env = {"MEETARA_CONFIG": str(tmp_path / "prefs.yaml")}
+    why = "vast: your preferences exclude all 22 of its offers (no region matches --regions us-east)"
+    r = meetara("providers", "set", "vast", "--regions", "us-east", tmp_path=tmp_path, **env)
+    assert r.returncode == 0 and f"warning: {why}" in r.stderr, r.stderr
+    offers = meetara("offers", "-p", "vast", tmp_path=tmp_path, **env)
+    assert offers.returncode == 0 and why in offers.stderr, offers.stderr
+    assert "0 offers" in offers.stdout
+    plan = meetara("plan", "-d", "nutrition", "--backend", "skypilot", tmp_path=tmp_path, **env)
+    assert plan.returncode == 0 and f"warning: {why}" in plan.stderr, plan.stderr
+    as_json = meetara("plan", "-d", "nutrition", "--backend", "skypilot", "--json", tmp_path=tmp_path, **env)
+    assert json.loads(as_json.stdout)["excluded"] == {"vast": why.split(": ", 1)[1]}
+    # the same provider with --all (preferences ignored) is whole again, with no warning
+    everything = meetara("offers", "-p", "vast", "--all", "--limit", "500", tmp_path=tmp_path, **env)
+    assert "warning" not in everything.stderr and "exclude" not in everything.stderr
+    assert "44 offers" in everything.stdout  # 22 machines x spot and on-demand
+
+
+def test_offers_title_says_how_many_are_hidden_and_how_to_see_them(tmp_path):
+    from launcher.offers import load_snapshot
+    from launcher.preferences import Preferences
+    from launcher.select import rank
+
+    total = len(rank(load_snapshot(), Preferences()))
+    r = meetara("offers", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"25 of {total} offers" in r.stdout and f"--limit {total} shows all" in r.stdout
+    shown = {line.split("│")[1].strip() for line in r.stdout.splitlines() if line.startswith("│")}
+    hidden = sorted({"lambda", "runpod", "vast"} - shown)
+    assert hidden and f"(not shown: {', '.join(hidden)})" in r.stdout
+    everything = meetara("offers", "--limit", str(total), tmp_path=tmp_path)
+    assert f" {total} offers (snapshot" in everything.stdout and "shows all" not in everything.stdout
+
+
+def test_offers_live_with_no_provider_answering_says_each_error_once_and_fails(tmp_path):
+    from conftest import closed_port
+
+    dead = f"http://127.0.0.1:{closed_port()}"
+    env = {
+        "MEETARA_CACHE": str(tmp_path / "cache"),
+        "MEETARA_HTTP_RETRIES": "0",
+        **{f"MEETARA_{p}_API_URL": dead for p in ("LAMBDA", "RUNPOD", "VAST")},
+        **{f"{p}_API_KEY": "k-test" for p in ("LAMBDA", "RUNPOD", "VAST")},
+    }
+    r = meetara("offers", "--live", tmp_path=tmp_path, **env)
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    lines = r.stderr.strip().splitlines()
+    for provider in ("lambda", "runpod", "vast"):
+        assert sum(line.startswith(f"{provider}:") for line in lines) == 1, r.stderr
+    assert lines[-1].startswith("error: no live offers: lambda, runpod, vast gave none")
+    assert "k-test" not in r.stderr and "Traceback" not in r.stderr

@@ -87,7 +87,7 @@ def fetch_all(providers: list[str], refresh: bool = False) -> OfferTable:
             log.info("%s: skipped (%s)", provider, outcome.skipped)
             table.skipped[provider] = outcome.skipped
         elif outcome.fetched is None:
-            log.warning("%s: no offers (%s)", provider, outcome.error)
+            log.info("%s: no offers (%s)", provider, outcome.error)  # in table.errors: callers show it
             table.errors[provider] = str(outcome.error)
         else:
             log.info("%s: %d offers (%s)", provider, len(outcome.fetched.offers), outcome.provenance)
