@@ -2,8 +2,9 @@
 
 Exit codes: 0 done, 1 a domain failed validation, 2 bad input (unknown domain, malformed JSONL, bad
 store URL, unreachable store, a checkpoint trained with other parameters: `--restart-if-changed`),
-75 interrupted by SIGTERM/SIGINT after a checkpoint (rerun resumes), 77 stopped at MEETARA_STOP_AT
-(the job's budget reservation runs out then; rerun resumes).
+75 interrupted by SIGTERM/SIGINT (rerun resumes: during training after a checkpoint; during export or
+validation before anything of the domain is recorded, failed.json included), 77 stopped at
+MEETARA_STOP_AT (the job's budget reservation runs out then; rerun resumes).
 
 The in-job budget guard: the launcher gives each cloud job the time its reservation pays for
 (`MEETARA_STOP_AT`, Unix seconds). Training checkpoints and stops by itself when that time comes, so a

@@ -2,6 +2,13 @@
 
 A malformed GGUF (e.g. a wrong-shaped LoRA tensor) segfaults llama.cpp instead of raising, so the
 parent only ever talks to it through `python -m train.llama_check`, which prints one JSON object.
+
+A child that dies because the job is being stopped (Ctrl-C reaches the whole process group; SIGTERM
+from a spot VM's shutdown, systemd or `kill`) says nothing about the file: that is
+`LlamaCheckInterrupted`, never a failed check (`LlamaCheckError`).
+
+Test hook: with MEETARA_TEST_HOLD_LLAMA_CHECK=<file> the child writes its pid to <file> (atomically)
+and waits 60 s before it loads anything, so a test can signal a job exactly while it validates.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +31,18 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 class LlamaCheckError(RuntimeError):
     """llama.cpp crashed, failed or timed out on a GGUF file."""
+
+
+class LlamaCheckInterrupted(Exception):
+    """The check was stopped from outside (the job was asked to stop, or the child was sent a stop
+    signal): no verdict on the file. Deliberately not a `LlamaCheckError`."""
+
+
+# Signals that ask a process to stop: a child that dies of one was interrupted, not failed by its file
+# (a malformed GGUF kills it with SIGSEGV, SIGABRT, SIGBUS, SIGFPE or SIGILL).
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+HOLD_ENV = "MEETARA_TEST_HOLD_LLAMA_CHECK"
+POLL_S = 0.1  # how often a check that can be stopped looks at its `stop`
 
 
 _STAGE = "llama_check stage: "
@@ -128,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text", help="also report llama.cpp's tokenization of this text")
     args = p.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    if hold := os.environ.get(HOLD_ENV):  # test hook (module docstring): "validating now"; wait
+        Path(f"{hold}.tmp").write_text(str(os.getpid()))
+        os.replace(f"{hold}.tmp", hold)
+        time.sleep(60)
 
     # Anything native code or Python prints while llama.cpp runs must not corrupt the JSON on stdout:
     # point fd 1 (and sys.stdout) at stderr and keep a private copy of the real stdout.
@@ -153,6 +178,13 @@ def _describe_failure(stderr: str) -> str:
     return f"{where}: {lines[-1]}"
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def run_llama_check(
     model: Path,
     token_ids: list[int],
@@ -162,11 +194,15 @@ def run_llama_check(
     text: str | None = None,
     timeout: float = 120,
     threads: int | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` (+ `lora`) with llama.cpp in a subprocess; `logits` comes back as a numpy array.
 
-    Raises LlamaCheckError if the child is killed by a signal (e.g. SIGSEGV on a bad adapter),
-    exits non-zero, times out or prints something that is not the expected JSON.
+    Raises LlamaCheckError if the child crashes (e.g. SIGSEGV on a bad adapter), exits non-zero, times
+    out or prints something that is not the expected JSON. Raises LlamaCheckInterrupted, not
+    LlamaCheckError, when `stop()` turns true while the child runs (the child is killed at once) or
+    the child fails once it is, or when the child dies of a stop signal (`STOP_SIGNALS`). The child
+    never outlives this call.
     """
     cmd = [
         sys.executable, "-m", "train.llama_check",
@@ -184,24 +220,35 @@ def run_llama_check(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
     target = f"{model}" + (f" with LoRA {lora}" if lora is not None else "")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + timeout
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as exc:
-        raise LlamaCheckError(f"llama.cpp check of {target} timed out after {timeout:g}s") from exc
-    if proc.returncode != 0:
-        rc = proc.returncode
-        if rc < 0:
+        while True:
+            left = max(deadline - time.monotonic(), 0)
             try:
-                how = f"killed by {signal.Signals(-rc).name}"
-            except ValueError:
-                how = f"killed by signal {-rc}"
-        else:
-            how = f"exit code {rc}"
-        raise LlamaCheckError(f"llama.cpp check of {target} failed ({how}){_describe_failure(proc.stderr)}")
+                stdout, stderr = proc.communicate(timeout=min(left, POLL_S) if stop is not None else left)
+                break
+            except subprocess.TimeoutExpired:  # retrying communicate() loses no output
+                if stop is not None and stop():
+                    raise LlamaCheckInterrupted(f"llama.cpp check of {target} stopped") from None
+                if time.monotonic() >= deadline:
+                    raise LlamaCheckError(
+                        f"llama.cpp check of {target} timed out after {timeout:g}s"
+                    ) from None
+    finally:
+        if proc.poll() is None:  # timed out, stopped, or this process was interrupted: no orphan
+            proc.kill()
+            proc.communicate()
+    rc = proc.returncode
+    if rc != 0:
+        how = f"killed by {_signal_name(-rc)}" if rc < 0 else f"exit code {rc}"
+        if (stop is not None and stop()) or -rc in STOP_SIGNALS:
+            raise LlamaCheckInterrupted(f"llama.cpp check of {target} interrupted ({how})")
+        raise LlamaCheckError(f"llama.cpp check of {target} failed ({how}){_describe_failure(stderr)}")
     try:
-        result = json.loads(proc.stdout)
+        result = json.loads(stdout)
     except json.JSONDecodeError as exc:
-        raise LlamaCheckError(f"llama.cpp check of {target} printed no JSON: {proc.stdout[:200]!r}") from exc
+        raise LlamaCheckError(f"llama.cpp check of {target} printed no JSON: {stdout[:200]!r}") from exc
     result["logits"] = np.asarray(result["logits"], dtype=np.float32)
     return result
 

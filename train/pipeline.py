@@ -14,6 +14,12 @@ tiny model): a domain that starts training (no checkpoint yet) takes the final L
 most similar domain already done in this run (train/similarity.py) instead of a fresh LoRA. The
 manifest says which (`warm_start`); the weights are under `warm_start_weights`, not `files`, so pulls
 fetch only the GGUF files.
+
+Interruptions: SIGTERM/SIGINT during training checkpoints and raises `lora.Interrupted`. One that comes
+after training (export, validation: a Ctrl-C reaches llama.cpp's validation child too and kills it)
+raises `Interrupted` as well, before anything of the domain is published: no GGUF, no manifest, no
+failed.json (a killed check says nothing about the file). Its checkpoints stay; a rerun resumes from
+them, exports and validates again.
 """
 
 from __future__ import annotations
@@ -311,6 +317,15 @@ def warm_start(
     return record
 
 
+def _stop_if_asked(stop: StopFlag | None, what: str) -> None:
+    """Raise `Interrupted` if SIGTERM/SIGINT came (`stop`): an export or validation cut short has no
+    verdict, so the domain is neither published nor recorded as failed; a rerun resumes it."""
+    if stop is not None and stop.signum is not None:
+        raise Interrupted(
+            f"stopped by signal {stop.signum} {what}; nothing recorded for it, rerun resumes it"
+        )
+
+
 def train_domain(
     d: Domain,
     data: tuple,
@@ -328,6 +343,7 @@ def train_domain(
     from safetensors.torch import save_file
 
     from train.gguf_export import quantize, write_adapter_gguf, write_model_gguf
+    from train.llama_check import LlamaCheckInterrupted
     from train.model import encode
     from train.validate import validate_domain
 
@@ -367,6 +383,8 @@ def train_domain(
             raise BadInput(changed_message([(d.name, e.step, e.changes)])) from None
         if stop is not None:
             stop.training = False
+        # a signal during the last step (which saves no checkpoint): stop now, as during any other step
+        _stop_if_asked(stop, f"after training {d.name}, before its export")
         loss_after = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
         timings["train"] = time.perf_counter() - t
 
@@ -389,9 +407,19 @@ def train_domain(
             files["merged_q4_k_m"] = quantize(f16, out / "model-Q4_K_M.gguf", "Q4_K_M")
             f16.unlink()
         timings["export"] = time.perf_counter() - t
+        _stop_if_asked(stop, f"while exporting {d.name}")
 
         t = time.perf_counter()
-        validation = validate_domain(ref, base, files, base_file, held_s[0].prompt, spec)
+        stopped = None if stop is None else (lambda: stop.signum is not None)
+        try:
+            validation = validate_domain(ref, base, files, base_file, held_s[0].prompt, spec, stop=stopped)
+        except LlamaCheckInterrupted as e:  # the job was stopped, or llama.cpp's child got a stop signal
+            _stop_if_asked(stop, f"while validating {d.name}")
+            raise Interrupted(
+                f"validating {d.name}: {e}; nothing recorded for it, rerun resumes it"
+            ) from None
+        # whatever the checks said, one that ran while the job was being stopped may have been cut short
+        _stop_if_asked(stop, f"while validating {d.name}")
         timings["validate"] = time.perf_counter() - t
     finally:
         base.model = model.unload()  # peft injected layers into the shared base: take them out again

@@ -11,6 +11,9 @@
 The probe is a held-out prompt as training reads it (`model.text_ids`: a literal `<|endoftext|>` is
 the turn separator, the eos id, on both sides), cut to the model's positions less the generated
 tokens (`model.fit_positions`), so both models evaluate exactly the same ids however long the prompt.
+
+A check stopped from outside (`stop`, or a llama.cpp child killed by a stop signal) is no verdict:
+`LlamaCheckInterrupted` propagates out of `validate_domain` instead of failing the file.
 """
 
 from __future__ import annotations
@@ -58,11 +61,12 @@ def _llama(
     text: str | None = None,
     want_ids: list[int] | None = None,
     tie: float = 0.0,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """llama.cpp on `ids` compared with `ref`; with `text`, whether llama.cpp tokenizes it into
     `want_ids` (the whole text's ids: `ids` may be cut to the model's positions; default `ids`)."""
     try:
-        out = run_llama_check(model, ids, lora=lora, generate=GENERATE, text=text)
+        out = run_llama_check(model, ids, lora=lora, generate=GENERATE, text=text, stop=stop)
     except LlamaCheckError as e:
         return {"loaded": False, "error": str(e)}
     res = {"loaded": True, "generated_tokens": len(out["generated"]), "generated_text": out["text"]}
@@ -94,9 +98,18 @@ def reference_logits(model: Any, ids: list[int], adapter: bool = True) -> np.nda
 
 
 def validate_domain(
-    model: Any, base: Any, files: dict[str, Path], base_file: Path, prompt: str, spec: Any
+    model: Any,
+    base: Any,
+    files: dict[str, Path],
+    base_file: Path,
+    prompt: str,
+    spec: Any,
+    *,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
-    """Run every check on a domain's files; `passed` is True only if all of them pass."""
+    """Run every check on a domain's files; `passed` is True only if all of them pass. Raises
+    `LlamaCheckInterrupted` when `stop()` turns true during a llama.cpp check, or a check's child is
+    killed by a stop signal: an interrupted validation has no verdict."""
     tol = spec.tolerance
     full = text_ids(base.tokenizer, [prompt])[0]
     ids = fit_positions(full, base.config.n_positions, reserve=GENERATE)
@@ -114,12 +127,12 @@ def validate_domain(
     report["files"]["adapter"] = _check(
         files["adapter"],
         lambda summary: _adapter_ok(summary, base.config, spec),
-        lambda: _llama_adapter(base_file, files["adapter"], ids, full, ref, prompt, effect, tol),
+        lambda: _llama_adapter(base_file, files["adapter"], ids, full, ref, prompt, effect, tol, stop),
     )
     if "merged_q4_k_m" in files:
         path = files["merged_q4_k_m"]
         report["files"]["merged_q4_k_m"] = _check(
-            path, _quantized_ok, lambda: _llama_quantized(path, ids, ref, tol)
+            path, _quantized_ok, lambda: _llama_quantized(path, ids, ref, tol, stop)
         )
     report["passed"] = all(f["passed"] for f in report["files"].values())
     return report
@@ -169,8 +182,11 @@ def _llama_adapter(
     prompt: str,
     effect: float,
     tol: Any,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict, bool]:
-    run = _llama(base_file, ids, ref, lora=adapter, text=prompt, want_ids=full, tie=tol.adapter_max_abs)
+    run = _llama(
+        base_file, ids, ref, lora=adapter, text=prompt, want_ids=full, tie=tol.adapter_max_abs, stop=stop
+    )
     ok = (
         run["loaded"]
         and "error" not in run
@@ -184,8 +200,10 @@ def _llama_adapter(
     return run, ok
 
 
-def _llama_quantized(path: Path, ids: list[int], ref: np.ndarray, tol: Any) -> tuple[dict, bool]:
-    run = _llama(path, ids, ref)  # strict top-1: its logit bound is loose already
+def _llama_quantized(
+    path: Path, ids: list[int], ref: np.ndarray, tol: Any, stop: Callable[[], bool] | None = None
+) -> tuple[dict, bool]:
+    run = _llama(path, ids, ref, stop=stop)  # strict top-1: its logit bound is loose already
     if not run["loaded"] or "error" in run:
         return run, False
     run["max_rel_diff"] = run["max_abs_diff"] / float(ref.std())
