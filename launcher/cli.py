@@ -677,13 +677,14 @@ def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
     seen: dict[str, tuple] = {}
 
     def on_job(job, done: int) -> None:
-        progress.update(
-            bars[job.name], completed=done, state=escape(f"{job.state.lower()} {job.offer.label}")
-        )
-        key = (job.state, done, job.preemptions)
-        if not tty and seen.get(job.name) != key:
-            seen[job.name] = key
-            say(f"{job.name}: {job.state.lower()}, {done}/{len(job.domains)} domains")
+        phase = job.phase(prefs.max_recoveries)
+        progress.update(bars[job.name], completed=done, state=escape(phase))
+        before = seen.get(job.name)
+        seen[job.name] = (phase, done, job.recoveries)
+        if not tty and before != seen[job.name]:
+            say(f"{job.name}: {phase}, {done}/{len(job.domains)} domains")
+        elif tty and before is not None and job.recoveries > before[2]:  # an event: kept above the bars
+            progress.console.print(f"{escape(job.name)}: {escape(phase)}", highlight=False)
 
     def on_pulled(r) -> None:
         if not tty or r.status == "error":
@@ -775,7 +776,7 @@ def status_command(
     run_id: str = typer.Argument(None, help="a run id; default: every run this machine launched"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Runs and their jobs: state, domains done, preemptions, machine time."""
+    """Runs and their jobs: state, domains done, preemptions, start, elapsed, machine time, cost so far."""
     from rich.table import Table
 
     from launcher.launch import status_rows
@@ -801,9 +802,12 @@ def status_command(
         "preempted",
         "steps redone",
         "lost s",
+        "started",
+        "elapsed",
         "machine s",
+        "cost so far",
     ):
-        t.add_column(h)
+        t.add_column(h, justify="right" if h in ("machine s", "cost so far", "elapsed", "lost s") else "left")
     for r in rows:
         _row(
             t,
@@ -816,9 +820,28 @@ def status_command(
             str(r["preemptions"]),
             str(r["recomputed_steps"]),
             f"{r['lost_seconds']:.1f}",
+            _local_time(r["started_at"]),
+            "-" if r["elapsed_seconds"] is None else _duration(r["elapsed_seconds"]),
             f"{r['machine_seconds']:.0f}",
+            usd(r["cost_so_far"]),
         )
     print_whole(t)
+
+
+def _local_time(iso: str | None) -> str:
+    """An ISO time as this machine's local time, the date only when it is not today."""
+    if iso is None:
+        return "-"
+    from datetime import datetime
+
+    t = datetime.fromisoformat(iso).astimezone()
+    return t.strftime("%H:%M:%S" if t.date() == datetime.now().astimezone().date() else "%Y-%m-%d %H:%M")
+
+
+def _duration(seconds: float) -> str:
+    """1:02:03 (hours:minutes:seconds), as SkyPilot's and rich's elapsed columns write it."""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 @app.command("doctor")

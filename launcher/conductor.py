@@ -192,6 +192,7 @@ class Conductor:
             job.launch_name = f"{job.name}-{uuid.uuid4().hex[:8]}"  # job names start with the run id
             job.handle, job.state = None, LAUNCHING
             job.launches += 1
+            job.first_launched_at = job.first_launched_at or datetime.now(UTC)
             job.started_at, job.ended_at, job.exit_code = None, None, None
             job.launched_at = datetime.now(UTC)
             self.rec.save()
@@ -348,9 +349,7 @@ class Conductor:
         """Past the recovery cap while the backend keeps recovering it: cancel it (it checkpoints)."""
         if not self._cancel(job):
             return  # tried again next poll
-        job.ended_at = self._ended(job.handle)
-        if job.started_at:
-            job.run_seconds += max((job.ended_at - job.started_at).total_seconds(), 0.0)
+        job.end_launch(self._ended(job.handle))
         job.state = "GAVE-UP"
         job.note(f"recovered {job.recoveries} times, over the cap of {self.max_recoveries}: cancelled")
 
@@ -358,10 +357,8 @@ class Conductor:
         # the backend's own recoveries of this launch now count with the earlier ones
         job.backend_recoveries += job.launch_recoveries
         job.launch_recoveries = 0
-        job.ended_at = st.ended_at or datetime.now(UTC)
+        job.end_launch(st.ended_at or datetime.now(UTC))
         job.exit_code = st.exit_code
-        if job.started_at:
-            job.run_seconds += max((job.ended_at - job.started_at).total_seconds(), 0.0)
         if st.exit_code == EXIT_BUDGET:
             job.state = "STOPPED-BUDGET"
             job.note("stopped itself: its reservation ran out (checkpoints kept; a new launch resumes)")
@@ -441,9 +438,8 @@ class Conductor:
             if job.state in ACTIVE and job.handle:
                 if not self._cancel(job):
                     continue
-                job.state, job.ended_at = "CANCELLED", self._ended(job.handle)
-                if job.started_at:
-                    job.run_seconds += (job.ended_at - job.started_at).total_seconds()
+                job.state = "CANCELLED"
+                job.end_launch(self._ended(job.handle))
                 job.note(f"cancelled: {why}")
                 names.append(job.name)
         self.rec.save()

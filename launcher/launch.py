@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -558,6 +559,7 @@ def status_rows(run_id: str | None = None) -> list[dict]:
 def job_rows(runs: Sequence[RunRecord]) -> list[dict]:
     """`status_rows` for given run records."""
     rows = []
+    now = datetime.now(UTC)
     for rec in runs:
         done = done_in_store(rec)
         backend = None
@@ -565,9 +567,14 @@ def job_rows(runs: Sequence[RunRecord]) -> list[dict]:
             if job.state in ACTIVE and job.handle:
                 try:
                     backend = backend or make_backend(rec.backend)
-                    job.state = backend.status(job.handle).state.value
+                    st = backend.status(job.handle)
+                    job.state = st.state.value
+                    job.started_at = job.started_at or st.started_at  # its launcher may not have seen it
                 except Exception as e:  # status is best effort here; the conductor decides
                     job.note(f"status unavailable: {type(e).__name__}")
+            start = job.first_launched_at or job.launched_at
+            unfinished = job.state in ACTIVE or job.state in ("planned", LAUNCHING)
+            end = None if unfinished else (job.ended_at or now)
             rows.append(
                 {
                     "run": rec.run_id,
@@ -580,7 +587,11 @@ def job_rows(runs: Sequence[RunRecord]) -> list[dict]:
                     "preemptions": job.preemptions,
                     "recomputed_steps": job.lost_steps,
                     "lost_seconds": round(job.lost_seconds, 1),
-                    "machine_seconds": round(job.run_seconds, 1),
+                    "started_at": start.isoformat(timespec="seconds") if start else None,
+                    # since the first launch: until now while the job is not finished, else until its end
+                    "elapsed_seconds": round(((end or now) - start).total_seconds(), 1) if start else None,
+                    "machine_seconds": round(job.machine_seconds(now), 1),
+                    "cost_so_far": round(job.cost_so_far(now), 6),
                 }
             )
     return rows

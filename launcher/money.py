@@ -274,7 +274,10 @@ def settle_stale(
             note = f"stopped: {st.state.value.lower()} while no launcher watched"
         ledger.settle(res.id, ended_at=st.ended_at, note=note, owner=owner)
         job.state = "STOPPED-BUDGET" if st.exit_code == 77 else st.state.value
-        job.ended_at, job.exit_code = st.ended_at, st.exit_code
+        if job.ended_at is None:  # no launcher saw this launch end: its machine time counts here
+            job.started_at = job.started_at or st.started_at
+            job.end_launch(st.ended_at or utcnow())
+        job.exit_code = st.exit_code
         job.note(f"settled after the launcher stopped: {note or 'finished'}")
         closed.append(res.id)
     if rec is not None and closed:

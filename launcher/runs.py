@@ -51,6 +51,8 @@ class JobRecord(BaseModel):
     exit_code: int | None = None
     reservation_id: int | None = None
     stop_at: float | None = None  # Unix time the current launch must stop by (in-job budget guard)
+    first_launched_at: datetime | None = None  # the job's first launch (status: start, elapsed)
+    billed_usd: float = 0.0  # earlier launches: their seconds at their offers' $/h
     history: list[str] = []
     # per preemption: when, the domain and last step the log showed, the step training resumed from
     preemption_log: list[dict] = []
@@ -71,6 +73,41 @@ class JobRecord(BaseModel):
     @property
     def offer(self) -> OfferRef:
         return self.offers[min(self.offer_index, len(self.offers) - 1)]
+
+    def end_launch(self, ended_at: datetime) -> None:
+        """The current launch ended at `ended_at`: its machine time counts with the earlier launches'."""
+        self.ended_at = ended_at
+        if self.started_at:
+            seconds = max((ended_at - self.started_at).total_seconds(), 0.0)
+            self.run_seconds += seconds
+            self.billed_usd += seconds / 3600 * self.offer.price_hour
+
+    def machine_seconds(self, now: datetime | None = None) -> float:
+        """Machine time so far: the ended launches', plus the current one's while it runs."""
+        running = self.state in ACTIVE and self.started_at is not None and self.ended_at is None
+        now = now or datetime.now(UTC)
+        return self.run_seconds + (max((now - self.started_at).total_seconds(), 0.0) if running else 0.0)
+
+    def cost_so_far(self, now: datetime | None = None) -> float:
+        """Machine time so far at the offers' $/h (what the providers bill; the ledger settles it)."""
+        earlier = self.billed_usd or self.run_seconds / 3600 * self.offer.price_hour  # older records
+        return earlier + (self.machine_seconds(now) - self.run_seconds) / 3600 * self.offer.price_hour
+
+    def phase(self, max_recoveries: int) -> str:
+        """What the job is doing, in words a progress line shows: 'preempted, relaunching (1 of 3)'."""
+        n = f"({self.recoveries} of {max_recoveries})"
+        if self.state == "planned" and self.preemptions:
+            return f"preempted, relaunching {n}"
+        if self.state == "RECOVERING":
+            return f"preempted, the backend is recovering it {n}"
+        if self.state == "GAVE-UP":
+            return f"preempted {self.recoveries} times, over the cap of {max_recoveries}: given up"
+        words = {"LAUNCHING": "launching", "PENDING": "starting"}.get(self.state, self.state.lower())
+        if self.state in ("LAUNCHING", "PENDING", "RUNNING"):
+            words += f" on {self.offer.label}"
+            if self.recoveries:
+                words += f", relaunched after {self.recoveries} of {max_recoveries} preemptions"
+        return words
 
     def note(self, text: str) -> None:
         self.history.append(f"{datetime.now(UTC).isoformat(timespec='seconds')} {text}")

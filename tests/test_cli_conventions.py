@@ -259,6 +259,13 @@ def test_cancel_stops_an_unfollowed_local_job_and_settles_its_money(tmp_path):
             line = follow.stdout.readline()
             assert line, f"logs --follow ended early: {''.join(seen)} {follow.stderr.read()}"
             seen.append(line)
+        # nobody follows the run: `status` asks the backend, and counts the running launch's time
+        (running,) = json.loads(meetara("status", "cx", "--json", tmp_path=tmp_path).stdout)
+        assert running["state"] == "RUNNING" and running["started_at"] is not None
+        assert 0 < running["machine_seconds"] <= running["elapsed_seconds"]
+        assert running["cost_so_far"] == pytest.approx(running["machine_seconds"] * RATE_H / 3600, rel=0.01)
+        table = meetara("status", tmp_path=tmp_path).stdout
+        assert all(h in table for h in ("started", "elapsed", "cost so far"))
         cancel = meetara("cancel", "cx-j1", tmp_path=tmp_path)
         assert cancel.returncode == 0, cancel.stderr
         # the job ended: --follow ends too. Read on through the same buffered stream the lines above came
@@ -287,6 +294,11 @@ def test_cancel_stops_an_unfollowed_local_job_and_settles_its_money(tmp_path):
 
     status = json.loads(meetara("status", "cx", "--json", tmp_path=tmp_path).stdout)
     assert [(j["job"], j["state"]) for j in status] == [("cx-j1", "CANCELLED")]
+    # the machine time and cost status shows are the ledger's, once settled
+    assert status[0]["machine_seconds"] == pytest.approx(
+        (res.ended_at - res.started_at).total_seconds(), abs=0.1
+    )
+    assert status[0]["cost_so_far"] == pytest.approx(res.settled_amount, abs=1e-5)
     again = meetara("cancel", "cx", tmp_path=tmp_path)
     assert (again.returncode, again.stdout.strip()) == (0, "nothing to cancel: no job of run cx is running")
 
@@ -647,3 +659,51 @@ def test_offers_live_with_no_provider_answering_says_each_error_once_and_fails(t
         assert sum(line.startswith(f"{provider}:") for line in lines) == 1, r.stderr
     assert lines[-1].startswith("error: no live offers: lambda, runpod, vast gave none")
     assert "k-test" not in r.stderr and "Traceback" not in r.stderr
+
+
+# -- progress that says what happened ---------------------------------------------------------------------
+
+
+def _on_a_terminal(args: list[str], tmp_path: Path, timeout: float = 600) -> tuple[int, str]:
+    """Run `meetara ARGS` with a pseudo-terminal for stdin, stdout and stderr (rich draws its live
+    progress bars, as for a user); returns the exit code and everything the screen was sent."""
+    main, child = pty.openpty()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "launcher", *args],
+        stdin=child,
+        stdout=child,
+        stderr=child,
+        cwd=tmp_path,
+        env={**os.environ, **_env(tmp_path), "COLUMNS": "160", "LINES": "50", "TERM": "xterm"},
+    )
+    os.close(child)
+    watchdog = threading.Timer(timeout, p.kill)
+    watchdog.start()
+    screen = bytearray()
+    try:
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: every holder of the terminal's other end has closed it
+                break
+            if not chunk:
+                break
+            screen += chunk
+    finally:
+        watchdog.cancel()
+        os.close(main)
+    return p.wait(), screen.decode(errors="replace")
+
+
+def test_a_preemption_on_a_terminal_says_preempted_and_relaunching(tmp_path):
+    code, screen = _on_a_terminal(
+        ["launch", "-d", "nutrition", "--budget", "5", "-y", "--run-id", "pt", "--poll", "0.2"]
+        + ["--preempt-every", "1", "--preempt-max", "1"],
+        tmp_path,
+    )
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)  # the terminal's control sequences
+    assert code == 0, text[-3000:]
+    assert "pt-j1: preempted, relaunching (1 of 3)" in text, text[-3000:]
+    assert "running on local" in text  # the bar says where the job runs
+    status = json.loads(meetara("status", "pt", "--json", tmp_path=tmp_path).stdout)
+    assert [(j["state"], j["preemptions"]) for j in status] == [("SUCCEEDED", 1)]
