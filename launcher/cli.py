@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -676,13 +678,21 @@ def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
     }
     seen: dict[str, tuple] = {}
 
+    said: dict[str, float] = {}  # job -> when a line last said its activity (not a terminal)
+    every_s = float(os.environ.get("MEETARA_PROGRESS_EVERY_S", "30"))  # ... at most this often
+
     def on_job(job, done: int) -> None:
         phase = job.phase(prefs.max_recoveries)
-        progress.update(bars[job.name], completed=done, state=escape(phase))
+        doing = job.activity if job.state == "RUNNING" else ""
+        progress.update(bars[job.name], completed=done, state=escape(f"{phase}: {doing}" if doing else phase))
         before = seen.get(job.name)
         seen[job.name] = (phase, done, job.recoveries)
         if not tty and before != seen[job.name]:
             say(f"{job.name}: {phase}, {done}/{len(job.domains)} domains")
+            said[job.name] = time.monotonic()
+        elif not tty and doing and time.monotonic() - said.get(job.name, 0) >= every_s:
+            say(f"{job.name}: {doing}")  # the minutes before a domain finishes are not silent
+            said[job.name] = time.monotonic()
         elif tty and before is not None and job.recoveries > before[2]:  # an event: kept above the bars
             progress.console.print(f"{escape(job.name)}: {escape(phase)}", highlight=False)
 

@@ -24,6 +24,7 @@ import random
 import re
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class Conductor:
     _status_failures: dict[str, int] = field(default_factory=dict)
     _suspect: dict[str, int] = field(default_factory=dict)
     _done: set[str] = field(default_factory=set)
+    _log_read: dict[str, float] = field(default_factory=dict)  # job -> when its log was last read
 
     def done_domains(self) -> set[str]:
         """Domains with a manifest in the store; the last answer when the store cannot be listed."""
@@ -241,6 +243,7 @@ class Conductor:
                 try:  # reading logs is bookkeeping: a failure must not stop the following
                     self._account_resume(job)
                     self._maybe_inject(job)
+                    self._read_activity(job)
                 except Exception as e:
                     log.warning("%s: reading its log failed (%s)", job.name, first_line(e))
             return
@@ -267,6 +270,17 @@ class Conductor:
         self._cancel(job)
         job.state, job.ended_at = "LOST", None
         job.note(f"lost: {failed} status calls in a row failed; settled to its whole reservation")
+
+    def _read_activity(self, job: JobRecord) -> None:
+        """The job's last log line as its `activity` (setup, a domain starting, a training step), at most
+        every `backend.log_poll_s`: what progress shows while no domain has finished yet."""
+        now = time.monotonic()
+        if now - self._log_read.get(job.name, -1e9) < getattr(self.backend, "log_poll_s", 30.0):
+            return
+        self._log_read[job.name] = now
+        lines = [line.strip() for line in self.backend.logs(job.handle, tail=5).splitlines() if line.strip()]
+        if lines:
+            job.activity = lines[-1][:100]
 
     def _account_resume(self, job: JobRecord) -> None:
         """After a relaunch: how many steps the preemption cost (its last logged step minus the step

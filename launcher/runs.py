@@ -54,6 +54,7 @@ class JobRecord(BaseModel):
     first_launched_at: datetime | None = None  # the job's first launch (status: start, elapsed)
     billed_usd: float = 0.0  # earlier launches: their seconds at their offers' $/h
     history: list[str] = []
+    activity: str = Field("", exclude=True)  # the job's last log line, for progress (never saved)
     # per preemption: when, the domain and last step the log showed, the step training resumed from
     preemption_log: list[dict] = []
 

@@ -323,7 +323,7 @@ def _follow_log(job: str, tmp_path: Path) -> subprocess.Popen:
 def test_cancel_while_a_launcher_follows_leaves_the_money_to_it(tmp_path):
     """The launcher that follows the run holds its lease: `cancel` stops the job through the backend and
     moves no money; the launcher sees the job end, settles what it ran and releases the rest."""
-    env = {**os.environ, **_env(tmp_path)}
+    env = {**os.environ, **_env(tmp_path), "MEETARA_PROGRESS_EVERY_S": "0"}
     launcher = subprocess.Popen(
         [sys.executable, "-m", "launcher", "launch", "-d", "nutrition", "--budget", "5", "-y"]
         + ["--run-id", "live", "--poll", "0.2", "--epochs", "40"],
@@ -345,9 +345,18 @@ def test_cancel_while_a_launcher_follows_leaves_the_money_to_it(tmp_path):
         while not re.match(r"nutrition: step \d+/", line):
             line = follow.stdout.readline()
             assert line, follow.stderr.read()
+        # not a terminal: the launcher's progress says what the job does before a domain is done
+        said = [launcher.stderr.readline()]
+        while not re.match(r"live-j1: nutrition: step \d+/\d+ loss", said[-1]):
+            assert said[-1], "".join(said)
+            said.append(launcher.stderr.readline())
         cancel = meetara("cancel", "live", tmp_path=tmp_path)
         assert cancel.returncode == 0, cancel.stderr
-        out, err = launcher.communicate(timeout=180)
+        watchdog = threading.Timer(180, launcher.kill)
+        watchdog.start()
+        err = "".join(said) + launcher.stderr.read()  # the same buffered stream the lines came from
+        launcher.wait()
+        watchdog.cancel()
         follow.communicate(timeout=60)
     finally:
         launcher.kill()
@@ -704,6 +713,7 @@ def test_a_preemption_on_a_terminal_says_preempted_and_relaunching(tmp_path):
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)  # the terminal's control sequences
     assert code == 0, text[-3000:]
     assert "pt-j1: preempted, relaunching (1 of 3)" in text, text[-3000:]
-    assert "running on local" in text  # the bar says where the job runs
+    assert "running on local" in text  # the bar says where the job runs, and what it does there
+    assert re.search(r"nutrition: step \d+/\d+ loss", text), text[-3000:]
     status = json.loads(meetara("status", "pt", "--json", tmp_path=tmp_path).stdout)
     assert [(j["state"], j["preemptions"]) for j in status] == [("SUCCEEDED", 1)]

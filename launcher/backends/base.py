@@ -48,6 +48,7 @@ class BackendError(RuntimeError):
 class Backend(Protocol):
     name: str
     max_parallel: int  # jobs the conductor runs at once on this backend
+    log_poll_s: float  # the conductor reads a running job's last log line this often (progress)
 
     def launch(self, task: dict, name: str) -> str:
         """Start the task (a SkyPilot task mapping, see launcher/task.py); return a handle."""

@@ -59,6 +59,7 @@ class LocalBackend:
     def __init__(self, root: Path | None = None, max_parallel: int | None = None) -> None:
         self.root = root or jobs_dir()
         self.max_parallel = max_parallel or int(os.environ.get("MEETARA_LOCAL_PARALLEL", "1"))
+        self.log_poll_s = 0.0  # a file on this machine: every poll
         self._children: dict[str, subprocess.Popen] = {}
 
     def _dir(self, handle: str) -> Path:

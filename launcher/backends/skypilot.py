@@ -274,6 +274,7 @@ class SkyPilotBackend:
         self.offers = list(offers or [])
         self.sky_home = sky_home
         self.max_parallel = max_parallel or int(os.environ.get("MEETARA_CLOUD_PARALLEL", "64"))
+        self.log_poll_s = 30.0  # each read is an API call to the jobs controller
         self._server_ok = False
 
     def check(self) -> None:
