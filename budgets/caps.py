@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -146,4 +146,6 @@ def _aware(t: datetime) -> datetime:
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    from budgets import clock
+
+    return clock.now()

@@ -854,6 +854,124 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+@app.command("simulate")
+def simulate_command(
+    domains: str = typer.Option(..., "--domains", "-d", help=DOMAINS_HELP),
+    market: str = typer.Option(
+        ..., help="a spot trace file or folder (../shared/data/spot-traces/...), or synthetic:HOURS"
+    ),
+    budget: float = typer.Option(None, min=0, help="the launch's --budget, USD"),
+    deadline: str = typer.Option(None, help="e.g. 12h, 90m, 2d: the run must be done by then"),
+    replays: int = typer.Option(50, min=1, max=10_000),
+    policy: list[str] = typer.Option(
+        None, "--policy", help="on-demand, greedy, uniform-progress, meetara (repeatable; default all)"
+    ),
+    base_model: str = typer.Option("microsoft/DialoGPT-medium", help="the model the plan is priced for"),
+    samples: int = typer.Option(200, min=16),
+    epochs: float = typer.Option(2.0, min=0.01),
+    checkpoint_minutes: float = typer.Option(10.0, min=0.1, help="training between checkpoints"),
+    seed: int = typer.Option(0, help="first replay's seed"),
+    config: Path = typer.Option(None, help="preferences file (its caps apply)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Replay a spot market under the real conductor and money code on a virtual clock: per policy,
+    cost, hours, deadlines missed and preemptions, beside the omniscient optimum."""
+    from budgets.cli import load_budget_config
+    from launcher.launch import make_plan
+    from launcher.market import market_from
+    from launcher.plan import Workload
+    from launcher.policies import NAMES
+    from launcher.preferences import config_path, load_preferences
+    from launcher.simulate import Setup, simulate
+    from train import BadInput
+
+    try:
+        prefs = load_preferences(config)
+        names = _select_domains(domains)
+        chosen = list(dict.fromkeys(policy or NAMES))
+        unknown = [p for p in chosen if p not in NAMES]
+        if unknown:
+            raise BadInput(f"unknown policy {unknown[0]!r}; known: {', '.join(NAMES)}")
+        deadline_s = _duration_s(deadline) if deadline else None
+        traces = market_from(market)
+        work = Workload(base_model=base_model, samples=samples, epochs=epochs)
+        spot = prefs.model_copy(update={"spot_policy": "auto"})
+        plans = {
+            p: make_plan(
+                names,
+                backend="skypilot",
+                prefs=prefs.model_copy(update={"spot_policy": "on-demand"}) if p == "on-demand" else spot,
+                work=work,
+                run_id="sim",
+            )
+            for p in chosen
+        }
+        plans.setdefault("greedy", make_plan(names, backend="skypilot", prefs=spot, work=work, run_id="sim"))
+        setup = Setup(
+            plans,
+            traces,
+            budget,
+            deadline_s,
+            load_budget_config(config_path(config)),
+            prefs.job_startup_minutes * 60,
+            checkpoint_minutes * 60,
+            prefs.max_recoveries,
+            prefs.start_timeout_minutes * 60,
+        )
+    except (BadInput, ValueError) as e:
+        raise fail(str(e)) from None
+    from rich.progress import Progress
+
+    with Progress(console=_console(stderr=True), transient=True, disable=as_json) as bar:
+        task = bar.add_task("replaying", total=replays)
+        out = simulate(setup, chosen, replays, seed, progress=lambda k: bar.update(task, completed=k))
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(out, indent=1))
+        return
+    from rich.table import Table
+
+    t = Table(title=escape(f"{len(names)} domains, {replays} replays of {market}"))
+    for h in ("policy", "cost mean", "cost p95", "hours mean", "hours p95", "missed", "preempt.", "by caps"):
+        t.add_column(h, justify="left" if h == "policy" else "right")
+    for name, r in out["policies"].items():
+        hours = [("-" if r[k] is None else f"{r[k]:.2f}") for k in ("hours_mean", "hours_p95")]
+        _row(
+            t,
+            name,
+            usd(r["cost_mean"]),
+            usd(r["cost_p95"]),
+            *hours,
+            f"{r['deadline_missed']:.0%}",
+            f"{r['preemptions_mean']:.2f}",
+            str(r["stopped_by_caps"]),
+        )
+    o = out["optimum"]
+    _row(
+        t, "optimum (bound)", usd(o["cost_mean"]), "", f"{o['hours_mean']:.2f}", "", "", "", "", style="bold"
+    )
+    print_whole(t)
+
+
+def _select_domains(domains: str) -> list[str]:
+    from launcher.launch import select
+
+    return select(domains)
+
+
+def _duration_s(text: str) -> float:
+    """'12h', '90m', '2d', '3600s' (or plain seconds) in seconds; BadInput otherwise."""
+    import re
+
+    from train import BadInput
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise BadInput(f"--deadline {text!r}: write a duration such as 12h, 90m or 2d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
 @app.command("doctor")
 def doctor_command(config: Path = typer.Option(None, help="preferences file")) -> None:
     """What is installed and configured: training deps, SkyPilot and provider credentials, store, state."""

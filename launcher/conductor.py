@@ -28,10 +28,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
-from budgets import usd
+from budgets import clock, usd
 from budgets.lease import LeaseLost
 from launcher.backends.base import Backend, JobState, JobStatus
 from launcher.crash import crash_point
@@ -119,6 +119,9 @@ class Conductor:
     _suspect: dict[str, int] = field(default_factory=dict)
     _done: set[str] = field(default_factory=set)
     _log_read: dict[str, float] = field(default_factory=dict)  # job -> when its log was last read
+    # chooses the offer of each (re)launch (launcher/policies.py); None: the planned order, moving to the
+    # next offer after a preemption (greedy)
+    policy: object | None = None
 
     def done_domains(self) -> set[str]:
         """Domains with a manifest in the store; the last answer when the store cannot be listed."""
@@ -157,7 +160,7 @@ class Conductor:
                 finished = False
             if finished:
                 break
-            self.stop.wait(self.poll_s)
+            clock.wait(self.stop, self.poll_s)
         return self.rec
 
     def _step(self) -> bool:
@@ -187,6 +190,12 @@ class Conductor:
                 continue
             if running >= self.backend.max_parallel:
                 break
+            if self.policy is not None:
+                chosen = self.policy.choose(job, sum(d in done for d in job.domains), clock.now())
+                if chosen != job.offer_index:
+                    job.offer_index = chosen
+                    job.note(f"policy {self.policy.name}: {job.offer.label}")
+                    self.hooks.placed(job)  # the money follows the offer's rate
             self.hooks.before_launch(job)
             if job.state != "planned":  # a hook may refuse the launch (budget)
                 continue
@@ -194,14 +203,14 @@ class Conductor:
             job.launch_name = f"{job.name}-{uuid.uuid4().hex[:8]}"  # job names start with the run id
             job.handle, job.state = None, LAUNCHING
             job.launches += 1
-            job.first_launched_at = job.first_launched_at or datetime.now(UTC)
+            job.first_launched_at = job.first_launched_at or clock.now()
             job.started_at, job.ended_at, job.exit_code = None, None, None
-            job.launched_at = datetime.now(UTC)
+            job.launched_at = clock.now()
             self.rec.save()
             try:
                 handle = self.backend.launch(self.task_for(job), job.launch_name)
             except Exception as e:
-                job.state, job.ended_at = "FAILED", datetime.now(UTC)
+                job.state, job.ended_at = "FAILED", clock.now()
                 job.note(f"launch failed: {type(e).__name__}: {first_line(e)}")
                 self.hooks.launch_failed(job)
                 self.rec.save()
@@ -299,7 +308,7 @@ class Conductor:
         p["lost_seconds"] = round(p["lost_steps"] * (p.get("s_per_step") or 0.0), 3)
         # from the machine going away to training again (within a poll interval at either end)
         gone = datetime.fromisoformat(p["at"])
-        p["recovery_seconds"] = round((datetime.now(UTC) - gone).total_seconds(), 2)
+        p["recovery_seconds"] = round((clock.now() - gone).total_seconds(), 2)
         if domain == p["domain"]:
             job.note(f"resumed {domain} from step {resumed}: {p['lost_steps']} step(s) recomputed")
         else:
@@ -348,7 +357,7 @@ class Conductor:
         waiting = st.state is JobState.PENDING and not st.started_at and job.launched_at is not None
         if self.max_start_s is None or not waiting:
             return False
-        waited = (datetime.now(UTC) - job.launched_at).total_seconds()
+        waited = (clock.now() - job.launched_at).total_seconds()
         if waited < self.max_start_s or not self._cancel(job):
             return False
         job.state, job.ended_at = "NO-MACHINE", None
@@ -371,7 +380,7 @@ class Conductor:
         # the backend's own recoveries of this launch now count with the earlier ones
         job.backend_recoveries += job.launch_recoveries
         job.launch_recoveries = 0
-        job.end_launch(st.ended_at or datetime.now(UTC))
+        job.end_launch(st.ended_at or clock.now())
         job.exit_code = st.exit_code
         if st.exit_code == EXIT_BUDGET:
             job.state = "STOPPED-BUDGET"
@@ -435,7 +444,7 @@ class Conductor:
             st = self.backend.status(handle)
         except Exception:
             st = None
-        return st.ended_at if st is not None and st.state.finished and st.ended_at else datetime.now(UTC)
+        return st.ended_at if st is not None and st.state.finished and st.ended_at else clock.now()
 
     def cancel_all(self, why: str) -> list[str]:
         """Cancel every active job (training checkpoints first); returns their names. A job the backend

@@ -21,9 +21,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-from budgets import usd
+from budgets import clock, usd
 from budgets.ledger import Ledger
 from launcher.backends.base import Backend, BackendError
 from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
@@ -38,7 +38,7 @@ RATE_SOURCE = {"snapshot": "snapshot", "live": "live", "local": "local"}
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    return clock.now()
 
 
 class Money:
@@ -79,13 +79,13 @@ class Money:
         crash_point("reserving")  # reserved in the ledger, not yet in the run record
         self.rec.save()
 
-    def _reserve(self, job: JobRecord) -> None:
+    def _reserve(self, job: JobRecord, amount: float | None = None) -> None:
         plan_job = self.rec.plan.job(job.name)
         offer = job.offer
         job.reservation_id = self.ledger.reserve(
             self.rec.run_id,
             job.name,
-            round(plan_job.cost * RESERVE_MARGIN, 6),
+            round(plan_job.cost * RESERVE_MARGIN, 6) if amount is None else amount,
             provider=offer.provider,
             gpu=offer.gpu,
             gpu_count=offer.gpu_count,
@@ -102,6 +102,10 @@ class Money:
         if job.reservation_id is None:
             self._reserve(job)
         res = self.ledger.reservation(job.reservation_id)
+        dearer = job.offer.price_hour > res.rate_per_hour + 1e-12
+        if (dearer or job.launches > 0) and not self._cover(job, res):  # a relaunch: after a preemption
+            return
+        res = self.ledger.reservation(job.reservation_id)
         left = res.amount - res.accrued
         job.stop_at = None
         if res.rate_per_hour > 0:
@@ -114,9 +118,52 @@ class Money:
             margin = min(max(seconds * STOP_MARGIN, STOP_MARGIN_MIN_S), STOP_MARGIN_MAX_S)
             job.stop_at = (utcnow() + timedelta(seconds=seconds - margin)).timestamp()
 
+    def _cover(self, job: JobRecord, res) -> bool:
+        """A relaunch (after a preemption, or on a dearer offer: a fallback, a policy's on-demand): the
+        planned hours of its unfinished domains at the offer's rate, x RESERVE_MARGIN, must be left.
+        If not, the reservation is settled to what it accrued and a new one is made, which the caps
+        check as any reservation; refused, the job is not launched (the caps win). False if refused."""
+        from budgets import BudgetExceeded
+
+        # the planned hours of the domains not done yet (a relaunch redoes no finished domain)
+        undone = sum(d not in self.rec.pulled for d in job.domains) / max(len(job.domains), 1)
+        hours = self.rec.plan.job(job.name).hours * undone
+        want = round(hours * job.offer.price_hour * RESERVE_MARGIN, 6)
+        if res.amount - res.accrued >= want:
+            if res.started_at is None:
+                self.ledger.set_rate(res.id, job.offer.price_hour, owner=self.owner)
+            return True
+        note = f"moved to {job.offer.label}"
+        if res.accrued > 0:  # an earlier launch of the job ran: what it spent stays spent
+            self.ledger.settle(res.id, note=note, now=self.clock(), owner=self.owner)
+        else:
+            self.ledger.release(res.id, note=note, now=self.clock(), owner=self.owner)
+        job.reservation_id = None
+        self._billing_from.pop(job.name, None)
+        try:
+            self._reserve(job, want)
+        except BudgetExceeded as e:
+            self.stopped_by = str(e)
+            job.state = "STOPPED-BUDGET"
+            job.note(f"not launched on {job.offer.label}: {e}")
+            self.ledger.record_event(self.rec.run_id, "stopped-budget", job=job.name, detail=str(e))
+            return False
+        self.ledger.record_event(
+            self.rec.run_id,
+            "placed",
+            job=job.name,
+            reservation_id=job.reservation_id,
+            detail=f"reserved {usd(want)} for {job.offer.label} at {usd(job.offer.price_hour)}/h",
+        )
+        return True
+
     def placed(self, job: JobRecord) -> None:
         """The job runs on another of its offers than reserved for: it accrues at that offer's rate."""
         if job.reservation_id is None:
+            return
+        res = self.ledger.reservation(job.reservation_id)
+        if res.started_at is None and job.offer.price_hour > res.rate_per_hour + 1e-12:
+            self._cover(job, res)  # placed on a dearer fallback before billing began: reserve for it
             return
         self.ledger.set_rate(job.reservation_id, job.offer.price_hour, owner=self.owner)
         self.ledger.record_event(

@@ -7,11 +7,12 @@ that crashed (or a second terminal running `meetara status`) reads a consistent 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from budgets import clock
 from launcher.plan import JobPlan, OfferRef, Plan
 
 ACTIVE = {"PENDING", "RUNNING", "RECOVERING"}
@@ -86,7 +87,7 @@ class JobRecord(BaseModel):
     def machine_seconds(self, now: datetime | None = None) -> float:
         """Machine time so far: the ended launches', plus the current one's while it runs."""
         running = self.state in ACTIVE and self.started_at is not None and self.ended_at is None
-        now = now or datetime.now(UTC)
+        now = now or clock.now()
         return self.run_seconds + (max((now - self.started_at).total_seconds(), 0.0) if running else 0.0)
 
     def cost_so_far(self, now: datetime | None = None) -> float:
@@ -111,7 +112,7 @@ class JobRecord(BaseModel):
         return words
 
     def note(self, text: str) -> None:
-        self.history.append(f"{datetime.now(UTC).isoformat(timespec='seconds')} {text}")
+        self.history.append(f"{clock.now().isoformat(timespec='seconds')} {text}")
 
     @classmethod
     def of(cls, job: JobPlan) -> JobRecord:
@@ -129,7 +130,7 @@ class RunRecord(BaseModel):
     jobs: dict[str, JobRecord] = {}
     pulled: list[str] = []
     errors: dict[str, str] = {}  # domain -> why it could not be pulled (the run goes on without it)
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    created_at: datetime = Field(default_factory=lambda: clock.now())
 
     def path(self) -> Path:
         return runs_dir() / f"{self.run_id}.json"
