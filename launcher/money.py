@@ -118,7 +118,7 @@ class Money:
             margin = min(max(seconds * STOP_MARGIN, STOP_MARGIN_MIN_S), STOP_MARGIN_MAX_S)
             job.stop_at = (utcnow() + timedelta(seconds=seconds - margin)).timestamp()
 
-    def _cover(self, job: JobRecord, res) -> bool:
+    def _cover(self, job: JobRecord, res, *, placed: bool = False) -> bool:
         """A relaunch (after a preemption, or on a dearer offer: a fallback, a policy's on-demand): the
         planned hours of its unfinished domains at the offer's rate, x RESERVE_MARGIN, must be left.
         If not, the reservation is settled to what it accrued and a new one is made, which the caps
@@ -134,6 +134,15 @@ class Money:
                 self.ledger.set_rate(res.id, job.offer.price_hour, owner=self.owner)
             return True
         note = f"moved to {job.offer.label}"
+        if placed:  # the backend has the machine already: the old reservation stays until a new one is made
+            try:
+                self._reserve(job, want)
+            except BudgetExceeded:  # it runs on what was reserved, at the new rate; the watchdog stops it
+                self.ledger.set_rate(res.id, job.offer.price_hour, owner=self.owner)
+                return False
+            self.ledger.release(res.id, note=note, now=self.clock(), owner=self.owner)
+            self._billing_from.pop(job.name, None)
+            return True
         if res.accrued > 0:  # an earlier launch of the job ran: what it spent stays spent
             self.ledger.settle(res.id, note=note, now=self.clock(), owner=self.owner)
         else:
@@ -163,7 +172,7 @@ class Money:
             return
         res = self.ledger.reservation(job.reservation_id)
         if res.started_at is None and job.offer.price_hour > res.rate_per_hour + 1e-12:
-            self._cover(job, res)  # placed on a dearer fallback before billing began: reserve for it
+            self._cover(job, res, placed=True)  # a dearer fallback before billing began: reserve for it
             return
         self.ledger.set_rate(job.reservation_id, job.offer.price_hour, owner=self.owner)
         self.ledger.record_event(

@@ -35,10 +35,12 @@ def _offer(spot: bool, price: float) -> OfferRef:
 STARTUP_S, DOMAIN_S, CHECKPOINT_S, POLL_S = 60.0, 600.0, 300.0, 60.0
 
 
-def _small(caps: BudgetConfig | None = None, budget: float | None = None) -> Setup:
+def _small(
+    caps: BudgetConfig | None = None, budget: float | None = None, down_at_start: bool = False
+) -> Setup:
     """2 jobs of 2 domains (10 min each, 1 min start-up) on one spot offer at $1/h (on-demand $3/h as
     the fallback), over a 60 s-tick trace that is down at 900-960 s and 1380-1440 s."""
-    up = [not (15 <= i < 16 or 23 <= i < 24) for i in range(600)]
+    up = [not (15 <= i < 16 or 23 <= i < 24 or (down_at_start and i < 2)) for i in range(600)]
     hours = (STARTUP_S + 2 * DOMAIN_S) / 3600
     jobs = [
         JobPlan(name=f"sim-j{k}", domains=[f"d{k}a", f"d{k}b"], hours=hours, cost=hours * 1.0,
@@ -159,3 +161,13 @@ def test_simulate_cli_json_shape_and_bad_input(tmp_path):
             "simulate", "-d", "technology", "--market", str(TRACES), *args, module="launcher", cwd=tmp_path
         )
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_a_fallback_the_caps_cannot_pay_for_runs_on_its_reservation_and_is_stopped():
+    """Spot is down at the start: each launch is placed on the $3/h on-demand fallback, whose planned
+    hours ($1.3125 with the margin) a $1.00 daily cap cannot reserve on top of the two $0.4375
+    reservations. The jobs then run on their reservations at $3/h and the watchdog stops each before it
+    is spent: nothing runs unaccounted, and the spend stays under the cap."""
+    r = run_replay(_small(BudgetConfig(daily=1.0), down_at_start=True), "greedy", seed=0)
+    assert r.stopped_by is not None and r.stopped_by.startswith("its reservation $0.4375")
+    assert 0.7 < r.spent <= 2 * 0.4375 + 1e-9 and r.deadline_missed
