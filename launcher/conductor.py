@@ -191,9 +191,10 @@ class Conductor:
             if running >= self.backend.max_parallel:
                 break
             if self.policy is not None:
-                chosen = self.policy.choose(job, sum(d in done for d in job.domains), clock.now())
-                if chosen != job.offer_index:
-                    job.offer_index = chosen
+                allowed = self.policy.choose(job, sum(d in done for d in job.domains), clock.now())
+                job.allowed = list(allowed)
+                if allowed[0] != job.offer_index:
+                    job.offer_index = allowed[0]
                     job.note(f"policy {self.policy.name}: {job.offer.label}")
                     self.hooks.placed(job)  # the money follows the offer's rate
             self.hooks.before_launch(job)
@@ -355,11 +356,25 @@ class Conductor:
         machine that was being provisioned meanwhile is billed by its provider for those minutes, which
         the backend does not report: see README, "No capacity"). True if so."""
         waiting = st.state is JobState.PENDING and not st.started_at and job.launched_at is not None
-        if self.max_start_s is None or not waiting:
+        limit = self.max_start_s
+        requeue = self.policy is not None and self.policy.requeues()
+        if requeue and waiting:  # how long the policy can afford to wait for these offers
+            done = sum(d in self._done for d in job.domains)
+            limit = self.policy.max_wait_s(job, done, clock.now(), limit)
+            if job.stop_at is not None:
+                # the in-job budget guard counts from the launch: a machine that starts late would have
+                # little of it left, so a long wait is cut into launches that each get their own
+                budget_s = job.stop_at - job.launched_at.timestamp()
+                limit = min(limit if limit is not None else float("inf"), max(budget_s / 4, 60.0))
+        if limit is None or not waiting:
             return False
         waited = (clock.now() - job.launched_at).total_seconds()
-        if waited < self.max_start_s or not self._cancel(job):
+        if waited < limit or not self._cancel(job):
             return False
+        if requeue:
+            job.state, job.ended_at = "planned", None  # the policy chooses again (on-demand, say)
+            job.note(f"no machine after {waited / 60:.1f} min: policy {self.policy.name} chooses again")
+            return True
         job.state, job.ended_at = "NO-MACHINE", None
         offers = len(job.offers) - job.offer_index
         job.note(

@@ -228,9 +228,8 @@ def task_factory(rec: RunRecord, prefs: Preferences):
     from launcher.task import render_task
 
     def task_for(job: JobRecord) -> dict:
-        plan_job = rec.plan.job(job.name).model_copy(
-            update={"offer": job.offer, "fallbacks": job.offers[job.offer_index + 1 :]}
-        )
+        offers = job.task_offers()
+        plan_job = rec.plan.job(job.name).model_copy(update={"offer": offers[0], "fallbacks": offers[1:]})
         return render_task(
             rec.plan,
             plan_job,

@@ -120,15 +120,14 @@ class Money:
 
     def _cover(self, job: JobRecord, res, *, placed: bool = False) -> bool:
         """A relaunch (after a preemption, or on a dearer offer: a fallback, a policy's on-demand): the
-        planned hours of its unfinished domains at the offer's rate, x RESERVE_MARGIN, must be left.
+        job's planned hours at the offer's rate, x RESERVE_MARGIN, must be left.
         If not, the reservation is settled to what it accrued and a new one is made, which the caps
         check as any reservation; refused, the job is not launched (the caps win). False if refused."""
         from budgets import BudgetExceeded
 
-        # the planned hours of the domains not done yet (a relaunch redoes no finished domain)
-        undone = sum(d not in self.rec.pulled for d in job.domains) / max(len(job.domains), 1)
-        hours = self.rec.plan.job(job.name).hours * undone
-        want = round(hours * job.offer.price_hour * RESERVE_MARGIN, 6)
+        # the whole job's planned hours bound what a relaunch still needs (its unfinished domains, a
+        # start-up, the work a preemption undid), with the margin on top
+        want = round(self.rec.plan.job(job.name).hours * job.offer.price_hour * RESERVE_MARGIN, 6)
         if res.amount - res.accrued >= want:
             if res.started_at is None:
                 self.ledger.set_rate(res.id, job.offer.price_hour, owner=self.owner)
@@ -140,13 +139,10 @@ class Money:
             except BudgetExceeded:  # it runs on what was reserved, at the new rate; the watchdog stops it
                 self.ledger.set_rate(res.id, job.offer.price_hour, owner=self.owner)
                 return False
-            self.ledger.release(res.id, note=note, now=self.clock(), owner=self.owner)
+            self._close(res, note)
             self._billing_from.pop(job.name, None)
             return True
-        if res.accrued > 0:  # an earlier launch of the job ran: what it spent stays spent
-            self.ledger.settle(res.id, note=note, now=self.clock(), owner=self.owner)
-        else:
-            self.ledger.release(res.id, note=note, now=self.clock(), owner=self.owner)
+        self._close(res, note)
         job.reservation_id = None
         self._billing_from.pop(job.name, None)
         try:
@@ -166,12 +162,20 @@ class Money:
         )
         return True
 
+    def _close(self, res, note: str) -> None:
+        """End a reservation a new one replaces: what earlier launches spent stays spent."""
+        if res.accrued > 0:
+            self.ledger.settle(res.id, note=note, now=self.clock(), owner=self.owner)
+        else:
+            self.ledger.release(res.id, note=note, now=self.clock(), owner=self.owner)
+
     def placed(self, job: JobRecord) -> None:
         """The job runs on another of its offers than reserved for: it accrues at that offer's rate."""
         if job.reservation_id is None:
             return
         res = self.ledger.reservation(job.reservation_id)
-        if res.started_at is None and job.offer.price_hour > res.rate_per_hour + 1e-12:
+        launch_billed = self._billing_from.get(job.name) is not None  # this launch's machine is billed
+        if not launch_billed and job.offer.price_hour > res.rate_per_hour + 1e-12:
             self._cover(job, res, placed=True)  # a dearer fallback before billing began: reserve for it
             return
         self.ledger.set_rate(job.reservation_id, job.offer.price_hour, owner=self.owner)

@@ -31,19 +31,37 @@ class Timing:
     domain_s: dict[str, float]  # job -> seconds of training per domain
     startup_s: float
     checkpoint_s: float
+    max_recoveries: int = 3  # a preemption past this many ends the job (preferences)
 
 
-def _first(job: JobRecord, spot: bool, start: int = 0) -> int | None:
-    return next((i for i, o in enumerate(job.offers) if i >= start and o.spot == spot), None)
+def _spot(job: JobRecord) -> list[int]:
+    return [i for i, o in enumerate(job.offers) if o.spot]
+
+
+def _on_demand(job: JobRecord) -> list[int]:
+    return [i for i, o in enumerate(job.offers) if not o.spot]
 
 
 @dataclass
 class Policy:
+    """`greedy`: the planned order, from the conductor's current offer (it moves on after a
+    preemption), every later offer a fallback; waits for a machine as long as the conductor does."""
+
     timing: Timing
     name: str = "greedy"
 
-    def choose(self, job: JobRecord, done: int, now: datetime) -> int:
-        return job.offer_index
+    def choose(self, job: JobRecord, done: int, now: datetime) -> list[int]:
+        """The offers (indices into `job.offers`) this launch may use, first choice first."""
+        return list(range(job.offer_index, len(job.offers)))
+
+    def max_wait_s(self, job: JobRecord, done: int, now: datetime, default: float | None) -> float | None:
+        """How long this launch may wait for a machine before the conductor asks `choose` again."""
+        return default
+
+    def requeues(self) -> bool:
+        """Whether a launch that found no machine in time goes back to `choose` (deadline-aware
+        policies), rather than ending as NO-MACHINE (the conductor's own rule)."""
+        return self.timing.deadline is not None and self.name != "greedy"
 
     def _left_s(self, job: JobRecord, done: int) -> float:
         """Seconds the job still needs on a machine, one start-up included."""
@@ -54,58 +72,101 @@ class Policy:
             return float("inf")
         return (self.timing.deadline - now).total_seconds() - self._left_s(job, done)
 
+    def _last_chance(self, job: JobRecord) -> bool:
+        """One more preemption would pass the recovery cap and end the job: only on-demand is safe."""
+        return job.recoveries >= self.timing.max_recoveries
+
+    def _cheapest_on_demand(self, job: JobRecord) -> list[int]:
+        return sorted(_on_demand(job), key=lambda i: (job.offers[i].price_hour, i))[:1]
+
 
 @dataclass
 class OnDemand(Policy):
     name: str = "on-demand"
 
-    def choose(self, job: JobRecord, done: int, now: datetime) -> int:
-        found = _first(job, False)
-        return job.offer_index if found is None else found
+    def choose(self, job: JobRecord, done: int, now: datetime) -> list[int]:
+        return self._cheapest_on_demand(job) or super().choose(job, done, now)
 
 
 @dataclass
 class UniformProgress(Policy):
+    """Spot (any spot offer, waiting for one) while on or ahead of the straight line to the deadline;
+    on-demand once behind it or when less slack is left than one restart."""
+
     name: str = "uniform-progress"
 
-    def choose(self, job: JobRecord, done: int, now: datetime) -> int:
+    def _ahead_s(self, job: JobRecord, done: int, now: datetime) -> float:
+        """Seconds until the job falls behind the straight line from start to deadline (<= 0: behind)."""
         t = self.timing
         total = len(job.domains) * t.domain_s[job.name] + t.startup_s
-        if t.deadline is None:
-            return job.offer_index
         span = (t.deadline - t.start).total_seconds()
-        expected = total * min((now - t.start).total_seconds() / span, 1.0) if span > 0 else total
-        behind = total - self._left_s(job, done) + t.startup_s < expected
+        made = total - self._left_s(job, done) + t.startup_s  # whole domains done
+        return made / total * span - (now - t.start).total_seconds() if total > 0 else span
+
+    def choose(self, job: JobRecord, done: int, now: datetime) -> list[int]:
+        t = self.timing
+        if t.deadline is None:
+            return super().choose(job, done, now)
         restart = t.startup_s + t.checkpoint_s
-        spot = _first(job, True)
-        if behind or self._slack_s(job, done, now) < restart or spot is None:
-            found = _first(job, False)
-            return job.offer_index if found is None else found
-        return spot
+        on_demand = self._cheapest_on_demand(job)
+        behind = self._ahead_s(job, done, now) <= 0 or self._slack_s(job, done, now) < restart
+        if on_demand and (behind or self._last_chance(job)):
+            return on_demand
+        spots = sorted(_spot(job), key=lambda i: (job.offers[i].price_hour, i))
+        return spots or super().choose(job, done, now)
+
+    def max_wait_s(self, job: JobRecord, done: int, now: datetime, default: float | None) -> float | None:
+        if self.timing.deadline is None or not job.offers[job.offer_index].spot:
+            return default
+        return max(self._ahead_s(job, done, now), 0.0)
 
 
 @dataclass
 class Meetara(Policy):
+    """Three stages, by the slack to the deadline (time left minus the work left):
+
+    1. While more than a quarter of the deadline's span (plus the risk below) is slack: only the
+       cheapest spot offers (within 5 % of the best expected $/h), waiting for one to have capacity.
+    2. While the slack covers the risk of a preemption right now (a restart and a checkpoint interval of
+       work, twice over): any spot offer, cheapest expected $/h first.
+    3. Then on-demand; also for the launch a preemption would end (the recovery cap).
+
+    Expected $/h prices in each offer's preemption rate as measured on this run so far."""
+
     name: str = "meetara"
-    # offer label -> (preemptions seen, seconds run) on this run
+    # offer label -> [preemptions seen, seconds run] on this run
     seen: dict[str, list[float]] = field(default_factory=dict)
     _last: dict[str, tuple[str, int, datetime]] = field(default_factory=dict)
 
-    def choose(self, job: JobRecord, done: int, now: datetime) -> int:
-        self._learn(job, now)
+    def _risk_s(self) -> float:
+        return 2 * (self.timing.startup_s + self.timing.checkpoint_s)
+
+    def _patient_s(self) -> float:
+        """Slack above which only the cheapest spot offers are worth waiting for (stage 1)."""
         t = self.timing
-        # a preemption right away would cost a restart, up to a checkpoint interval of work, and a wait
-        risk = 2 * t.startup_s + t.checkpoint_s
-        on_demand = _first(job, False)
-        spots = [i for i, o in enumerate(job.offers) if o.spot]
-        if on_demand is not None and (not spots or self._slack_s(job, done, now) < risk):
+        return (t.deadline - t.start).total_seconds() / 4 + self._risk_s()
+
+    def choose(self, job: JobRecord, done: int, now: datetime) -> list[int]:
+        self._learn(job, now)
+        on_demand = self._cheapest_on_demand(job)
+        spots = sorted(_spot(job), key=lambda i: (self._expected_hour(job, i), i))
+        slack = self._slack_s(job, done, now)
+        if on_demand and (not spots or slack < self._risk_s() or self._last_chance(job)):
             choice = on_demand
-        elif spots:
-            choice = min(spots, key=lambda i: (self._expected_hour(job, i), i))
+        elif spots and self.timing.deadline is not None and slack > self._patient_s():
+            best = self._expected_hour(job, spots[0])
+            choice = [i for i in spots if self._expected_hour(job, i) <= best * 1.05]
         else:
-            choice = job.offer_index
-        self._last[job.name] = (job.offers[choice].label, job.preemptions, now)
+            choice = spots or super().choose(job, done, now)
+        self._last[job.name] = (job.offers[choice[0]].label, job.preemptions, now)
         return choice
+
+    def max_wait_s(self, job: JobRecord, done: int, now: datetime, default: float | None) -> float | None:
+        if self.timing.deadline is None or not job.offers[job.offer_index].spot:
+            return default
+        slack = self._slack_s(job, done, now)
+        stage_ends = self._patient_s() if slack > self._patient_s() else self._risk_s()
+        return max(slack - stage_ends, 0.0)
 
     def _learn(self, job: JobRecord, now: datetime) -> None:
         """Charge the last launch's preemption (if it was preempted) and run time to its offer."""

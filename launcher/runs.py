@@ -56,6 +56,8 @@ class JobRecord(BaseModel):
     billed_usd: float = 0.0  # earlier launches: their seconds at their offers' $/h
     history: list[str] = []
     activity: str = Field("", exclude=True)  # the job's last log line, for progress (never saved)
+    # the offers (indices) a policy allows this launch, in its order; empty: the current one and after
+    allowed: list[int] = Field(default_factory=list, exclude=True)
     # per preemption: when, the domain and last step the log showed, the step training resumed from
     preemption_log: list[dict] = []
 
@@ -75,6 +77,12 @@ class JobRecord(BaseModel):
     @property
     def offer(self) -> OfferRef:
         return self.offers[min(self.offer_index, len(self.offers) - 1)]
+
+    def task_offers(self) -> list[OfferRef]:
+        """The offers this launch may run on, first choice first (SkyPilot's `ordered` resources)."""
+        if self.allowed:
+            return [self.offers[i] for i in self.allowed]
+        return self.offers[self.offer_index :]
 
     def end_launch(self, ended_at: datetime) -> None:
         """The current launch ended at `ended_at`: its machine time counts with the earlier launches'."""

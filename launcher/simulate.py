@@ -162,7 +162,7 @@ def run_replay(setup: Setup, policy_name: str, seed: int) -> ReplayResult:
                 store,
                 lambda job: {
                     "job": job.name,
-                    "offers": job.offers[job.offer_index :],
+                    "offers": job.task_offers(),
                     "stop_at": job.stop_at,
                 },
                 setup.max_recoveries,
@@ -171,9 +171,9 @@ def run_replay(setup: Setup, policy_name: str, seed: int) -> ReplayResult:
                 confirm_polls=1,  # a simulated status never flaps
                 max_start_s=setup.start_timeout_s,
             )
-            conductor.policy = make_policy(
-                policy_name, Timing(T0, deadline, per, setup.startup_s, setup.checkpoint_s)
-            )
+            # greedy is the conductor's own rule: no policy object at all, as in a real launch today
+            timing = Timing(T0, deadline, per, setup.startup_s, setup.checkpoint_s, setup.max_recoveries)
+            conductor.policy = None if policy_name == "greedy" else make_policy(policy_name, timing)
             conductor.money = money
             conductor.run()
             cost = sum(

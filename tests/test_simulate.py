@@ -36,7 +36,10 @@ STARTUP_S, DOMAIN_S, CHECKPOINT_S, POLL_S = 60.0, 600.0, 300.0, 60.0
 
 
 def _small(
-    caps: BudgetConfig | None = None, budget: float | None = None, down_at_start: bool = False
+    caps: BudgetConfig | None = None,
+    budget: float | None = None,
+    down_at_start: bool = False,
+    recoveries: int = 3,
 ) -> Setup:
     """2 jobs of 2 domains (10 min each, 1 min start-up) on one spot offer at $1/h (on-demand $3/h as
     the fallback), over a 60 s-tick trace that is down at 900-960 s and 1380-1440 s."""
@@ -50,14 +53,14 @@ def _small(
     plan = Plan(run_id="sim", backend="skypilot", workload=Workload(), jobs=jobs, total_hours=2 * hours,
                 total_cost=2 * hours, offers_source="snapshot", throughput_source="test")  # fmt: skip
     return Setup(
-        {"uniform-progress": plan, "greedy": plan},
+        {"uniform-progress": plan, "greedy": plan, "meetara": plan},
         [Trace("t", 60.0, tuple(up))],
         budget,
         10 * 3600,
         caps or BudgetConfig(),
         STARTUP_S,
         CHECKPOINT_S,
-        3,
+        recoveries,
         1800.0,
         poll_s=POLL_S,
         start_tick=0,
@@ -87,14 +90,14 @@ def test_greedy_moves_to_the_next_offer_after_a_preemption():
 
 def test_a_cap_stops_the_replay_through_the_real_money_code():
     """A $0.90 daily cap takes both jobs' reservations ($0.4375 each). At the preemption (900 s, $0.25
-    spent each) a relaunch needs its unfinished domain's hours x 1.25 ($0.21875) reserved again: the
-    money code refuses j1's ($0.25 spent + $0.4375 reserved for j2 + $0.21875 > $0.90) and records
-    `stopped-budget` as for a local launch; j2's then fits and it finishes as in the uncapped replay
-    (1680 s). Spend: $0.25 + $1680/3600, under the cap (the caps win over the deadline)."""
+    spent each) a relaunch needs the job's planned cost x 1.25 ($0.4375) left, more than the $0.1875
+    its reservation has: the money code settles it and asks for a new one, which the cap refuses for
+    both ($0.25 spent + $0.4375 reserved + $0.4375 asked, then $0.50 + $0.4375), and records
+    `stopped-budget` as for a local launch. Spend: the $0.50 of the first launches, under the cap."""
     r = run_replay(_small(BudgetConfig(daily=0.9)), "uniform-progress", seed=0)
     assert r.stopped_by is not None and r.stopped_by.startswith("daily cap $0.90 would be passed")
     assert ("stopped-budget", r.stopped_by) in r.events
-    assert r.spent == pytest.approx(0.25 + 1680 / 3600) and r.spent <= 0.9 and r.deadline_missed
+    assert r.spent == pytest.approx(0.5) and r.deadline_missed
 
 
 def test_a_launch_over_the_budget_is_refused_before_anything_runs():
@@ -171,3 +174,15 @@ def test_a_fallback_the_caps_cannot_pay_for_runs_on_its_reservation_and_is_stopp
     r = run_replay(_small(BudgetConfig(daily=1.0), down_at_start=True), "greedy", seed=0)
     assert r.stopped_by is not None and r.stopped_by.startswith("its reservation $0.4375")
     assert 0.7 < r.spent <= 2 * 0.4375 + 1e-9 and r.deadline_missed
+
+
+def test_meetara_spends_the_last_recovery_on_demand():
+    """With one recovery allowed, the relaunch after the first preemption is the last (a second
+    preemption would end the job): meetara takes the on-demand offer although spot is back and the
+    deadline far (900 s spot + 660 s on-demand per job, done at 1620 s); with three recoveries allowed
+    it stays on spot (the hand-computed replay above: 1680 s of spot per job)."""
+    m = run_replay(_small(recoveries=1), "meetara", seed=0)
+    assert not m.deadline_missed and m.hours == pytest.approx(1620 / 3600) and m.preemptions == 2
+    assert m.cost == pytest.approx(2 * (900 / 3600 * 1.0 + 660 / 3600 * 3.0), abs=1e-6)
+    spot = run_replay(_small(recoveries=3), "meetara", seed=0)
+    assert spot.preemptions == 4 and spot.cost == pytest.approx(2 * 1680 / 3600, abs=1e-6)

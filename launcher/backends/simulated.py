@@ -154,8 +154,9 @@ class SimBackend:
             ("done", launch.machine_at + self.startup_s + n * per - launch.base),
             ("preempted", self.market.next_down(offer_key(launch.offer), launch.machine_at)),
         ]
-        if launch.stop_at is not None:
-            ends.append(("budget", self._t(datetime.fromtimestamp(launch.stop_at, tz=self.t0.tzinfo))))
+        if launch.stop_at is not None:  # `python -m train` checks it once it runs: after the start-up
+            guard = self._t(datetime.fromtimestamp(launch.stop_at, tz=self.t0.tzinfo))
+            ends.append(("budget", max(guard, launch.machine_at + self.startup_s)))
         return min(ends, key=lambda e: e[1])
 
     def _advance(self, launch: Launch, now: float) -> None:
