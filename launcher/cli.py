@@ -407,6 +407,7 @@ def plan_command(
     config: Path = typer.Option(None, help="preferences file"),
     as_json: bool = typer.Option(False, "--json"),
     warm_start: bool = WARM_START,
+    deadline: str = typer.Option(None, help="e.g. 12h: whether the plan's jobs fit, and their slack"),
 ) -> None:
     """Dry run: what `launch` with the same arguments would run (domains already done are skipped), the
     offer, the jobs and their projected cost. Launches nothing."""
@@ -429,8 +430,17 @@ def plan_command(
             live=live,
             providers=provider,
         )
+        deadline_s, _ = _deadline_and_policy(deadline, None)
+        if plan.jobs:
+            _check_deadline(plan, deadline_s)
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None
+    if deadline_s is not None and plan.jobs:
+        need = max(j.hours for j in plan.jobs)
+        say(
+            f"deadline {deadline_s / 3600:.2f} h: the longest job needs {need:.2f} h, "
+            f"{deadline_s / 3600 - need:.2f} h of slack for preemptions (launch --deadline: policy meetara)"
+        )
     if as_json:
         typer.echo(plan.model_dump_json(indent=1))
         return
@@ -471,6 +481,12 @@ def launch_command(
     preempt_max: int = typer.Option(3, min=0, help="at most this many injected preemptions"),
     config: Path = typer.Option(None, help="preferences file"),
     warm_start: bool = WARM_START,
+    deadline: str = typer.Option(
+        None, help="e.g. 12h: spot while the slack allows, on-demand when it must (policy meetara)"
+    ),
+    policy: str = typer.Option(
+        None, help="spot policy: greedy (default), meetara, uniform-progress, on-demand (see simulate)"
+    ),
 ) -> None:
     """Plan, check the budget, launch, follow the jobs, pull validated GGUFs into ./models."""
     from launcher.conductor import Chaos
@@ -480,6 +496,7 @@ def launch_command(
         prefs, names, backend, work = _plan_options(
             domains, backend, run_id, base_model, samples, epochs, config, warm_start
         )
+        deadline_s, policy = _deadline_and_policy(deadline, policy)
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None
     if preempt_every is not None and backend != "local":
@@ -501,7 +518,20 @@ def launch_command(
         provider,
         chaos,
         config,
+        deadline_s,
+        policy,
     )
+
+
+def _deadline_and_policy(deadline: str | None, policy: str | None) -> tuple[float | None, str | None]:
+    """`--deadline` in seconds and the policy that keeps it (meetara unless one is named)."""
+    from launcher.policies import NAMES
+    from train import BadInput
+
+    if policy is not None and policy not in NAMES:
+        raise BadInput(f"unknown policy {policy!r}; known: {', '.join(NAMES)}")
+    deadline_s = _duration_s(deadline) if deadline else None
+    return deadline_s, policy or ("meetara" if deadline_s else None)
 
 
 def _launch(
@@ -520,6 +550,8 @@ def _launch(
     provider=None,
     chaos=None,
     config=None,
+    deadline_s=None,
+    policy=None,
 ) -> None:
     """The body of `launch` and `recover`: skip done domains, plan the rest, reserve, launch, follow, pull."""
 
@@ -567,6 +599,7 @@ def _launch(
             if prep.plan is not None:
                 for name, why in prep.plan.excluded.items():
                     say(f"warning: {name}: {why}")
+                _check_deadline(prep.plan, deadline_s)
                 out.print(_plan_table(prep.plan))
                 if budget is None:
                     raise BadInput("pass --budget to launch the unfinished domains (see the table)")
@@ -576,7 +609,14 @@ def _launch(
                     if not typer.confirm(f"launch for about {usd(prep.plan.total_cost)}?"):
                         say("not launched: nothing was reserved or started")
                         raise typer.Exit(EXIT_DECLINED)
-                rec = L.commit(prep, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget)
+                rec = L.commit(
+                    prep,
+                    endpoint_url=endpoint_url,
+                    models_dir=models_dir,
+                    budget=budget,
+                    deadline_s=deadline_s,
+                    policy=policy,
+                )
         except LeaseLost as e:
             raise fail(str(e), L.EXIT_OWNED) from None
         except refusals as e:
@@ -651,7 +691,27 @@ def recover_command(
         yes,
         poll,
         config=config,
+        deadline_s=None if rec.deadline is None else max((rec.deadline - _now()).total_seconds(), 1.0),
+        policy=rec.policy,
     )
+
+
+def _now():
+    from budgets import clock
+
+    return clock.now()
+
+
+def _check_deadline(plan, deadline_s: float | None) -> None:
+    """A deadline the plan cannot meet even with no preemption is refused before anything is spent."""
+    from train import BadInput
+
+    if deadline_s is not None and plan.total_hours and max(j.hours for j in plan.jobs) * 3600 > deadline_s:
+        need = max(j.hours for j in plan.jobs)
+        raise BadInput(
+            f"--deadline {deadline_s / 3600:.2f} h: the plan's longest job needs {need:.2f} h without a "
+            "single preemption; allow more time or fewer domains per job (max_hours_per_job)"
+        )
 
 
 def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -362,14 +362,26 @@ def prepare(
     return prep
 
 
-def commit(prep: Prepared, *, endpoint_url: str | None, models_dir: Path, budget: float | None) -> RunRecord:
-    """Reserve the plan's cost in the ledger (all jobs or none), then record the run."""
+def commit(
+    prep: Prepared,
+    *,
+    endpoint_url: str | None,
+    models_dir: Path,
+    budget: float | None,
+    deadline_s: float | None = None,
+    policy: str | None = None,
+) -> RunRecord:
+    """Reserve the plan's cost in the ledger (all jobs or none), then record the run (with its deadline
+    and spot policy, which every later launch of its jobs follows)."""
     from launcher.crash import crash_point
     from launcher.money import Money
 
     rec = new_run(
         prep.plan, store=prep.store_url, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget
     )
+    if deadline_s is not None:
+        rec.deadline = rec.created_at + timedelta(seconds=deadline_s)
+    rec.policy = policy
     path = rec.path()
     before = path.read_bytes() if path.exists() else None
     rec.save()  # the run is on record before money moves: `recover` finds it whatever happens next
@@ -396,6 +408,7 @@ def conductor_for(
     if hasattr(prep.backend, "offers"):  # SkyPilot places offers from its catalogs: give it the run's
         prep.backend.offers = [o for j in rec.jobs.values() for o in j.offers]
     money = Money(prep.ledger, rec, prep.backend, poll_s=poll, clock=clock or utcnow, owner=prep.owner)
+    policy = policy_for(rec, prefs)
     hooks.before_launch, hooks.after_poll = money.before_launch, money.after_poll
     hooks.launch_failed, hooks.placed = money.launch_failed, money.placed
     c = Conductor(
@@ -410,8 +423,32 @@ def conductor_for(
         lease=prep.lease,
         max_start_s=prefs.start_timeout_minutes * 60 if rec.backend == "skypilot" else None,
     )
+    c.policy = policy
     c.money = money
     return c
+
+
+CHECKPOINT_S = 600.0  # what a policy assumes a preemption can undo at most (a checkpoint interval)
+
+
+def policy_for(rec: RunRecord, prefs: Preferences):
+    """The spot policy object of a run launched with `--policy` or `--deadline` (None: the conductor's
+    own rule, greedy)."""
+    if rec.policy in (None, "greedy"):
+        return None
+    from launcher.policies import Timing, make_policy
+    from launcher.simulate import domain_seconds
+
+    startup_s = prefs.job_startup_minutes * 60
+    timing = Timing(
+        rec.created_at,
+        rec.deadline,
+        domain_seconds(rec.plan, startup_s),
+        startup_s,
+        CHECKPOINT_S,
+        prefs.max_recoveries,
+    )
+    return make_policy(rec.policy, timing)
 
 
 def launch_message(e: BaseException) -> str:

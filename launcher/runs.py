@@ -138,6 +138,8 @@ class RunRecord(BaseModel):
     jobs: dict[str, JobRecord] = {}
     pulled: list[str] = []
     errors: dict[str, str] = {}  # domain -> why it could not be pulled (the run goes on without it)
+    deadline: datetime | None = None  # `launch --deadline`: the run should be done by then
+    policy: str | None = None  # the spot policy that chooses each launch's offers (launcher/policies.py)
     created_at: datetime = Field(default_factory=lambda: clock.now())
 
     def path(self) -> Path:

@@ -186,3 +186,24 @@ def test_meetara_spends_the_last_recovery_on_demand():
     assert m.cost == pytest.approx(2 * (900 / 3600 * 1.0 + 660 / 3600 * 3.0), abs=1e-6)
     spot = run_replay(_small(recoveries=3), "meetara", seed=0)
     assert spot.preemptions == 4 and spot.cost == pytest.approx(2 * 1680 / 3600, abs=1e-6)
+
+
+def test_launch_with_a_deadline_records_it_and_follows_its_policy(tmp_path):
+    """`launch --deadline` runs under a policy (meetara unless named), recorded with the run so that
+    `recover` keeps it; a deadline the plan cannot meet is refused in one line before anything is spent."""
+    from datetime import datetime
+
+    from conftest import local_env
+
+    env = local_env(tmp_path, 1.0)
+    short = run_cli("plan", "-d", "all", "--deadline", "1m", module="launcher", env=env, cwd=tmp_path)
+    assert short.returncode == 2 and short.stderr.startswith("error: --deadline 0.02 h: the plan's longest")
+    r = run_cli(
+        "launch", "-d", "nutrition", "--budget", "1", "-y", "--run-id", "dl", "--deadline", "2h",
+        module="launcher", env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "state" / "runs" / "dl.json").read_text())
+    span = datetime.fromisoformat(rec["deadline"]) - datetime.fromisoformat(rec["created_at"])
+    assert rec["policy"] == "meetara" and span.total_seconds() == pytest.approx(7200)
+    assert (tmp_path / "models" / "nutrition" / "adapter.gguf").is_file()
