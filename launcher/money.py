@@ -174,8 +174,10 @@ class Money:
         if job.reservation_id is None:
             return
         res = self.ledger.reservation(job.reservation_id)
-        launch_billed = self._billing_from.get(job.name) is not None  # this launch's machine is billed
-        if not launch_billed and job.offer.price_hour > res.rate_per_hour + 1e-12:
+        # this launch's machine is not billed yet: the job has no start, and its reservation either
+        # never started or started for an earlier launch
+        not_billed = job.started_at is None and (res.started_at is None or job.launches > 1)
+        if not_billed and job.offer.price_hour > res.rate_per_hour + 1e-12:
             self._cover(job, res, placed=True)  # a dearer fallback before billing began: reserve for it
             return
         self.ledger.set_rate(job.reservation_id, job.offer.price_hour, owner=self.owner)
