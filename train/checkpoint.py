@@ -3,7 +3,8 @@
 A checkpoint is a folder `<prefix>/step-NNNNNNNN/` holding its parts and, written last, `MANIFEST.json`
 with each part's sha256 and size. A checkpoint without a manifest, or whose parts do not match it,
 does not exist: resume takes the newest valid one. Pruning deletes the manifest first, so a
-half-deleted checkpoint is never mistaken for a valid one.
+half-deleted checkpoint is never mistaken for a valid one. `commit` writes objects that must not run
+ahead of the checkpoints (the training curve, train/metrics.py) after the manifest, before pruning.
 
 `Uploader` moves the upload off the training thread: training serializes the checkpoint to bytes (so
 what is saved is exactly the state at that step) and goes on while one background thread uploads it.
@@ -77,6 +78,25 @@ def save(
         "meta": meta or {},
     }
     store.put(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+
+
+def commit(
+    store: ObjectStore,
+    prefix: str,
+    step: int,
+    parts: dict[str, bytes],
+    meta: dict | None = None,
+    *,
+    keep: int,
+    after: dict[str, bytes] | None = None,
+) -> None:
+    """`save` the checkpoint, then put `after` (key -> bytes: objects that describe the state at this
+    step, such as the training curve, so written only once the checkpoint that holds it is
+    committed), then `prune` to the newest `keep`."""
+    save(store, prefix, step, parts, meta)
+    for key, data in (after or {}).items():
+        store.put(key, data)
+    prune(store, prefix, keep)
 
 
 def steps(store: ObjectStore, prefix: str) -> list[int]:
@@ -164,14 +184,22 @@ class Uploader:
     )
     _pending: Future | None = None
 
-    def submit(self, step: int, parts: dict[str, bytes], meta: dict | None = None) -> None:
+    def submit(
+        self,
+        step: int,
+        parts: dict[str, bytes],
+        meta: dict | None = None,
+        after: dict[str, bytes] | None = None,
+    ) -> None:
+        """Upload as `commit` does (`after` once the checkpoint is committed)."""
         self.wait()
-        self._pending = self._pool.submit(self._upload, step, parts, meta)
+        self._pending = self._pool.submit(self._upload, step, parts, meta, after)
 
-    def _upload(self, step: int, parts: dict[str, bytes], meta: dict | None) -> None:
+    def _upload(
+        self, step: int, parts: dict[str, bytes], meta: dict | None, after: dict[str, bytes] | None
+    ) -> None:
         t = time.perf_counter()
-        save(self.store, self.prefix, step, parts, meta)
-        prune(self.store, self.prefix, self.keep)
+        commit(self.store, self.prefix, step, parts, meta, keep=self.keep, after=after)
         self.uploads.append(time.perf_counter() - t)
 
     def wait(self) -> None:

@@ -26,6 +26,8 @@ one upload in flight). The interval is `checkpoint_every` steps, or by default t
 which a checkpoint blocks at most `checkpoint_overhead` (2 %) of training and an upload is done
 before the next (`auto_interval`, re-derived after each checkpoint from this run's measured costs).
 A preemption redoes at most one interval, plus the steps trained while the newest upload was in flight.
+Given a `metrics.Metrics`, each step's loss, lr, tokens and time go into it, and each checkpoint holds
+the curve up to its step (train/metrics.py): a resumed curve shows every step once.
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
 from train import checkpoint
 from train.store import ObjectStore
+
+if TYPE_CHECKING:
+    from train.metrics import Metrics
 
 
 class LoraParams(BaseModel):
@@ -351,6 +356,7 @@ def train(
     on_step: Callable[[int, int, float], None] | None = None,
     max_steps: int | None = None,
     resume_key: dict | None = None,
+    metrics: Metrics | None = None,
 ) -> TrainResult:
     """Train the LoRA weights of `model` (a peft model) on `data`, checkpointing to `store` under
     `prefix`, resuming from the newest valid checkpoint there. Raises `Interrupted` after saving
@@ -358,7 +364,12 @@ def train(
 
     Every checkpoint records `resume_key` (default `resume_params(params)`); a checkpoint that recorded
     other values is not resumed: `checkpoint.ParamsChanged` is raised before anything in the store is
-    touched (checkpoints written before they recorded it are resumed as before)."""
+    touched (checkpoints written before they recorded it are resumed as before).
+
+    `metrics` (train/metrics.py) records each step; it continues the curve of the checkpoint resumed,
+    goes into every checkpoint as a part and is copied to its own key once that checkpoint is committed.
+    The steps after the last checkpoint are in it on return; storing them is the caller's (the pipeline
+    writes it with the domain's manifest)."""
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load as st_load
@@ -380,6 +391,8 @@ def train(
     ckpt = checkpoint.latest(store, prefix)
     if ckpt is not None and (changes := checkpoint.changed_params(ckpt, key)):
         raise checkpoint.ParamsChanged(ckpt.step, changes)
+    if metrics is not None:  # first: the stored curve must not run ahead of the checkpoint resumed
+        metrics.resume(ckpt.step if ckpt else 0, ckpt.parts.get(metrics.PART) if ckpt else None)
     checkpoint.discard_after(store, prefix, ckpt.step if ckpt else 0)
     batch_size = ckpt.meta["batch_size"] if ckpt else pick_batch_size(model, params, pad_id)
     lengths = [len(x) for x in data]
@@ -447,12 +460,15 @@ def train(
             "rows": len(rows),
             "params": key,
         }
+        after = None
+        if metrics is not None:  # the curve up to this step: in the checkpoint, then beside it
+            parts[metrics.PART] = metrics.dump()
+            after = {metrics.key: parts[metrics.PART]}
         result.serialize_seconds.append(time.perf_counter() - t)
         if uploader is not None and not blocking:
-            uploader.submit(step, parts, meta)
+            uploader.submit(step, parts, meta, after)
         else:
-            checkpoint.save(store, prefix, step, parts, meta=meta)
-            checkpoint.prune(store, prefix, params.keep_checkpoints)
+            checkpoint.commit(store, prefix, step, parts, meta, keep=params.keep_checkpoints, after=after)
 
     forward = _Forward(model, compiling)
 
@@ -494,6 +510,7 @@ def train(
                     loss = step_loss(batch)
             else:
                 loss = step_loss(batch)
+            lr = opt.param_groups[0]["lr"]  # this step's (the scheduler moves it on below)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -505,6 +522,15 @@ def train(
             result.tokens += result.step_tokens[-1]
             result.positions += len(idx) * width
             done = step + 1
+            if metrics is not None:
+                metrics.train_step(
+                    done,
+                    epoch=done / per_epoch,
+                    loss=result.losses[-1],
+                    lr=float(lr),
+                    tokens=result.step_tokens[-1],
+                    seconds=result.step_seconds[-1],
+                )
             if on_step:
                 on_step(done, total, result.losses[-1])
             if stop is not None and stop.signum is not None and done < total:

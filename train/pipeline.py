@@ -3,6 +3,9 @@
 Store layout under the store's root:
     runs/<run>/base/<base>-f16.gguf                      the base model the adapters apply to
     runs/<run>/domains/<domain>/checkpoints/step-N/      training checkpoints (see checkpoint.py)
+    runs/<run>/domains/<domain>/checkpoints/metrics.jsonl
+                                                         training curve: step losses, held-out losses
+                                                         (train/metrics.py; `read_metrics` reads it)
     runs/<run>/domains/<domain>/adapter.gguf             LoRA adapter (llama.cpp `--lora`)
     runs/<run>/domains/<domain>/model-Q4_K_M.gguf        merged model, quantized
     runs/<run>/domains/<domain>/adapter.safetensors      final LoRA weights: what warm starts load
@@ -43,6 +46,7 @@ from train.data import domain_data
 from train.domains import Domain, load_registry, select_domains
 from train.lora import Interrupted, LoraParams, StopFlag, attach_lora, heldout_loss, resume_params
 from train.lora import train as train_lora
+from train.metrics import Metrics, metrics_key
 from train.names import RunId
 from train.similarity import profile
 from train.store import ObjectStore, open_store
@@ -365,6 +369,8 @@ def train_domain(
         warm = warm_start(d, spec, store, model, prefix, terms)
         with model.disable_adapter():
             loss_before = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
+        curve = Metrics(store, metrics_key(spec.run_id, d.name))
+        curve.heldout("before", 0, loss_before)
         if stop is not None:
             stop.training = True  # a deadline now means: checkpoint at the next step, then stop
         try:
@@ -378,6 +384,7 @@ def train_domain(
                 stop=stop,
                 on_step=events.step,
                 resume_key=resume_key(spec, train_s),
+                metrics=curve,
             )
         except checkpoint.ParamsChanged as e:  # written since `check_resumes` looked (another job)
             raise BadInput(changed_message([(d.name, e.step, e.changes)])) from None
@@ -386,6 +393,7 @@ def train_domain(
         # a signal during the last step (which saves no checkpoint): stop now, as during any other step
         _stop_if_asked(stop, f"after training {d.name}, before its export")
         loss_after = heldout_loss(model, held_ids, base.tokenizer.pad_token_id)
+        curve.heldout("after", result.steps, loss_after)
         timings["train"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -460,12 +468,15 @@ def train_domain(
             "batch_size": result.batch_size,
             "final_train_loss": round(result.losses[-1], 5) if result.losses else None,
             "tokens_per_second": round(result.tokens / result.seconds, 1) if result.seconds else None,
+            "curve": curve.key,  # every step's loss, lr, tokens/s and the held-out losses (JSON Lines)
         },
         "validation": validation,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "created": time.time(),
         "host": platform.node(),
     }
+    # the complete curve (the steps after the last checkpoint too), just before the domain is done
+    curve.write()
     # a failed domain keeps its checkpoints and gets no manifest, so a rerun retries it
     name = MANIFEST if validation["passed"] else "failed.json"
     store.put(f"{prefix}/{name}", json.dumps(manifest, indent=1).encode())
