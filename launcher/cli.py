@@ -937,12 +937,11 @@ def simulate_command(
     """Replay a spot market under the real conductor and money code on a virtual clock: per policy,
     cost, hours, deadlines missed and preemptions, beside the omniscient optimum."""
     from budgets.cli import load_budget_config
-    from launcher.launch import make_plan
     from launcher.market import market_from
     from launcher.plan import Workload
     from launcher.policies import NAMES
     from launcher.preferences import config_path, load_preferences
-    from launcher.simulate import Setup, simulate
+    from launcher.simulate import make_setup, simulate
     from train import BadInput
 
     try:
@@ -952,31 +951,16 @@ def simulate_command(
         unknown = [p for p in chosen if p not in NAMES]
         if unknown:
             raise BadInput(f"unknown policy {unknown[0]!r}; known: {', '.join(NAMES)}")
-        deadline_s = _duration_s(deadline) if deadline else None
-        traces = market_from(market)
-        work = Workload(base_model=base_model, samples=samples, epochs=epochs)
-        spot = prefs.model_copy(update={"spot_policy": "auto"})
-        plans = {
-            p: make_plan(
-                names,
-                backend="skypilot",
-                prefs=prefs.model_copy(update={"spot_policy": "on-demand"}) if p == "on-demand" else spot,
-                work=work,
-                run_id="sim",
-            )
-            for p in chosen
-        }
-        plans.setdefault("greedy", make_plan(names, backend="skypilot", prefs=spot, work=work, run_id="sim"))
-        setup = Setup(
-            plans,
-            traces,
-            budget,
-            deadline_s,
-            load_budget_config(config_path(config)),
-            prefs.job_startup_minutes * 60,
-            checkpoint_minutes * 60,
-            prefs.max_recoveries,
-            prefs.start_timeout_minutes * 60,
+        setup = make_setup(
+            names,
+            market_from(market),
+            chosen,
+            prefs=prefs,
+            caps=load_budget_config(config_path(config)),
+            work=Workload(base_model=base_model, samples=samples, epochs=epochs),
+            budget=budget,
+            deadline_s=_duration_s(deadline) if deadline else None,
+            checkpoint_s=checkpoint_minutes * 60,
         )
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None

@@ -106,6 +106,40 @@ class Setup:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="meetara-simulate-")))
 
 
+def make_setup(
+    names: list[str],
+    traces: list[Trace],
+    policies: list[str],
+    *,
+    prefs,
+    caps: BudgetConfig,
+    work,
+    budget: float | None,
+    deadline_s: float | None,
+    checkpoint_s: float = 600.0,
+) -> Setup:
+    """A `Setup` as `meetara simulate` makes it: each policy's plan from the bundled offer snapshot
+    (on-demand's from the on-demand market only, the others' from spot and on-demand: `auto`)."""
+    from launcher.launch import make_plan
+
+    def plan(spot_policy: str) -> Plan:
+        p = prefs.model_copy(update={"spot_policy": spot_policy})
+        return make_plan(names, backend="skypilot", prefs=p, work=work, run_id="sim")
+
+    plans = {p: plan("on-demand" if p == "on-demand" else "auto") for p in [*policies, "greedy"]}
+    return Setup(
+        plans,
+        traces,
+        budget,
+        deadline_s,
+        caps,
+        prefs.job_startup_minutes * 60,
+        checkpoint_s,
+        prefs.max_recoveries,
+        prefs.start_timeout_minutes * 60,
+    )
+
+
 def domain_seconds(plan: Plan, startup_s: float) -> dict[str, float]:
     """Training seconds per domain of each job, from the plan's hours (one start-up per job)."""
     return {j.name: max(j.hours * 3600 - startup_s, 0.0) / max(len(j.domains), 1) for j in plan.jobs}
