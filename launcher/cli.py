@@ -933,6 +933,7 @@ def simulate_command(
     seed: int = typer.Option(0, help="first replay's seed"),
     config: Path = typer.Option(None, help="preferences file (its caps apply)"),
     as_json: bool = typer.Option(False, "--json"),
+    plot_path: Path = typer.Option(None, "--plot", help="also write a PNG chart of the costs here"),
 ) -> None:
     """Replay a spot market under the real conductor and money code on a virtual clock: per policy,
     cost, hours, deadlines missed and preemptions, beside the omniscient optimum."""
@@ -969,6 +970,14 @@ def simulate_command(
     with Progress(console=_console(stderr=True), transient=True, disable=as_json) as bar:
         task = bar.add_task("replaying", total=replays)
         out = simulate(setup, chosen, replays, seed, progress=lambda k: bar.update(task, completed=k))
+    if plot_path is not None:
+        from launcher.simulate import plot
+
+        try:
+            plot(out, plot_path, f"{len(names)} domains, {replays} replays of {Path(market).name}")
+        except OSError as e:
+            raise fail(f"{plot_path}: cannot write the chart ({e.strerror or e})") from None
+        say(f"wrote {plot_path}")
     if as_json:
         import json
 

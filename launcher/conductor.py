@@ -397,6 +397,11 @@ class Conductor:
         job.launch_recoveries = 0
         job.end_launch(st.ended_at or clock.now())
         job.exit_code = st.exit_code
+        if st.exit_code == EXIT_BUDGET and self.policy is not None and self.policy.requeues():
+            # a deadline-aware run: its next launch asks for a new reservation (the caps decide)
+            job.state, job.started_at = "planned", None
+            job.note("stopped itself at its reservation's end (checkpoints kept): relaunching")
+            return
         if st.exit_code == EXIT_BUDGET:
             job.state = "STOPPED-BUDGET"
             job.note("stopped itself: its reservation ran out (checkpoints kept; a new launch resumes)")

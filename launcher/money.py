@@ -27,6 +27,7 @@ from budgets import clock, usd
 from budgets.ledger import Ledger
 from launcher.backends.base import Backend, BackendError
 from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
+from train.cli import EXIT_BUDGET
 
 RESERVE_MARGIN = 1.25  # estimates err; a job may spend a quarter more than planned before it is stopped
 STOP_MARGIN = 0.1  # the in-job guard fires this share of the reservation early (at most 60 s) ...
@@ -213,7 +214,8 @@ class Money:
                 self.ledger.accrue_until(job.reservation_id, now)
             elif job.state == "planned" and job.ended_at is not None:  # preempted, waiting to relaunch
                 self.ledger.accrue_until(job.reservation_id, min(job.ended_at, now))
-                if self._billing_from.pop(job.name, None) is not None:
+                stopped_itself = job.exit_code == EXIT_BUDGET  # its budget guard (a policy relaunches it)
+                if self._billing_from.pop(job.name, None) is not None and not stopped_itself:
                     self.ledger.record_event(
                         rec.run_id, "preempted", job=job.name, reservation_id=job.reservation_id
                     )

@@ -322,4 +322,30 @@ def simulate(setup: Setup, policies: list[str], replays: int, seed: int = 0, pro
     return summarise(results, optima)
 
 
-__all__ = ["NAMES", "Setup", "simulate", "run_replay", "optimum", "summarise"]
+def plot(summary: dict, path: Path, title: str) -> Path:
+    """A PNG of `summary`: mean cost per policy (p95 as a whisker) beside the optimum's bound, each bar
+    labelled with its cost and the share of replays that missed the deadline."""
+    from matplotlib.figure import Figure
+
+    from budgets import usd
+    from budgets.report import money_ticks
+
+    names = [*summary["policies"], "optimum (bound)"]
+    means = [p["cost_mean"] for p in summary["policies"].values()] + [summary["optimum"]["cost_mean"]]
+    p95 = [p["cost_p95"] - p["cost_mean"] for p in summary["policies"].values()] + [0.0]
+    fig = Figure(figsize=(8, 0.6 * len(names) + 1.6), dpi=110)
+    ax = fig.subplots()
+    bars = ax.barh(names[::-1], means[::-1], xerr=[[0] * len(names), p95[::-1]], color="#3b75af", height=0.6)
+    missed = [f" ({p['deadline_missed']:.0%} late)" for p in summary["policies"].values()] + [""]
+    ax.bar_label(bars, labels=[f"{usd(m)}{x}" for m, x in zip(means, missed, strict=True)][::-1], padding=4)
+    ax.set_xlim(0, max(m + d for m, d in zip(means, p95, strict=True)) * 1.45 or 1.0)
+    ax.set_xticks(ax.get_xticks())
+    ax.set_xticklabels(money_ticks(ax.get_xticks()))
+    ax.set_xlabel("cost per run (mean; whisker: p95)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+__all__ = ["NAMES", "Setup", "simulate", "run_replay", "optimum", "summarise", "plot"]

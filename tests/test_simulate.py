@@ -140,9 +140,11 @@ def test_the_same_seed_gives_the_same_numbers_and_caps_hold_in_every_replay():
 def test_simulate_cli_json_shape_and_bad_input(tmp_path):
     r = run_cli(
         "simulate", "-d", "technology", "--market", str(TRACES), "--deadline", "12h", "--replays", "2",
-        "--json", "--policy", "greedy", "--policy", "meetara", module="launcher", cwd=tmp_path,
+        "--json", "--policy", "greedy", "--policy", "meetara", "--plot", "costs.png",
+        module="launcher", cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+    assert (tmp_path / "costs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote costs.png" in r.stderr
     out = json.loads(r.stdout)
     assert set(out["policies"]) == {"greedy", "meetara"}
     for p in out["policies"].values():
@@ -207,3 +209,21 @@ def test_launch_with_a_deadline_records_it_and_follows_its_policy(tmp_path):
     span = datetime.fromisoformat(rec["deadline"]) - datetime.fromisoformat(rec["created_at"])
     assert rec["policy"] == "meetara" and span.total_seconds() == pytest.approx(7200)
     assert (tmp_path / "models" / "nutrition" / "adapter.gguf").is_file()
+
+
+def test_meetara_keeps_short_jobs_on_time_across_long_waits_for_capacity():
+    """Short jobs (one category) waiting hours for the cheapest spot: each wait is cut into launches,
+    and a launch whose in-job budget guard ran out while it waited is relaunched with a new reservation
+    rather than left stopped; no replay misses the 12 h deadline, and each costs no less than the bound."""
+    from launcher.launch import select
+    from launcher.preferences import Preferences
+    from launcher.simulate import make_setup
+
+    setup = make_setup(
+        select("technology"), load_traces(TRACES), ["meetara"], prefs=Preferences(), caps=BudgetConfig(),
+        work=Workload(base_model="microsoft/DialoGPT-medium"), budget=None, deadline_s=12 * 3600,
+    )  # fmt: skip
+    for seed in range(10):  # seed 1 waited 3.5 h, then ran out of its guard while waiting: it was late
+        r = run_replay(setup, "meetara", seed)
+        assert not r.deadline_missed and r.stopped_by is None, r
+        assert ("preempted", None) not in [(k, d) for k, d in r.events if r.preemptions == 0]
