@@ -25,7 +25,7 @@ def run(domains: int, per_job: int, replays: int) -> dict:
     from launcher.preferences import Preferences
     from launcher.simulate import make_setup, simulate
 
-    prefs = Preferences(max_domains_per_job=per_job, max_hours_per_job=1000)
+    prefs = Preferences(max_domains_per_job=per_job, max_hours_per_job=168)
     names = [f"domain-{i:04d}" for i in range(domains)]
     setup = make_setup(
         names,
