@@ -149,6 +149,17 @@ class Availability:
         return math.inf if s is None else s.next_down(t)
 
 
+def preemption_overhead(traces: Sequence[Trace], startup_s: float, checkpoint_s: float) -> float:
+    """The expected extra cost of spot as a fraction, from the traces: each up-spell ends in a preemption
+    (mean spell = total up time / spells), and each preemption costs a start-up and half a checkpoint
+    interval of work redone. What `preemption_overhead` in the preferences guesses at."""
+    up_s = sum(sum(t.up) * t.gap_s for t in traces)
+    spells = sum(sum(1 for i in range(len(t.up)) if t.up[i] and (i == 0 or not t.up[i - 1])) for t in traces)
+    if not up_s or not spells:
+        return 0.0
+    return (startup_s + checkpoint_s / 2) / (up_s / spells)
+
+
 def offer_key(o) -> tuple:
     return (o.provider, o.instance_type, o.region, bool(o.spot))
 

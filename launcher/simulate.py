@@ -119,11 +119,16 @@ def make_setup(
     checkpoint_s: float = 600.0,
 ) -> Setup:
     """A `Setup` as `meetara simulate` makes it: each policy's plan from the bundled offer snapshot
-    (on-demand's from the on-demand market only, the others' from spot and on-demand: `auto`)."""
+    (on-demand's from the on-demand market only, the others' from spot and on-demand: `auto`), spot
+    priced with the preemption overhead the traces show (`market.preemption_overhead`)."""
     from launcher.launch import make_plan
+    from launcher.market import preemption_overhead
+
+    # the market's own preemption rate prices spot in the plans, not the preferences' guess
+    overhead = preemption_overhead(traces, prefs.job_startup_minutes * 60, checkpoint_s)
 
     def plan(spot_policy: str) -> Plan:
-        p = prefs.model_copy(update={"spot_policy": spot_policy})
+        p = prefs.model_copy(update={"spot_policy": spot_policy, "preemption_overhead": min(overhead, 10.0)})
         return make_plan(names, backend="skypilot", prefs=p, work=work, run_id="sim")
 
     plans = {p: plan("on-demand" if p == "on-demand" else "auto") for p in [*policies, "greedy"]}
