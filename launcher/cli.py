@@ -354,12 +354,15 @@ def _plan_options(
 def _plan_table(plan) -> object:
     from rich.table import Table
 
+    from launcher.plan import plan_overheads
+
     title = f"run {plan.run_id}: {sum(len(j.domains) for j in plan.jobs)} domains in {len(plan.jobs)} jobs"
     src = plan.offers_source + (f" of {plan.snapshot_date}" if plan.snapshot_date else "")
     t = Table(
         title=escape(title),
         caption=escape(
-            f"offers: {src}; throughput: {plan.throughput_source}; base {plan.workload.base_model}"
+            f"offers: {src}; throughput: {plan.throughput_source}; base {plan.workload.base_model}; "
+            + plan_overheads(plan).describe()
         ),
     )
     for h in ("job", "domains", "offer", "$/h", "hours", "cost $", "fallbacks"):

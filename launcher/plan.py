@@ -3,8 +3,9 @@
 Domains are packed into jobs because a job's fixed start-up (provisioning, setup, base-model download)
 costs more than training one small adapter; jobs are capped in domains and hours so that one job's
 preemption or failure costs little and jobs can run side by side. Time per domain comes from the
-throughput table (launcher/throughput.py); cost = hours x expected $/h of the chosen offer, where the
-expected price includes the spot preemption overhead (launcher/select.py).
+throughput table (launcher/throughput.py) plus the measured per-domain overhead (`STAGE_COSTS`); cost =
+hours x expected $/h of the chosen offer, where the expected price includes the spot preemption overhead
+(launcher/select.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import platform
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from pydantic import AliasChoices, BaseModel, Field
@@ -24,6 +26,35 @@ from launcher.throughput import model_params, speed
 
 KEPT_SHARE = 0.9  # share of generated samples the quality filter keeps (measured 85-95 %, bench/RESULTS.md)
 LOCAL_STARTUP_MINUTES = 0.5  # process start + imports + base model load on this machine (tiny model)
+
+# What a job spends besides training steps, measured stage by stage by bench/stages.py (recorded in
+# bench/stages.json, "planner"; bench/RESULTS.md, "Stage costs") on a 2-core AMD EPYC VM, in jobs of 3
+# domains at two shapes: per domain, data + export (adapter, merge, f16, Q4_K_M) + validation (reference
+# logits, GGUF reads, two llama.cpp checks) + upload of the outputs to S3; per job, interpreter + imports +
+# base model load/build + the base f16 GGUF's export and upload (the machine's boot, setup and model
+# download are the user's `job_startup_minutes`, added on top for cloud jobs). DialoGPT-medium's shape:
+# 44.8 s per domain (Q4_K_M quantize 23 s of it), 29.9 s per job; tiny: 1.3 s and 6.0 s. Other work shared
+# those cores during the runs, so these err high (bench/RESULTS.md).
+# Scaling rule for other shapes and machines (`overheads`):
+# - shape: linear in the base model's parameters through the two measured points (export, quantize,
+#   llama.cpp's loads and the uploads move bytes in proportion to the parameters; processes and imports
+#   are the fixed part), never below the tiny model's figure;
+# - machine: Amdahl, t(c vCPUs) = t(2) x (s + (1 - s) x 2 / c); s, the share of the 2-core time that a
+#   second core did not shorten, is each heavy stage timed alone on 1 and on 2 cores (quantize 0.33,
+#   llama.cpp checks 0.85-0.90, f16 export 0.97, model build 1.0) weighted by its seconds in the job,
+#   other stages counted as serial (`STAGE_SERIAL_SHARE`); s x t(2) is the floor no machine goes below.
+STAGE_COSTS_VCPUS = 2  # the measuring machine's cores
+# base model: (parameters, per-domain seconds, per-job seconds), at STAGE_COSTS_VCPUS
+STAGE_COSTS: dict[str, tuple[float, float, float]] = {
+    "tiny": (1.3e6, 1.26, 5.96),
+    "microsoft/DialoGPT-medium": (355e6, 44.82, 29.88),
+}
+STAGE_SERIAL_SHARE = {"per_domain": 0.626, "per_job": 0.996}
+STAGE_COSTS_SOURCE = "measured (bench/stages.py)"
+# a cloud GPU box's vCPUs, for the planner (which prices per GPU type, not per machine, as SkyPilot's
+# time estimator does, launcher/skycatalog.py): the bundled snapshot's offers have 6-30 vCPUs per GPU, two
+# thirds of them 16 or more; 8 errs on the dear side
+CLOUD_VCPUS = 8
 
 
 class OfferRef(BaseModel):
@@ -120,14 +151,83 @@ class NoOffer(ValueError):
     """No offer passes the preferences (the message says which rule excluded the most)."""
 
 
-def domain_hours(gpu: str, work: Workload) -> tuple[float, str]:
-    """Hours to train, export and validate one domain on one `gpu` ("cpu" for this machine)."""
+@dataclass(frozen=True)
+class Overheads:
+    """Seconds a job spends besides training steps: per domain and once per job (`STAGE_COSTS`)."""
+
+    per_domain_s: float
+    per_job_s: float
+    vcpus: int
+    source: str
+    job_source: str | None = None  # where per_job_s comes from, when not from `source`
+
+    def describe(self) -> str:
+        if self.job_source:
+            return (
+                f"overheads: {self.per_domain_s:.1f} s/domain, {self.source}; "
+                f"{self.per_job_s:.1f} s/job, {self.job_source}"
+            )
+        return f"overheads: {self.per_domain_s:.1f} s/domain, {self.per_job_s:.1f} s/job, {self.source}"
+
+
+def overheads(base_model: str, vcpus: int = STAGE_COSTS_VCPUS) -> Overheads:
+    """The measured overheads (`STAGE_COSTS`) for `base_model` on a machine of `vcpus`, scaled by the
+    stated rule (above `STAGE_COSTS`)."""
+    n = model_params(base_model)
+    (n0, d0, j0), (n1, d1, j1) = STAGE_COSTS["tiny"], STAGE_COSTS["microsoft/DialoGPT-medium"]
+
+    def shape(lo: float, hi: float) -> float:
+        return max(lo, lo + (hi - lo) * (n - n0) / (n1 - n0))
+
+    def machine(t: float, serial: float) -> float:
+        return t * (serial + (1 - serial) * STAGE_COSTS_VCPUS / max(1, vcpus))
+
+    arch = base_model.removeprefix("random:")
+    scaled = [] if arch in STAGE_COSTS or n in (n0, n1) else [f"{n / 1e6:.0f}M params"]
+    if vcpus != STAGE_COSTS_VCPUS:
+        scaled.append(f"{vcpus} vCPUs")
+    return Overheads(
+        per_domain_s=round(machine(shape(d0, d1), STAGE_SERIAL_SHARE["per_domain"]), 2),
+        per_job_s=round(machine(shape(j0, j1), STAGE_SERIAL_SHARE["per_job"]), 2),
+        vcpus=vcpus,
+        source=STAGE_COSTS_SOURCE + (f" scaled to {' and '.join(scaled)}" if scaled else ""),
+    )
+
+
+def _vcpus(gpu: str) -> int:
+    """The vCPUs the overheads are scaled to: the measuring machine's for "cpu", a cloud GPU box's else."""
+    return STAGE_COSTS_VCPUS if gpu == "cpu" else CLOUD_VCPUS
+
+
+def domain_hours(gpu: str, work: Workload, vcpus: int | None = None) -> tuple[float, str]:
+    """Hours to train, export, validate and upload one domain on one `gpu` ("cpu" for this machine):
+    training tokens / the GPU's tokens/s (launcher/throughput.py) + the measured per-domain overhead
+    (`overheads`) on a machine of `vcpus` (default: `_vcpus(gpu)`)."""
     s = speed(gpu, work.base_model)
-    n = model_params(work.base_model)
-    # export (f16 write + Q4_K_M quantize) and validation (two llama.cpp loads, logits compare) grow
-    # with the model: measured 0.7 s for the tiny model on CPU; ~10 s + 1 s per 10M params on a GPU box
-    overhead_s = 0.7 if gpu == "cpu" else 10 + n / 1e7
+    overhead_s = overheads(work.base_model, vcpus or _vcpus(gpu)).per_domain_s
     return (work.domain_tokens() / s.tokens_per_s + overhead_s) / 3600, s.source
+
+
+def job_startup_hours(prefs: Preferences, work: Workload) -> float:
+    """A cloud job's fixed start-up: the user's `job_startup_minutes` (boot, setup, model download) + the
+    measured per-job overhead (imports, model load, base GGUF export and upload) on a GPU box."""
+    return prefs.job_startup_minutes / 60 + overheads(work.base_model, CLOUD_VCPUS).per_job_s / 3600
+
+
+def plan_overheads(plan: Plan) -> Overheads:
+    """The overheads `plan` was priced with (for `meetara plan`'s caption). A local plan's per-job
+    figure is its start-up allowance (`LOCAL_STARTUP_MINUTES` or MEETARA_LOCAL_STARTUP_S)."""
+    if plan.backend != "local":
+        return overheads(plan.workload.base_model, CLOUD_VCPUS)
+    o = overheads(plan.workload.base_model, _local_vcpus())
+    env = os.environ.get("MEETARA_LOCAL_STARTUP_S")
+    startup_s = float(env) if env else LOCAL_STARTUP_MINUTES * 60
+    job_source = "MEETARA_LOCAL_STARTUP_S" if env else "local start-up allowance"
+    return Overheads(o.per_domain_s, startup_s, o.vcpus, o.source, job_source)
+
+
+def _local_vcpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def order(domains: Sequence[str], work: Workload) -> list[str]:
@@ -215,7 +315,7 @@ def plan_cloud(
     choices = rank(offers, prefs, needs_for(work))
     if not choices:
         raise NoOffer(_why_none(offers, prefs, work))
-    startup_h = prefs.job_startup_minutes / 60
+    startup_h = job_startup_hours(prefs, work)
     cache: dict[str, tuple[float, str]] = {}
 
     def hours_of(gpu: str) -> float:
@@ -247,11 +347,13 @@ def plan_local(domains: Sequence[str], prefs: Preferences, work: Workload, run_i
     """All domains on this machine, one job after another, at the configured local $/h (default 0)."""
     domains = order(domains, work)
     gpu = _local_gpu()
-    h, source = domain_hours("cpu" if gpu == "cpu" else "A10", work)
+    vcpus = _local_vcpus()
+    h, source = domain_hours("cpu" if gpu == "cpu" else "A10", work, vcpus)
     startup_h = LOCAL_STARTUP_MINUTES / 60
     # calibration for a machine unlike the one the table was measured on (bench/train_throughput.py)
     if os.environ.get("MEETARA_LOCAL_TOKENS_S"):
-        h = (work.domain_tokens() / float(os.environ["MEETARA_LOCAL_TOKENS_S"]) + 0.7) / 3600
+        overhead_s = overheads(work.base_model, vcpus).per_domain_s
+        h = (work.domain_tokens() / float(os.environ["MEETARA_LOCAL_TOKENS_S"]) + overhead_s) / 3600
         source = "MEETARA_LOCAL_TOKENS_S"
     if os.environ.get("MEETARA_LOCAL_STARTUP_S"):
         startup_h = float(os.environ["MEETARA_LOCAL_STARTUP_S"]) / 3600
