@@ -436,10 +436,11 @@ def policy_for(rec: RunRecord, prefs: Preferences):
     own rule, greedy)."""
     if rec.policy in (None, "greedy"):
         return None
+    from launcher.plan import job_startup_hours
     from launcher.policies import Timing, make_policy
     from launcher.simulate import domain_seconds
 
-    startup_s = prefs.job_startup_minutes * 60
+    startup_s = job_startup_hours(prefs, rec.plan.workload) * 3600 if rec.backend != "local" else 0.0
     timing = Timing(
         rec.created_at,
         rec.deadline,

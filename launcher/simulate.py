@@ -123,9 +123,11 @@ def make_setup(
     priced with the preemption overhead the traces show (`market.preemption_overhead`)."""
     from launcher.launch import make_plan
     from launcher.market import preemption_overhead
+    from launcher.plan import job_startup_hours
 
+    startup_s = job_startup_hours(prefs, work) * 3600  # boot and setup + the measured per-job overhead
     # the market's own preemption rate prices spot in the plans, not the preferences' guess
-    overhead = preemption_overhead(traces, prefs.job_startup_minutes * 60, checkpoint_s)
+    overhead = preemption_overhead(traces, startup_s, checkpoint_s)
 
     def plan(spot_policy: str) -> Plan:
         p = prefs.model_copy(update={"spot_policy": spot_policy, "preemption_overhead": min(overhead, 10.0)})
@@ -138,7 +140,7 @@ def make_setup(
         budget,
         deadline_s,
         caps,
-        prefs.job_startup_minutes * 60,
+        startup_s,
         checkpoint_s,
         prefs.max_recoveries,
         prefs.start_timeout_minutes * 60,
