@@ -354,7 +354,9 @@ class Conductor:
         """A launch still waiting for a machine past `max_start_s` (SkyPilot retries "no capacity" on
         every offer of the task forever): cancel it; it never ran, so its reservation is released (a
         machine that was being provisioned meanwhile is billed by its provider for those minutes, which
-        the backend does not report: see README, "No capacity"). True if so."""
+        the backend does not report: see README, "No capacity"). True if so. Under a deadline-aware
+        policy (launcher/policies.py) the wait is the policy's, and the launch goes back to it
+        ("planned") instead of ending as NO-MACHINE."""
         waiting = st.state is JobState.PENDING and not st.started_at and job.launched_at is not None
         limit = self.max_start_s
         requeue = self.policy is not None and self.policy.requeues()
