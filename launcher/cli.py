@@ -645,6 +645,7 @@ def recover_command(
     """Resume a run: finished domains are skipped, unfinished ones resume from their checkpoints."""
     from rich.table import Table
 
+    from budgets import clock
     from launcher.launch import unfinished
     from launcher.preferences import load_preferences
     from launcher.runs import select_runs
@@ -694,15 +695,9 @@ def recover_command(
         yes,
         poll,
         config=config,
-        deadline_s=None if rec.deadline is None else max((rec.deadline - _now()).total_seconds(), 1.0),
+        deadline_s=None if rec.deadline is None else max((rec.deadline - clock.now()).total_seconds(), 1.0),
         policy=rec.policy,
     )
-
-
-def _now():
-    from budgets import clock
-
-    return clock.now()
 
 
 def _check_deadline(plan, deadline_s: float | None) -> None:
@@ -941,6 +936,7 @@ def simulate_command(
     """Replay a spot market under the real conductor and money code on a virtual clock: per policy,
     cost, hours, deadlines missed and preemptions, beside the omniscient optimum."""
     from budgets.cli import load_budget_config
+    from launcher.launch import select
     from launcher.market import market_from
     from launcher.plan import Workload
     from launcher.policies import NAMES
@@ -950,7 +946,7 @@ def simulate_command(
 
     try:
         prefs = load_preferences(config)
-        names = _select_domains(domains)
+        names = select(domains)
         chosen = list(dict.fromkeys(policy or NAMES))
         unknown = [p for p in chosen if p not in NAMES]
         if unknown:
@@ -1008,12 +1004,6 @@ def simulate_command(
         t, "optimum (bound)", usd(o["cost_mean"]), "", f"{o['hours_mean']:.2f}", "", "", "", "", style="bold"
     )
     print_whole(t)
-
-
-def _select_domains(domains: str) -> list[str]:
-    from launcher.launch import select
-
-    return select(domains)
 
 
 def _duration_s(text: str) -> float:

@@ -154,14 +154,17 @@ class Money:
             job.note(f"not launched on {job.offer.label}: {e}")
             self.ledger.record_event(self.rec.run_id, "stopped-budget", job=job.name, detail=str(e))
             return False
+        self._placed_event(job, f"reserved {usd(want)} for ")
+        return True
+
+    def _placed_event(self, job: JobRecord, prefix: str = "") -> None:
         self.ledger.record_event(
             self.rec.run_id,
             "placed",
             job=job.name,
             reservation_id=job.reservation_id,
-            detail=f"reserved {usd(want)} for {job.offer.label} at {usd(job.offer.price_hour)}/h",
+            detail=f"{prefix}{job.offer.label} at {usd(job.offer.price_hour)}/h",
         )
-        return True
 
     def _close(self, res, note: str) -> None:
         """End a reservation a new one replaces: what earlier launches spent stays spent."""
@@ -182,13 +185,7 @@ class Money:
             self._cover(job, res, placed=True)  # a dearer fallback before billing began: reserve for it
             return
         self.ledger.set_rate(job.reservation_id, job.offer.price_hour, owner=self.owner)
-        self.ledger.record_event(
-            self.rec.run_id,
-            "placed",
-            job=job.name,
-            reservation_id=job.reservation_id,
-            detail=f"{job.offer.label} at {usd(job.offer.price_hour)}/h",
-        )
+        self._placed_event(job)
 
     def launch_failed(self, job: JobRecord) -> None:
         """The backend did not start the job: its money goes back (what earlier launches spent stays)."""
