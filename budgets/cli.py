@@ -6,65 +6,15 @@ Bad input (config values, dates) and an unreadable ledger end in one line on std
 from __future__ import annotations
 
 import json
-import re
-from datetime import date, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
 import typer
 
 from budgets import LedgerError
-from budgets.caps import load_budget_config, midnight, utcnow
+from budgets.query import open_ledger, parse_when, query_report  # noqa: F401 (re-exported)
 from launcher.console import fail, print_whole
 from train import BadInput
-
-
-def open_ledger(config: Path | None = None):
-    """The ledger the config file (`--config`, else the preferences file's usual place) points to."""
-    from budgets.ledger import Ledger
-    from launcher.preferences import config_path  # one place decides where the config file is
-
-    return Ledger(config=load_budget_config(config_path(config)))
-
-
-def parse_when(text: str, zone: ZoneInfo, *, end: bool = False, flag: str = "--since") -> datetime:
-    """YYYY-MM-DD (local midnight in `zone`; with end=True the midnight after, so the day is included),
-    an ISO time (naive = in `zone`), 'today', 'yesterday', or Nd (N x 24 hours ago)."""
-    text = text.strip()
-    now = utcnow()
-    if text in ("today", "yesterday"):
-        day = now.astimezone(zone).date() - timedelta(days=text == "yesterday")
-        return midnight(day + timedelta(days=1) if end else day, zone)
-    if m := re.fullmatch(r"(\d+)d", text):
-        return now - timedelta(days=int(m.group(1)))
-    try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-            day = date.fromisoformat(text)
-            return midnight(day + timedelta(days=1) if end else day, zone)
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        raise BadInput(
-            f"{flag}: cannot read {text!r} (YYYY-MM-DD, an ISO time, today, yesterday or Nd)"
-        ) from None
-    return t if t.tzinfo else t.replace(tzinfo=zone)
-
-
-def query_report(config: Path | None, by: str, since: str | None, until: str | None):
-    """`meetara report`'s numbers (CLI and MCP): the rows by `by`, their total, and the period
-    [start, stop) parsed in the budget's time zone. Raises BadInput on a bad `by` or period."""
-    from budgets import report as rep
-
-    if by not in rep.BY:
-        raise BadInput(f"--by: {by!r} is not one of {', '.join(rep.BY)}")
-    with open_ledger(config) as ledger:
-        zone = ledger.config.zone
-        start = parse_when(since, zone) if since else None
-        stop = parse_when(until, zone, end=True, flag="--until") if until else None
-        if start and stop and start >= stop:
-            raise BadInput(f"--since {since} is not before --until {until}")
-        rows = rep.report(ledger, by, start, stop)
-        total = (rep.report(ledger, "total", start, stop) or [rep.Row("total")])[0]
-    return rows, total, start, stop
 
 
 def report_command(

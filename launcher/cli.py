@@ -935,7 +935,7 @@ def simulate_command(
 ) -> None:
     """Replay a spot market under the real conductor and money code on a virtual clock: per policy,
     cost, hours, deadlines missed and preemptions, beside the omniscient optimum."""
-    from budgets.cli import load_budget_config
+    from budgets.caps import load_budget_config
     from launcher.launch import select
     from launcher.market import market_from
     from launcher.plan import Workload

@@ -263,7 +263,7 @@ def unfinished(rec: RunRecord) -> list[str]:
 
 def open_ledger(config: Path | None = None):
     """The budget ledger with the caps of the config file (`budgets:`), env and defaults."""
-    from budgets.cli import open_ledger
+    from budgets.query import open_ledger
 
     return open_ledger(config)
 

@@ -23,7 +23,6 @@ paths only inside that directory: `models_dir` and a file:// (or bare path) `sto
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -35,6 +34,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import Field
 
+from launcher import api
 from train.names import RunId as JobRunId
 
 # Argument types: the SDK builds each tool's argument model (and its JSON schema) from them; the server
@@ -122,15 +122,6 @@ def _confine_store(url: str | None, workdir: Path | None) -> None:
         _confine(url, "store", workdir, url.removeprefix("file://"))
 
 
-def _refusals() -> tuple[type[BaseException], ...]:
-    """What the CLI turns into a one-line error (the rest is a bug and gets the SDK's generic error)."""
-    from budgets import BudgetExceeded, LedgerError
-    from launcher.backends.base import BackendError
-    from train.store import StoreError
-
-    return (BudgetExceeded, StoreError, BackendError, LedgerError, ValueError)  # BadInput is a ValueError
-
-
 def _tool_error(message: str):
     import mcp.types as types
 
@@ -142,12 +133,10 @@ def _refusing(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from launcher.launch import launch_message
-
         try:
             return fn(*args, **kwargs)
-        except _refusals() as e:
-            return _tool_error(launch_message(e))
+        except api.refusals() as e:
+            return _tool_error(api.message(e))
 
     return wrapper
 
@@ -194,122 +183,6 @@ def _strict_server_class():
             return await super().call_tool(name, arguments, context)
 
     return StrictServer
-
-
-# ---- what the resources and `status` show --------------------------------------------------------
-
-
-def _domains_in_store(rec) -> tuple[dict[str, dict], str | None]:
-    """Per domain of the run: which of manifest.json / failed.json / checkpoints its store holds.
-    One listing of the run's folder; (state, error) where the store cannot be read."""
-    import re
-
-    from train.store import StoreError, open_store
-
-    prefix = f"runs/{rec.run_id}/domains/"
-    found: dict[str, dict] = {}
-    try:
-        st = open_store(rec.store, endpoint_url=rec.endpoint_url, writable=False)
-        keys = st.list(prefix.rstrip("/"))
-    except StoreError as e:
-        return {}, str(e)
-    step = re.compile(r"/checkpoints/step-(\d{8})/")
-    for key in keys:
-        rest = key[len(prefix) :] if key.startswith(prefix) else None
-        if not rest or "/" not in rest:
-            continue
-        domain, name = rest.split("/", 1)
-        d = found.setdefault(domain, {"manifest": None, "failed": None, "steps": set()})
-        if name in ("manifest.json", "failed.json"):
-            with contextlib.suppress(StoreError, KeyError, ValueError):
-                d["manifest" if name == "manifest.json" else "failed"] = json.loads(st.get(key))
-        elif m := step.search("/" + name):
-            d["steps"].add(int(m.group(1)))
-    return found, None
-
-
-def _quality(manifest: dict) -> dict:
-    """The quality numbers of one domain's manifest (or failed.json)."""
-    m, v = manifest.get("metrics", {}), manifest.get("validation", {})
-    q = manifest.get("data", {}).get("quality", {})
-    before, after = m.get("heldout_loss_before"), m.get("heldout_loss_after")
-    checks = {}
-    for name, f in v.get("files", {}).items():
-        llama = f.get("llama_cpp") or {}
-        checks[name] = {
-            "passed": f.get("passed"),
-            "header_ok": f.get("header_ok"),
-            "size_ok": (f.get("size") or {}).get("ok"),
-            "max_abs_diff": llama.get("max_abs_diff"),
-            "top1_agreement": llama.get("top1_agreement"),
-        }
-    return {
-        "status": manifest.get("status"),
-        "base_model": manifest.get("base_model"),
-        "acceptance_rate": q.get("acceptance_rate"),
-        "samples_accepted": q.get("accepted"),
-        "samples_total": q.get("total"),
-        "rejected": q.get("rejected"),
-        "heldout_loss_before": before,
-        "heldout_loss_after": after,
-        "heldout_loss_improved": v.get("heldout_loss_improved"),
-        "validation_passed": bool(v.get("passed")),
-        "checks_passed": sum(bool(c["passed"]) for c in checks.values()),
-        "checks": checks,
-        "steps": m.get("steps"),
-        "final_train_loss": m.get("final_train_loss"),
-        "tokens_per_second": m.get("tokens_per_second"),
-    }
-
-
-def _run_detail(rec) -> dict:
-    """One run: its jobs and, per domain, where it stands (store first, then the job's state)."""
-    from launcher.launch import job_rows
-    from launcher.runs import ACTIVE
-
-    rows = job_rows([rec])
-    state_of = {r["job"]: r["state"] for r in rows}
-    found, error = _domains_in_store(rec)
-    models = Path(rec.models_dir)
-    domains = []
-    for job in rec.jobs.values():
-        for d in job.domains:
-            f = found.get(d, {"manifest": None, "failed": None, "steps": set()})
-            entry: dict[str, Any] = {"domain": d, "job": job.name, "job_state": state_of.get(job.name)}
-            if f["manifest"] is not None:
-                entry["state"] = "done"
-            elif f["failed"] is not None:
-                entry["state"] = "failed"
-            elif f["steps"] and state_of.get(job.name) in ACTIVE:
-                entry["state"] = "training"
-            else:
-                entry["state"] = "pending"  # not started, or waiting to resume from its checkpoint
-            entry["checkpoint_step"] = max(f["steps"], default=None)
-            manifest = f["manifest"] or f["failed"]
-            if manifest is not None:
-                qual = _quality(manifest)
-                entry.update({k: qual[k] for k in ("heldout_loss_before", "heldout_loss_after")})
-                entry["validation_passed"] = qual["validation_passed"]
-                entry["acceptance_rate"] = qual["acceptance_rate"]
-            entry["pulled"] = (models / d / "manifest.json").exists()
-            domains.append(entry)
-    count = {s: sum(e["state"] == s for e in domains) for s in ("done", "failed", "training", "pending")}
-    return {
-        "run_id": rec.run_id,
-        "backend": rec.backend,
-        "store": rec.store,
-        "models_dir": rec.models_dir,
-        "budget": rec.budget,
-        "planned_cost": rec.plan.total_cost,
-        "planned_hours": rec.plan.total_hours,
-        "base_model": rec.plan.workload.base_model,
-        "created_at": rec.created_at.isoformat(),
-        "domains_total": len(domains),
-        **count,
-        "store_error": error,
-        "jobs": rows,
-        "domains": domains,
-    }
 
 
 # ---- the server ----------------------------------------------------------------------------------
@@ -359,25 +232,12 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
         limit: Limit = 25,
     ) -> dict[str, Any]:
         """Price table across providers, cheapest expected $/h first (your provider preferences applied)."""
-        from launcher.offers import gather_offers
-        from launcher.preferences import load_preferences
-        from launcher.select import rank
-
-        table = gather_offers(live=live, providers=providers or None)
-        prefs = load_preferences(config)
-        if spot is not None:
-            prefs = prefs.model_copy(update={"spot_policy": "spot" if spot else "on-demand"})
-        found = [o for o in table.offers if not gpu or o.gpu.lower().startswith(gpu.lower())]
-        rows = [
-            c.offer.model_dump(mode="json")
-            | {"spot": c.spot, "price_hour": c.price_hour, "expected_hour": c.expected_hour}
-            for c in rank(found, prefs)[:limit]
-        ]
+        view = api.offers(gpu=gpu, spot=spot, providers=providers, live=live, limit=limit, config=config)
         return {
-            "source": table.source,
-            "snapshot_date": str(table.snapshot_date) if table.snapshot_date else None,
-            "offers": rows,
-            "notes": {**table.skipped, **table.errors},
+            "source": view.source,
+            "snapshot_date": view.snapshot_date,
+            "offers": [{**o.detail, **o.model_dump(exclude={"detail"})} for o in view.offers],
+            "notes": view.notes,
         }
 
     @server.tool()
@@ -393,13 +253,16 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
     ) -> dict[str, Any]:
         """Dry run: the offer, the jobs and their projected cost (`meetara plan --json`); domains already
         done in the run's store are listed under `done`, not planned. Launches nothing."""
-        from launcher.cli import _plan_options
-        from launcher.launch import plan_unfinished
-
-        prefs, names, backend, work = _plan_options(
-            domains, backend, run_id, base_model, samples, epochs, config
+        p = api.plan(
+            domains,
+            backend=backend,
+            run_id=run_id,
+            base_model=base_model,
+            samples=samples,
+            epochs=epochs,
+            store=store,
+            config=config,
         )
-        p = plan_unfinished(names, backend=backend, prefs=prefs, work=work, run_id=run_id, store=store)
         return p.model_dump(mode="json")
 
     @server.tool()
@@ -419,11 +282,9 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
 
         Finished domains are skipped; a run whose jobs still run is followed, not launched twice. The plan
         must fit `budget` and the ledger's caps, else nothing is launched. Blocks until the jobs end."""
-        from launcher.cli import _plan_options
-
         _confine(models_dir, "models_dir", confined_to)
         _confine_store(store, confined_to)
-        prefs, names, backend, work = _plan_options(
+        prefs, names, backend, work = api.resolve(
             domains, backend, run_id, base_model, samples, epochs, config
         )
         return launch_alone(
@@ -444,9 +305,7 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
         run_id: Annotated[JobRunId | None, Field(description="a run id; default: every run")] = None,
     ) -> dict[str, Any]:
         """Runs and their jobs: state, domains done, preemptions, machine time (`meetara status --json`)."""
-        from launcher.launch import status_rows
-
-        return {"jobs": status_rows(run_id)}
+        return {"jobs": api.status(run_id)}
 
     @server.tool()
     @_refusing
@@ -459,9 +318,8 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
     ) -> dict[str, Any]:
         """Cost per provider, domain, day or run from the budget ledger (`meetara report --json`)."""
         from budgets import report as rep
-        from budgets.cli import query_report
 
-        rows, total, start, stop = query_report(config, by, since, until)
+        rows, total, start, stop = api.report_rows(by, since, until, config)
         return json.loads(rep.to_json(rows, by=by, since=start, until=stop, total=total))
 
     @server.tool()
@@ -472,27 +330,14 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
     ) -> dict[str, Any]:
         """Resume a run: finished domains are skipped, unfinished ones resume from their checkpoints.
         Without run_id: the runs with unfinished domains. With run_id and budget: relaunch and follow."""
-        from launcher.launch import unfinished
         from launcher.preferences import load_preferences
-        from launcher.runs import select_runs
         from train import BadInput
 
         prefs = load_preferences(config)
-        rows = [(rec, unfinished(rec)) for rec in select_runs(run_id, "meetara recover")]
-        listing = [
-            {
-                "run": rec.run_id,
-                "backend": rec.backend,
-                "store": rec.store,
-                "unfinished": todo,
-                "planned_hour": sorted({round(j.offer.expected_hour, 3) for j in rec.plan.jobs}),
-            }
-            for rec, todo in rows
-            if todo
-        ]
+        listing = api.recoverable(run_id)
         if not run_id:
-            return {"runs": listing}
-        rec, todo = rows[0]
+            return {"runs": [r.model_dump() for r in listing if r.unfinished]}
+        rec, todo = api.load(run_id), listing[0].unfinished
         if not todo:
             return {"run_id": run_id, "unfinished": [], "message": f"run {run_id}: every domain is done"}
         if budget is None:
@@ -524,25 +369,22 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
         models_dir: ModelsDir = "models",
     ) -> dict[str, Any]:
         """Download a run's validated GGUFs (sha256-checked, atomic, resumable) into models_dir."""
-        from launcher.launch import select
-        from launcher.pull import open_run_store
-        from launcher.pull import pull as pull_run
-
         _confine(models_dir, "models_dir", confined_to)
         _confine_store(store, confined_to)
-        names = select(domains)
-        st = open_run_store(run_id, store, os.environ.get("MEETARA_S3_ENDPOINT_URL"))
-        results = pull_run(st, run_id, names, Path(models_dir))
-        bad = [r for r in results if r.status == "error"]
+        view = api.pull(
+            run_id,
+            domains,
+            store=store,
+            endpoint_url=os.environ.get("MEETARA_S3_ENDPOINT_URL"),
+            models_dir=Path(models_dir),
+        )
+        bad = [r for r in view.domains if r.status == "error"]
         if bad:
             return _tool_error(f"{len(bad)} download(s) refused: {bad[0].detail}")
         return {
             "run_id": run_id,
             "models_dir": str(models_dir),
-            "domains": {
-                r.domain: {"status": r.status, "files": r.files, "bytes": r.bytes, "detail": r.detail}
-                for r in results
-            },
+            "domains": {r.domain: r.model_dump(exclude={"domain"}) for r in view.domains},
         }
 
     # ---- resources ---------------------------------------------------------------------------------
@@ -554,7 +396,7 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
         def wrapper(*args: Any, **kwargs: Any) -> str:
             try:
                 return json.dumps(fn(*args, **kwargs), indent=1, default=str)
-            except _refusals() as e:
+            except api.refusals() as e:
                 raise ResourceError(str(e)) from None
 
         return wrapper
@@ -563,99 +405,32 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
     @_resource
     def budget_resource() -> dict:
         """Caps, spent, reserved and remaining per window (budget time zone); the open reservations."""
-        from launcher.launch import open_ledger
-
-        with open_ledger(config) as ledger:
-            windows, held = ledger.window_status(), ledger.open_reservations()
-            location, tz = ledger.location, ledger.config.timezone
-        return {
-            "timezone": tz,
-            "ledger": location,
-            "windows": [w.as_dict() for w in windows],
-            "open_reservations": [
-                {
-                    "id": r.id,
-                    "run_id": r.run_id,
-                    "job": r.job,
-                    "provider": r.provider,
-                    "gpu": f"{r.gpu_count}x{r.gpu}",
-                    "domains": list(r.domains),
-                    "rate_per_hour": r.rate_per_hour,
-                    "amount": round(r.amount, 6),
-                    "accrued": round(r.accrued, 6),
-                    "outstanding": round(r.outstanding, 6),
-                    "created_at": r.created_at.isoformat(),
-                    "started_at": r.started_at.isoformat() if r.started_at else None,
-                }
-                for r in held
-            ],
-        }
+        return api.budget(config).model_dump(mode="json")
 
     @server.resource("meetara://runs", name="runs", mime_type="application/json")
     @_resource
     def runs_resource() -> dict:
         """Every run this machine launched: backend, budget, domains done of total, per job state."""
-        from launcher.launch import job_rows
-        from launcher.runs import list_runs
-
-        out = []
-        for rec in list_runs():
-            rows = job_rows([rec])
-            out.append(
-                {
-                    "run_id": rec.run_id,
-                    "backend": rec.backend,
-                    "store": rec.store,
-                    "budget": rec.budget,
-                    "planned_cost": rec.plan.total_cost,
-                    "created_at": rec.created_at.isoformat(),
-                    "domains_done": sum(r["domains_done"] for r in rows),
-                    "domains_total": sum(r["domains"] for r in rows),
-                    "preemptions": sum(r["preemptions"] for r in rows),
-                    "jobs": rows,
-                }
-            )
-        return {"runs": out}
+        return api.runs().model_dump(mode="json")
 
     @server.resource("meetara://runs/{run_id}", name="run", mime_type="application/json")
     def run_resource(run_id: str) -> str:
         """One run per domain: done / failed / training / pending, checkpoint step, held-out loss before and
         after training, validation passed, pulled here; and its jobs' state."""
-        from launcher.runs import load_run
-        from train.names import check_run_id
-
         try:
-            rec = load_run(check_run_id(run_id))
-            if rec is None:
-                raise ResourceNotFoundError(f"no run {run_id!r} on this machine (see meetara status)")
-            return json.dumps(_run_detail(rec), indent=1, default=str)
-        except _refusals() as e:
+            detail = api.run_detail(run_id)
+        except api.NotFound as e:
+            raise ResourceNotFoundError(str(e)) from None
+        except api.refusals() as e:
             raise ResourceError(str(e)) from None
+        return json.dumps(detail.model_dump(mode="json"), indent=1, default=str)
 
     @server.resource("meetara://quality", name="quality", mime_type="application/json")
     @_resource
     def quality_resource() -> dict:
         """Per finished domain of every run: data acceptance rate, held-out loss before/after, validation
         checks (GGUF header, size, llama.cpp logits against the trained model)."""
-        from launcher.runs import list_runs
-
-        out = []
-        for rec in list_runs():
-            found, error = _domains_in_store(rec)
-            for d in [d for j in rec.plan.jobs for d in j.domains]:
-                manifest = (found.get(d) or {}).get("manifest") or (found.get(d) or {}).get("failed")
-                if manifest is not None:
-                    out.append({"run_id": rec.run_id, "domain": d, **_quality(manifest)})
-            if error:
-                out.append({"run_id": rec.run_id, "store_error": error})
-        passed = [q for q in out if q.get("validation_passed")]
-        return {
-            "domains": out,
-            "validated": len(passed),
-            "mean_acceptance_rate": (
-                round(sum(q["acceptance_rate"] or 0 for q in passed) / len(passed), 4) if passed else None
-            ),
-        }
+        return api.quality().model_dump(mode="json")
 
     return server
 

@@ -1,0 +1,642 @@
+"""The service layer: what meetara does, as typed functions its three faces call.
+
+The faces only translate arguments and render results: `launcher/cli.py` (typer + rich),
+`launcher/mcp_server.py` (the MCP tools and resources) and `launcher/dashboard/` (the web app). None
+of them imports another; each calls the functions here, which take plain arguments and return
+pydantic models (`.model_dump(mode="json")` is what the MCP server and the dashboard send).
+
+A refusal is an exception whose `str()` is the one-line message every face shows: the types are
+`refusals()` (bad input is `train.BadInput`, an unknown run `NotFound`, both ValueErrors; a cap is
+`budgets.BudgetExceeded`; `budgets.lease.RunOwned` when another launcher follows the run). `message`
+words a refusal as the CLI prints it after "error: ".
+
+Imports stay light at module level (pydantic only): `meetara --help` must answer at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from train import BadInput
+
+
+class NotFound(BadInput):
+    """No such run (or domain) on this machine or in its store."""
+
+
+def refusals() -> tuple[type[BaseException], ...]:
+    """The exceptions a face turns into its one-line error (anything else is a bug)."""
+    from budgets import BudgetExceeded, LedgerError
+    from budgets.lease import LeaseLost, RunOwned
+    from launcher.backends.base import BackendError
+    from train.store import StoreError
+
+    # BadInput (and NotFound, NoOffer) are ValueErrors
+    return (BudgetExceeded, StoreError, BackendError, LedgerError, RunOwned, LeaseLost, ValueError)
+
+
+def message(e: BaseException) -> str:
+    """A refusal in one line, as the CLI prints it after "error: " (a cap: "refused: ...")."""
+    from launcher.launch import launch_message
+
+    return launch_message(e)
+
+
+# ---- the workload a plan or launch asks for --------------------------------------------------------
+
+
+def resolve(
+    domains: str,
+    backend: str | None = None,
+    run_id: str = "default",
+    base_model: str | None = None,
+    samples: int = 200,
+    epochs: float = 2.0,
+    config: Path | None = None,
+    warm_start: bool = False,
+):
+    """The front half of plan and launch: (preferences, domain names, backend, workload). Unknown
+    domains, backends, models and bad run ids raise BadInput here, before anything is planned."""
+    from launcher.launch import resolve_backend, select
+    from launcher.plan import Workload
+    from launcher.preferences import load_preferences
+    from launcher.throughput import model_params
+    from train.names import check_run_id
+
+    check_run_id(run_id)
+    prefs = load_preferences(config)
+    names = select(domains)
+    backend = resolve_backend(prefs, backend)
+    model = base_model or ("tiny" if backend == "local" else "microsoft/DialoGPT-medium")
+    model_params(model)  # unknown models fail here, before anything is planned
+    work = Workload(base_model=model, samples=samples, epochs=epochs, warm_start=warm_start)
+    return prefs, names, backend, work
+
+
+def deadline_and_policy(deadline: str | None, policy: str | None) -> tuple[float | None, str | None]:
+    """`--deadline` (e.g. 12h, 90m) in seconds and the policy that keeps it (meetara unless named)."""
+    from launcher.policies import NAMES
+
+    if policy is not None and policy not in NAMES:
+        raise BadInput(f"unknown policy {policy!r}; known: {', '.join(NAMES)}")
+    deadline_s = duration_s(deadline) if deadline else None
+    return deadline_s, policy or ("meetara" if deadline_s else None)
+
+
+def duration_s(text: str) -> float:
+    """'12h', '90m', '2d', '3600s' (or plain seconds) in seconds; BadInput otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise BadInput(f"--deadline {text!r}: write a duration such as 12h, 90m or 2d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def check_deadline(plan, deadline_s: float | None) -> None:
+    """A deadline the plan cannot meet even with no preemption is refused before anything is spent."""
+    if deadline_s is not None and plan.total_hours and max(j.hours for j in plan.jobs) * 3600 > deadline_s:
+        need = max(j.hours for j in plan.jobs)
+        raise BadInput(
+            f"--deadline {deadline_s / 3600:.2f} h: the plan's longest job needs {need:.2f} h without a "
+            "single preemption; allow more time or fewer domains per job (max_hours_per_job)"
+        )
+
+
+# ---- offers and plans -----------------------------------------------------------------------------
+
+
+class OfferRow(BaseModel):
+    provider: str
+    gpu: str
+    gpu_count: int
+    gpu_mem_gb: int | float
+    region: str
+    spot: bool
+    price_hour: float
+    expected_hour: float
+    detail: dict[str, Any] = {}  # the offer's other fields, as the provider gave them
+
+
+class OffersView(BaseModel):
+    source: str  # "snapshot" or "live"
+    snapshot_date: str | None
+    offers: list[OfferRow]  # cheapest expected $/h first, at most `limit`
+    matching: int  # how many offers passed the preferences and filters in all
+    notes: dict[str, str]  # per provider: why it gave none, or why the preferences exclude all of it
+
+
+def offers(
+    *,
+    gpu: str | None = None,
+    spot: bool | None = None,
+    providers: list[str] | None = None,
+    live: bool = False,
+    refresh: bool = False,
+    ignore_preferences: bool = False,
+    limit: int = 25,
+    config: Path | None = None,
+) -> OffersView:
+    """The price table across providers, ranked by expected $/h under the preferences."""
+    from launcher.offers import gather_offers
+    from launcher.preferences import Preferences, load_preferences
+    from launcher.select import emptied_providers, rank
+
+    table = gather_offers(live=live, providers=providers or None, refresh=refresh)
+    prefs = Preferences() if ignore_preferences else load_preferences(config)
+    if spot is not None:
+        prefs = prefs.model_copy(update={"spot_policy": "spot" if spot else "on-demand"})
+    found = [o for o in table.offers if not gpu or o.gpu.lower().startswith(gpu.lower())]
+    ranked = rank(found, prefs)
+    rows = []
+    for c in ranked[:limit]:
+        o = c.offer.model_dump(mode="json")
+        keep = {k: o.pop(k) for k in ("provider", "gpu", "gpu_count", "gpu_mem_gb", "region")}
+        rows.append(
+            OfferRow(**keep, spot=c.spot, price_hour=c.price_hour, expected_hour=c.expected_hour, detail=o)
+        )
+    return OffersView(
+        source=table.source,
+        snapshot_date=str(table.snapshot_date) if table.snapshot_date else None,
+        offers=rows,
+        matching=len(ranked),
+        notes={**table.skipped, **table.errors, **emptied_providers(table.offers, prefs)},
+    )
+
+
+def plan(
+    domains: str,
+    *,
+    backend: str | None = None,
+    run_id: str = "default",
+    base_model: str | None = None,
+    samples: int = 200,
+    epochs: float = 2.0,
+    store: str | None = None,
+    endpoint_url: str | None = None,
+    live: bool = False,
+    providers: list[str] | None = None,
+    warm_start: bool = False,
+    deadline_s: float | None = None,
+    config: Path | None = None,
+):
+    """Dry run (a `launcher.plan.Plan`): what `launch` with the same arguments would run. Domains done
+    in the store are in `done`, not planned; a deadline the plan cannot meet is refused."""
+    from launcher.launch import plan_unfinished
+
+    prefs, names, backend, work = resolve(
+        domains, backend, run_id, base_model, samples, epochs, config, warm_start
+    )
+    p = plan_unfinished(
+        names,
+        backend=backend,
+        prefs=prefs,
+        work=work,
+        run_id=run_id,
+        store=store,
+        endpoint_url=endpoint_url,
+        live=live,
+        providers=providers,
+    )
+    if p.jobs:
+        check_deadline(p, deadline_s)
+    return p
+
+
+# ---- budget and reports ---------------------------------------------------------------------------
+
+
+class BudgetView(BaseModel):
+    timezone: str
+    ledger: str
+    windows: list[dict[str, Any]]  # daily, weekly, monthly: cap, spent, reserved, remaining, bounds
+    open_reservations: list[dict[str, Any]]
+
+
+def budget(config: Path | None = None) -> BudgetView:
+    """Caps, spent, reserved and remaining per window (budget time zone), and the open reservations."""
+    from budgets.query import open_ledger
+
+    with open_ledger(config) as ledger:
+        windows, held = ledger.window_status(), ledger.open_reservations()
+        location, tz = ledger.location, ledger.config.timezone
+    return BudgetView(
+        timezone=tz,
+        ledger=location,
+        windows=[w.as_dict() for w in windows],
+        open_reservations=[
+            {
+                "id": r.id,
+                "run_id": r.run_id,
+                "job": r.job,
+                "provider": r.provider,
+                "gpu": f"{r.gpu_count}x{r.gpu}",
+                "domains": list(r.domains),
+                "rate_per_hour": r.rate_per_hour,
+                "amount": round(r.amount, 6),
+                "accrued": round(r.accrued, 6),
+                "outstanding": round(r.outstanding, 6),
+                "created_at": r.created_at.isoformat(),
+                "started_at": r.started_at.isoformat() if r.started_at else None,
+            }
+            for r in held
+        ],
+    )
+
+
+class ReportView(BaseModel):
+    by: str
+    since: str | None
+    until: str | None
+    rows: list[dict[str, Any]]
+    total: dict[str, Any]
+
+
+def report(
+    by: str = "provider", since: str | None = None, until: str | None = None, config: Path | None = None
+) -> ReportView:
+    """Cost per provider, domain, day or run from the ledger over [since, until] (`meetara report`)."""
+    from budgets import report as rep
+    from budgets.query import query_report
+
+    rows, total, start, stop = query_report(config, by, since, until)
+    doc = json.loads(rep.to_json(rows, by=by, since=start, until=stop, total=total))
+    return ReportView(
+        by=by,
+        since=start.isoformat() if start else None,
+        until=stop.isoformat() if stop else None,
+        rows=doc.get("rows", []),
+        total=doc.get("total", {}),
+    )
+
+
+def report_rows(by: str, since: str | None, until: str | None, config: Path | None = None):
+    """The report as `budgets.report.Row`s (rows, total, start, stop), for the CLI's table, CSV, PNG."""
+    from budgets.query import query_report
+
+    return query_report(config, by, since, until)
+
+
+# ---- runs -----------------------------------------------------------------------------------------
+
+
+def load(run_id: str):
+    """The run record of `run_id` (NotFound when this machine never launched it)."""
+    from launcher.runs import load_run
+    from train.names import check_run_id
+
+    rec = load_run(check_run_id(run_id))
+    if rec is None:
+        raise NotFound(f"no run {run_id!r} on this machine (see meetara status)")
+    return rec
+
+
+def status(run_id: str | None = None) -> list[dict[str, Any]]:
+    """One row per job of one run (or of every run): state, domains done, launches, preemptions,
+    work lost, started, elapsed, machine time and cost so far (`meetara status --json`)."""
+    from launcher.launch import status_rows
+
+    return status_rows(run_id)
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    backend: str
+    store: str
+    budget: float | None
+    planned_cost: float
+    created_at: str
+    domains_done: int
+    domains_total: int
+    preemptions: int
+    cost_so_far: float
+    state: str  # running (a job active or planned), done (all succeeded), else the jobs' states
+    jobs: list[dict[str, Any]]
+
+
+class RunsView(BaseModel):
+    runs: list[RunSummary]
+
+
+def _run_state(rows: list[dict]) -> str:
+    states = {r["state"] for r in rows}
+    from launcher.runs import ACTIVE, LAUNCHING
+
+    if states & (ACTIVE | {LAUNCHING, "planned"}):
+        return "running"
+    if states == {"SUCCEEDED"}:
+        return "done"
+    return ", ".join(sorted(s.lower() for s in states))
+
+
+def runs() -> RunsView:
+    """Every run this machine launched, newest first, with its jobs' rows."""
+    from launcher.launch import job_rows
+    from launcher.runs import list_runs
+
+    out = []
+    for rec in sorted(list_runs(), key=lambda r: r.created_at, reverse=True):
+        rows = job_rows([rec])
+        out.append(
+            RunSummary(
+                run_id=rec.run_id,
+                backend=rec.backend,
+                store=rec.store,
+                budget=rec.budget,
+                planned_cost=rec.plan.total_cost,
+                created_at=rec.created_at.isoformat(),
+                domains_done=sum(r["domains_done"] for r in rows),
+                domains_total=sum(r["domains"] for r in rows),
+                preemptions=sum(r["preemptions"] for r in rows),
+                cost_so_far=round(sum(r["cost_so_far"] for r in rows), 6),
+                state=_run_state(rows),
+                jobs=rows,
+            )
+        )
+    return RunsView(runs=out)
+
+
+def _domains_in_store(rec) -> tuple[dict[str, dict], str | None]:
+    """Per domain of the run: its manifest.json / failed.json, checkpoint steps and file sizes in the
+    store. One listing of the run's folder; ({}, error) where the store cannot be read."""
+    from train.store import StoreError, open_store
+
+    prefix = f"runs/{rec.run_id}/domains/"
+    found: dict[str, dict] = {}
+    try:
+        st = open_store(rec.store, endpoint_url=rec.endpoint_url, writable=False)
+        keys = st.list(prefix.rstrip("/"))
+    except StoreError as e:
+        return {}, str(e)
+    step = re.compile(r"/checkpoints/step-(\d{8})/")
+    for key in keys:
+        rest = key[len(prefix) :] if key.startswith(prefix) else None
+        if not rest or "/" not in rest:
+            continue
+        domain, name = rest.split("/", 1)
+        d = found.setdefault(domain, {"manifest": None, "failed": None, "steps": set()})
+        if name in ("manifest.json", "failed.json"):
+            with contextlib.suppress(StoreError, KeyError, ValueError):
+                d["manifest" if name == "manifest.json" else "failed"] = json.loads(st.get(key))
+        elif m := step.search("/" + name):
+            d["steps"].add(int(m.group(1)))
+    return found, None
+
+
+def quality_of(manifest: dict) -> dict[str, Any]:
+    """The quality numbers of one domain's manifest (or failed.json)."""
+    m, v = manifest.get("metrics", {}), manifest.get("validation", {})
+    q = manifest.get("data", {}).get("quality", {})
+    checks = {}
+    for name, f in v.get("files", {}).items():
+        llama = f.get("llama_cpp") or {}
+        checks[name] = {
+            "passed": f.get("passed"),
+            "header_ok": f.get("header_ok"),
+            "size_ok": (f.get("size") or {}).get("ok"),
+            "max_abs_diff": llama.get("max_abs_diff"),
+            "top1_agreement": llama.get("top1_agreement"),
+        }
+    return {
+        "status": manifest.get("status"),
+        "base_model": manifest.get("base_model"),
+        "acceptance_rate": q.get("acceptance_rate"),
+        "samples_accepted": q.get("accepted"),
+        "samples_total": q.get("total"),
+        "rejected": q.get("rejected"),
+        "heldout_loss_before": m.get("heldout_loss_before"),
+        "heldout_loss_after": m.get("heldout_loss_after"),
+        "heldout_loss_improved": v.get("heldout_loss_improved"),
+        "validation_passed": bool(v.get("passed")),
+        "checks_passed": sum(bool(c["passed"]) for c in checks.values()),
+        "checks": checks,
+        "steps": m.get("steps"),
+        "final_train_loss": m.get("final_train_loss"),
+        "tokens_per_second": m.get("tokens_per_second"),
+    }
+
+
+class RunDetail(BaseModel):
+    run_id: str
+    backend: str
+    store: str
+    models_dir: str
+    budget: float | None
+    planned_cost: float
+    planned_hours: float
+    cost_so_far: float
+    base_model: str
+    created_at: str
+    state: str
+    domains_total: int
+    done: int
+    failed: int
+    training: int
+    pending: int
+    store_error: str | None
+    jobs: list[dict[str, Any]]
+    domains: list[dict[str, Any]]  # per domain: state, checkpoint step, losses, validation, files
+    # per domain: the training curve (train steps and held-out losses, as train.metrics records them)
+    curves: dict[str, list[dict[str, Any]]] = {}
+    # what happened when, oldest first: {at, job, kind (launched, preempted, relaunched, ...), text}
+    timeline: list[dict[str, Any]] = []
+
+
+_KINDS = (  # a job history note's first words -> its kind on the time line
+    ("injected preemption", "preempted"),
+    ("preempted", "preempted"),
+    ("the backend recovered", "recovered"),
+    ("launched", "launched"),
+    ("relaunch", "launched"),
+    ("cancel", "cancelled"),
+    ("succeeded", "succeeded"),
+    ("failed", "failed"),
+)
+
+
+def _timeline(rec) -> list[dict[str, Any]]:
+    out = []
+    for job in rec.jobs.values():
+        for note in job.history:
+            at, _, text = note.partition(" ")
+            kind = next((k for prefix, k in _KINDS if text.lower().startswith(prefix)), "note")
+            out.append({"at": at, "job": job.name, "kind": kind, "text": text})
+    return sorted(out, key=lambda e: e["at"])
+
+
+def run_detail(run_id: str, *, curves: bool = True) -> RunDetail:
+    """One run: its jobs and, per domain, where it stands (store first, then the job's state), the
+    files it produced and their sizes, its training curves and its time line."""
+    from launcher.launch import job_rows
+    from launcher.runs import ACTIVE
+    from train.metrics import read_metrics
+    from train.store import StoreError, open_store
+
+    rec = load(run_id)
+    rows = job_rows([rec])
+    state_of = {r["job"]: r["state"] for r in rows}
+    found, error = _domains_in_store(rec)
+    models = Path(rec.models_dir)
+    domains = []
+    for job in rec.jobs.values():
+        for d in job.domains:
+            f = found.get(d, {"manifest": None, "failed": None, "steps": set()})
+            entry: dict[str, Any] = {"domain": d, "job": job.name, "job_state": state_of.get(job.name)}
+            if f["manifest"] is not None:
+                entry["state"] = "done"
+            elif f["failed"] is not None:
+                entry["state"] = "failed"
+            elif f["steps"] and state_of.get(job.name) in ACTIVE:
+                entry["state"] = "training"
+            else:
+                entry["state"] = "pending"  # not started, or waiting to resume from its checkpoint
+            entry["checkpoint_step"] = max(f["steps"], default=None)
+            manifest = f["manifest"] or f["failed"]
+            if manifest is not None:
+                qual = quality_of(manifest)
+                entry.update({k: qual[k] for k in ("heldout_loss_before", "heldout_loss_after")})
+                entry["validation_passed"] = qual["validation_passed"]
+                entry["acceptance_rate"] = qual["acceptance_rate"]
+                entry["files"] = {
+                    name: {"bytes": info.get("bytes"), "sha256": info.get("sha256")}
+                    for name, info in (manifest.get("files") or {}).items()
+                    if isinstance(info, dict)
+                }
+            entry["pulled"] = (models / d / "manifest.json").exists()
+            domains.append(entry)
+    count = {s: sum(e["state"] == s for e in domains) for s in ("done", "failed", "training", "pending")}
+    got: dict[str, list[dict]] = {}
+    if curves and error is None:
+        with contextlib.suppress(StoreError):
+            st = open_store(rec.store, endpoint_url=rec.endpoint_url, writable=False)
+            for e in domains:
+                if found.get(e["domain"]):
+                    got[e["domain"]] = read_metrics(st, rec.run_id, e["domain"])
+    return RunDetail(
+        run_id=rec.run_id,
+        backend=rec.backend,
+        store=rec.store,
+        models_dir=rec.models_dir,
+        budget=rec.budget,
+        planned_cost=rec.plan.total_cost,
+        planned_hours=rec.plan.total_hours,
+        cost_so_far=round(sum(r["cost_so_far"] for r in rows), 6),
+        base_model=rec.plan.workload.base_model,
+        created_at=rec.created_at.isoformat(),
+        state=_run_state(rows),
+        domains_total=len(domains),
+        **count,
+        store_error=error,
+        jobs=rows,
+        domains=domains,
+        curves=got,
+        timeline=_timeline(rec),
+    )
+
+
+class QualityView(BaseModel):
+    domains: list[dict[str, Any]]
+    validated: int
+    mean_acceptance_rate: float | None
+
+
+def quality() -> QualityView:
+    """Per finished domain of every run: data acceptance, held-out losses, validation checks."""
+    from launcher.runs import list_runs
+
+    out: list[dict[str, Any]] = []
+    for rec in list_runs():
+        found, error = _domains_in_store(rec)
+        for d in [d for j in rec.plan.jobs for d in j.domains]:
+            manifest = (found.get(d) or {}).get("manifest") or (found.get(d) or {}).get("failed")
+            if manifest is not None:
+                out.append({"run_id": rec.run_id, "domain": d, **quality_of(manifest)})
+        if error:
+            out.append({"run_id": rec.run_id, "store_error": error})
+    passed = [q for q in out if q.get("validation_passed")]
+    mean = round(sum(q["acceptance_rate"] or 0 for q in passed) / len(passed), 4) if passed else None
+    return QualityView(domains=out, validated=len(passed), mean_acceptance_rate=mean)
+
+
+class Recoverable(BaseModel):
+    run: str
+    backend: str
+    store: str
+    unfinished: list[str]
+    planned_hour: list[float]
+
+
+def recoverable(run_id: str | None = None) -> list[Recoverable]:
+    """The runs (or the one run) with domains not done in their stores."""
+    from launcher.launch import unfinished
+    from launcher.runs import select_runs
+
+    out = []
+    for rec in select_runs(run_id, "meetara recover"):
+        out.append(
+            Recoverable(
+                run=rec.run_id,
+                backend=rec.backend,
+                store=rec.store,
+                unfinished=unfinished(rec),
+                planned_hour=sorted({round(j.offer.expected_hour, 3) for j in rec.plan.jobs}),
+            )
+        )
+    return out
+
+
+# ---- pulling outputs ------------------------------------------------------------------------------
+
+
+class Pulled(BaseModel):
+    domain: str
+    status: str  # pulled, up-to-date, not-finished, failed-validation, error
+    files: dict[str, str] = {}
+    bytes: int = 0
+    detail: str = ""
+
+
+class PullView(BaseModel):
+    run_id: str
+    models_dir: str
+    domains: list[Pulled]
+
+    @property
+    def here(self) -> int:
+        return sum(r.status in ("pulled", "up-to-date") for r in self.domains)
+
+
+def pull(
+    run_id: str = "default",
+    domains: str = "all",
+    *,
+    store: str | None = None,
+    endpoint_url: str | None = None,
+    models_dir: Path = Path("models"),
+) -> PullView:
+    """Download a run's validated GGUFs (sha256-checked, atomic, resumable) into `models_dir`."""
+    from launcher.launch import select
+    from launcher.pull import open_run_store
+
+    names = select(domains)
+    st = open_run_store(run_id, store, endpoint_url)
+    return pull_from(st, run_id, names, models_dir)
+
+
+def pull_from(st, run_id: str, names: list[str], models_dir: Path, on_result=None) -> PullView:
+    """`pull` from an open store (the launcher's own, after following a run)."""
+    from launcher.pull import pull as pull_run
+
+    results = pull_run(st, run_id, names, models_dir, on_result or (lambda r: None))
+    return PullView(
+        run_id=run_id,
+        models_dir=str(models_dir),
+        domains=[
+            Pulled(domain=r.domain, status=r.status, files=r.files, bytes=r.bytes, detail=r.detail or "")
+            for r in results
+        ],
+    )
