@@ -133,10 +133,14 @@ class Holder:
             except Exception:  # a ledger hiccup: try again next round; expiry is ttl_s away
                 continue
 
-    def release(self) -> None:
+    def stop_renewing(self) -> None:
+        """Stop the renewal thread; the lease stays ours until it expires or is taken over (handover)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+    def release(self) -> None:
+        self.stop_renewing()
         if not self.lost.is_set():
             with contextlib.suppress(LeaseLost):
                 self.ledger.release_lease(self.run_id, self.token)

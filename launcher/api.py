@@ -126,8 +126,16 @@ class OffersView(BaseModel):
     source: str  # "snapshot" or "live"
     snapshot_date: str | None
     offers: list[OfferRow]  # cheapest expected $/h first, at most `limit`
-    matching: int  # how many offers passed the preferences and filters in all
-    notes: dict[str, str]  # per provider: why it gave none, or why the preferences exclude all of it
+    gathered: int  # offers the providers (or the snapshot) gave, before preferences and filters
+    matching: int  # how many passed the preferences and filters
+    matching_providers: list[str]  # the providers of those
+    skipped: dict[str, str] = {}  # per provider not asked: why (no API key, not selected)
+    errors: dict[str, str] = {}  # per provider whose API failed: its error
+    excluded: dict[str, str] = {}  # per provider whose offers the preferences all exclude: why
+
+    @property
+    def notes(self) -> dict[str, str]:
+        return {**self.skipped, **self.errors, **self.excluded}
 
 
 def offers(
@@ -163,8 +171,12 @@ def offers(
         source=table.source,
         snapshot_date=str(table.snapshot_date) if table.snapshot_date else None,
         offers=rows,
+        gathered=len(table.offers),
         matching=len(ranked),
-        notes={**table.skipped, **table.errors, **emptied_providers(table.offers, prefs)},
+        matching_providers=sorted({c.offer.provider for c in ranked}),
+        skipped=table.skipped,
+        errors=table.errors,
+        excluded=emptied_providers(table.offers, prefs),
     )
 
 
@@ -640,3 +652,252 @@ def pull_from(st, run_id: str, names: list[str], models_dir: Path, on_result=Non
             for r in results
         ],
     )
+
+
+# ---- launching ------------------------------------------------------------------------------------
+
+
+class Started(BaseModel):
+    """A run handed to a background follower (or found done, or already followed)."""
+
+    run_id: str
+    state: str  # "following": a follower owns it now; "done": every domain was done already
+    backend: str
+    planned_cost: float
+    domains: list[str]  # the domains the run trains (skipped ones not included)
+    skipped: int  # asked for but already done in the store
+    jobs: dict[str, str] = {}
+    pid: int | None = None  # the follower's
+    log: str | None = None  # the follower's output
+    models_dir: str
+    settled: int = 0  # reservations an earlier, dead launcher left open and this call settled
+
+
+def start_launch(
+    domains: str,
+    budget: float,
+    *,
+    backend: str | None = None,
+    run_id: str = "default",
+    base_model: str | None = None,
+    samples: int = 200,
+    epochs: float = 2.0,
+    store: str | None = None,
+    endpoint_url: str | None = None,
+    models_dir: Path = Path("models"),
+    poll: float = 2.0,
+    deadline: str | None = None,
+    policy: str | None = None,
+    warm_start: bool = False,
+    chaos=None,
+    config: Path | None = None,
+    on_progress=None,
+) -> Started:
+    """Plan, check the budget and reserve it (refusals raise here, before anything runs), then hand the
+    run to a background follower that launches and follows its jobs and pulls their GGUFs. Returns at
+    once. Calling it is the consent to spend up to `budget`. `on_progress(message)` hears each step."""
+    prefs, names, backend, work = resolve(
+        domains, backend, run_id, base_model, samples, epochs, config, warm_start
+    )
+    deadline_s, policy = deadline_and_policy(deadline, policy)
+    return start_prepared(
+        names,
+        prefs=prefs,
+        backend=backend,
+        work=work,
+        run_id=run_id,
+        budget=budget,
+        store=store,
+        endpoint_url=endpoint_url,
+        models_dir=models_dir,
+        poll=poll,
+        deadline_s=deadline_s,
+        policy=policy,
+        chaos=chaos,
+        config=config,
+        on_progress=on_progress,
+    )
+
+
+def start_recover(
+    run_id: str, budget: float | None, *, poll: float = 2.0, config: Path | None = None, on_progress=None
+) -> Started:
+    """`recover` in the background: adopt what still runs, settle what a dead launcher left, relaunch
+    the unfinished domains from their checkpoints (within `budget`) under a background follower."""
+    from budgets import clock
+    from launcher.preferences import load_preferences
+
+    rec = load(run_id)
+    deadline_s = None if rec.deadline is None else max((rec.deadline - clock.now()).total_seconds(), 1.0)
+    return start_prepared(
+        [d for j in rec.plan.jobs for d in j.domains],
+        prefs=load_preferences(config),
+        backend=rec.backend,
+        work=rec.plan.workload,
+        run_id=rec.run_id,
+        budget=budget,
+        store=rec.store,
+        endpoint_url=rec.endpoint_url,
+        models_dir=Path(rec.models_dir),
+        poll=poll,
+        deadline_s=deadline_s,
+        policy=rec.policy,
+        config=config,
+        on_progress=on_progress,
+    )
+
+
+def start_prepared(
+    names: list[str],
+    *,
+    prefs,
+    backend: str,
+    work,
+    run_id: str,
+    budget: float | None,
+    store: str | None,
+    endpoint_url: str | None,
+    models_dir: Path,
+    poll: float,
+    deadline_s: float | None = None,
+    policy: str | None = None,
+    chaos=None,
+    config: Path | None = None,
+    on_progress=None,
+) -> Started:
+    """The body of `start_launch` and `start_recover`, for resolved arguments."""
+    from launcher import launch as L
+
+    say = on_progress or (lambda text: None)
+    prep = L.prepare(
+        names,
+        prefs=prefs,
+        backend=backend,
+        work=work,
+        run_id=run_id,
+        store=store,
+        endpoint_url=endpoint_url,
+        budget=budget,
+        config=config,
+        models_dir=models_dir,
+    )
+    with prep:
+        rec = prep.rec
+        started = {
+            "run_id": run_id,
+            "backend": backend,
+            "skipped": prep.skipped,
+            "models_dir": str(models_dir),
+            "settled": len(prep.settled),
+        }
+        if rec is None and prep.plan is None:  # every domain is done: make sure the files are here
+            pull_from(prep.store, run_id, names, models_dir)
+            return Started(state="done", planned_cost=0.0, domains=[], **started)
+        if rec is None:
+            check_deadline(prep.plan, deadline_s)
+            if budget is None:
+                raise BadInput("pass a budget to launch the unfinished domains (see plan)")
+            p = prep.plan
+            n = sum(len(j.domains) for j in p.jobs)
+            say(f"planned {n} domains in {len(p.jobs)} job(s), ${p.total_cost:.4f}")
+            rec = L.commit(
+                prep,
+                endpoint_url=endpoint_url,
+                models_dir=models_dir,
+                budget=budget,
+                deadline_s=deadline_s,
+                policy=policy,
+            )
+            say(f"reserved ${p.total_cost:.4f} in the ledger")
+        else:
+            say(f"run {run_id} has jobs still running: a follower takes them over")
+        started_run = detach(prep, rec, poll=poll, config=config, chaos=chaos)
+        say(f"following in the background (pid {started_run.pid})")
+        return started_run.model_copy(update={"skipped": prep.skipped, "settled": len(prep.settled)})
+
+
+def detach(prep, rec, *, poll: float, config: Path | None = None, chaos=None) -> Started:
+    """Hand a committed (or adopted) run, whose lease `prep` holds, to a background follower."""
+    from launcher import background
+
+    f = background.start(prep, rec, poll=poll, config=config, chaos=chaos)
+    return Started(
+        run_id=rec.run_id,
+        state="following",
+        backend=rec.backend,
+        planned_cost=rec.plan.total_cost,
+        domains=[d for j in rec.jobs.values() for d in j.domains],
+        skipped=0,
+        jobs={n: j.state for n, j in rec.jobs.items()},
+        pid=f.pid,
+        log=str(f.log),
+        models_dir=rec.models_dir,
+    )
+
+
+class RunProgress(BaseModel):
+    """Where a run stands, as `wait` (MCP) and the dashboard watch it."""
+
+    run_id: str
+    ended: bool  # its follower finished (and pulled), or nobody follows it any more
+    state: str
+    domains_done: int
+    domains_total: int
+    jobs: dict[str, str]  # job -> its phase
+    exit_code: int | None = None  # the follower's, once ended
+    message: str | None = None
+    domains_here: int | None = None  # pulled into the models folder, once ended
+
+
+def progress(run_id: str) -> RunProgress:
+    """The run's progress now, from its record, its store and its follower's liveness."""
+    from budgets.lease import proc_start
+    from launcher.launch import done_in_store
+    from launcher.preferences import load_preferences
+
+    rec = load(run_id)
+    f = rec.follower or {}
+    max_recoveries = load_preferences().max_recoveries
+    jobs = {n: j.phase(max_recoveries) for n, j in rec.jobs.items()}
+    done = done_in_store(rec)
+    names = [d for j in rec.jobs.values() for d in j.domains]
+    ended, state, message = False, "following", f.get("message")
+    if f.get("state") == "ended":
+        ended, state = True, "ended"
+    elif f.get("pid") and proc_start(int(f["pid"])) is None:
+        ended, state = True, "orphaned"
+        message = f"its follower (pid {f['pid']}) is gone; `meetara recover {run_id}` adopts the run"
+    elif not f:
+        ended, state = True, "not followed in the background"
+    return RunProgress(
+        run_id=run_id,
+        ended=ended,
+        state=state,
+        domains_done=sum(d in done for d in names),
+        domains_total=len(names),
+        jobs=jobs,
+        exit_code=f.get("exit_code"),
+        message=message,
+        domains_here=f.get("domains_here"),
+    )
+
+
+def watch(run_id: str, wait_s: float, on_progress=None, poll_s: float = 1.0) -> RunProgress:
+    """Poll the run's progress every `poll_s` until it ends or `wait_s` passed; `on_progress(text,
+    done, total)` hears every change. Returns the last progress read."""
+    import time
+
+    say = on_progress or (lambda *a: None)
+    until = time.monotonic() + wait_s
+    seen = None
+    while True:
+        p = progress(run_id)
+        now = (p.ended, p.domains_done, tuple(p.jobs.items()))
+        if now != seen:
+            phases = "; ".join(f"{n}: {ph}" for n, ph in p.jobs.items())
+            say(f"{p.domains_done}/{p.domains_total} domains done; {phases}", p.domains_done, p.domains_total)
+            seen = now
+        left = until - time.monotonic()
+        if p.ended or left <= 0:
+            return p
+        time.sleep(min(poll_s, left))  # polling the run's files: its follower is another process

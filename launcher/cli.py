@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from budgets import usd
+from launcher import api
 from launcher.console import EXIT_DECLINED, escape, fail, print_whole, say
 from train.cli import train_command
 
@@ -99,47 +100,41 @@ def offers_command(
     from rich.console import Console
     from rich.table import Table
 
-    from launcher.offers import gather_offers
-    from launcher.preferences import Preferences, load_preferences
-    from launcher.select import emptied_providers, rank
     from train import BadInput
 
     try:
-        table = gather_offers(live=live, providers=provider or None, refresh=refresh)
-        prefs = Preferences() if ignore_preferences else load_preferences()
+        view = api.offers(
+            gpu=gpu,
+            spot=spot,
+            providers=provider or None,
+            live=live,
+            refresh=refresh,
+            ignore_preferences=ignore_preferences,
+            limit=limit,
+        )
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None
-    if spot is not None:
-        prefs = prefs.model_copy(update={"spot_policy": "spot" if spot else "on-demand"})
-    offers = [o for o in table.offers if not gpu or o.gpu.lower().startswith(gpu.lower())]
-    ranked = rank(offers, prefs)
-    choices = ranked[:limit]
-    notes = {**table.skipped, **table.errors, **emptied_providers(table.offers, prefs)}
-    for name, why in notes.items():
+    for name, why in view.notes.items():
         Console(stderr=True).print(
             f"[yellow]{escape(name)}:[/] {escape(why)}", highlight=False, soft_wrap=True
         )
-    if live and not table.offers:
+    if live and not view.gathered:
         raise fail(
-            f"no live offers: {', '.join(sorted({**table.skipped, **table.errors}))} gave none (above); "
+            f"no live offers: {', '.join(sorted({**view.skipped, **view.errors}))} gave none (above); "
             "`meetara offers` without --live shows the bundled snapshot",
-            1 if table.errors else 2,
+            1 if view.errors else 2,
         )
+    rows = view.offers
     if as_json:
-        rows = [
-            c.offer.model_dump(mode="json")
-            | {"spot": c.spot, "price_hour": c.price_hour, "expected_hour": c.expected_hour}
-            for c in choices
-        ]
-        typer.echo(json.dumps(rows, indent=1))
+        typer.echo(json.dumps([{**o.detail, **o.model_dump(exclude={"detail"})} for o in rows], indent=1))
         return
-    when = f"snapshot of {table.snapshot_date}" if table.source == "snapshot" else "live"
-    shown = f"{len(choices)} of {len(ranked)}" if len(ranked) > len(choices) else f"{len(ranked)}"
-    out = Table(title=f"{shown} offer{'' if len(ranked) == 1 else 's'} ({when})")
-    hidden = sorted({c.offer.provider for c in ranked} - {c.offer.provider for c in choices})
-    if len(ranked) > len(choices):
+    when = f"snapshot of {view.snapshot_date}" if view.source == "snapshot" else "live"
+    shown = f"{len(rows)} of {view.matching}" if view.matching > len(rows) else f"{view.matching}"
+    out = Table(title=f"{shown} offer{'' if view.matching == 1 else 's'} ({when})")
+    hidden = sorted(set(view.matching_providers) - {o.provider for o in rows})
+    if view.matching > len(rows):
         out.caption = escape(
-            f"cheapest first; --limit {len(ranked)} shows all"
+            f"cheapest first; --limit {view.matching} shows all"
             + (f", -p {hidden[0]} one provider (not shown: {', '.join(hidden)})" if hidden else "")
         )
     for header in ("provider", "GPU", "n", "GB", "region", "market", "$/h", "$/GPU-h", "exp. $/h"):
@@ -150,8 +145,7 @@ def offers_command(
             overflow="fold",
             justify="right" if numeric else "left",
         )
-    for c in choices:
-        o = c.offer
+    for o in rows:
         _row(
             out,
             o.provider,
@@ -159,10 +153,10 @@ def offers_command(
             str(o.gpu_count),
             str(o.gpu_mem_gb),
             o.region,
-            "spot" if c.spot else "on-demand",
-            usd(c.price_hour, symbol=False),
-            usd(c.price_hour / o.gpu_count, symbol=False),
-            usd(c.expected_hour, symbol=False),
+            "spot" if o.spot else "on-demand",
+            usd(o.price_hour, symbol=False),
+            usd(o.price_hour / o.gpu_count, symbol=False),
+            usd(o.expected_hour, symbol=False),
         )
     print_whole(out)
 
@@ -179,17 +173,43 @@ def _register_budget_commands() -> None:
 _register_budget_commands()
 
 
-def _register_notebook_and_mcp_commands() -> None:
-    from launcher.mcp_server import mcp_command
+def _register_notebook_command() -> None:
     from launcher.notebook import notebook_command
 
     app.command("notebook", help="Write a Colab notebook that trains domains into a store.")(notebook_command)
-    app.command("mcp", help="Serve meetara's tools and state over the Model Context Protocol (stdio).")(
-        mcp_command
-    )
 
 
-_register_notebook_and_mcp_commands()
+_register_notebook_command()
+
+
+@app.command("mcp")
+def mcp_command(
+    config: Path = typer.Option(
+        None, help="preferences file (default: MEETARA_CONFIG, ./meetara.yaml, ~/.config)"
+    ),
+    workdir: Path = typer.Option(
+        None,
+        help="work here: ./models and the default ./store are relative to it, and the paths a client "
+        "names (models_dir, a file:// store) must lie in it (default: the cwd)",
+    ),
+    allow_outside_workdir: bool = typer.Option(
+        False,
+        "--allow-outside-workdir",
+        help="let clients name models_dir and file:// stores outside --workdir",
+    ),
+) -> None:
+    """Serve meetara's tools (offers, plan, launch, status, report, recover, pull) and resources (budget,
+    runs, quality) over the Model Context Protocol on stdin/stdout, for an MCP client to start."""
+    from launcher import mcp_server
+
+    config = config.expanduser().resolve() if config else None  # before a chdir: relative to the cwd
+    if workdir is not None:
+        try:
+            os.chdir(workdir.expanduser())
+        except OSError as e:
+            raise fail(f"--workdir {workdir}: {e.strerror or e}") from None
+    mcp_server.serve(config, Path.cwd(), allow_outside=allow_outside_workdir)
+
 
 providers_app = typer.Typer(
     help="Show and edit provider preferences (a YAML file to keep in version control)."
@@ -323,34 +343,6 @@ WARM_START = typer.Option(
 )
 
 
-def _plan_options(
-    domains: str,
-    backend: str | None,
-    run_id: str,
-    base_model: str | None,
-    samples: int,
-    epochs: float,
-    config: Path | None,
-    warm_start: bool = False,
-):
-    """Shared front half of `plan` and `launch`: preferences, domains, backend, workload."""
-    from launcher.launch import resolve_backend, select
-    from launcher.plan import Workload
-    from launcher.preferences import load_preferences
-    from train.names import check_run_id
-
-    check_run_id(run_id)
-    prefs = load_preferences(config)
-    names = select(domains)
-    backend = resolve_backend(prefs, backend)
-    model = base_model or ("tiny" if backend == "local" else "microsoft/DialoGPT-medium")
-    from launcher.throughput import model_params
-
-    model_params(model)  # unknown models fail here, before anything is planned
-    work = Workload(base_model=model, samples=samples, epochs=epochs, warm_start=warm_start)
-    return prefs, names, backend, work
-
-
 def _plan_table(plan) -> object:
     from rich.table import Table
 
@@ -419,7 +411,7 @@ def plan_command(
     from train import BadInput
 
     try:
-        prefs, names, backend, work = _plan_options(
+        prefs, names, backend, work = api.resolve(
             domains, backend, run_id, base_model, samples, epochs, config, warm_start
         )
         plan = plan_unfinished(
@@ -433,9 +425,9 @@ def plan_command(
             live=live,
             providers=provider,
         )
-        deadline_s, _ = _deadline_and_policy(deadline, None)
+        deadline_s, _ = api.deadline_and_policy(deadline, None)
         if plan.jobs:
-            _check_deadline(plan, deadline_s)
+            api.check_deadline(plan, deadline_s)
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None
     if deadline_s is not None and plan.jobs:
@@ -490,16 +482,19 @@ def launch_command(
     policy: str = typer.Option(
         None, help="spot policy: greedy (default), meetara, uniform-progress, on-demand (see simulate)"
     ),
+    detach: bool = typer.Option(
+        False, "--detach", help="return once the money is reserved: a background process follows and pulls"
+    ),
 ) -> None:
     """Plan, check the budget, launch, follow the jobs, pull validated GGUFs into ./models."""
     from launcher.conductor import Chaos
     from train import BadInput
 
     try:
-        prefs, names, backend, work = _plan_options(
+        prefs, names, backend, work = api.resolve(
             domains, backend, run_id, base_model, samples, epochs, config, warm_start
         )
-        deadline_s, policy = _deadline_and_policy(deadline, policy)
+        deadline_s, policy = api.deadline_and_policy(deadline, policy)
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None
     if preempt_every is not None and backend != "local":
@@ -523,18 +518,8 @@ def launch_command(
         config,
         deadline_s,
         policy,
+        detach,
     )
-
-
-def _deadline_and_policy(deadline: str | None, policy: str | None) -> tuple[float | None, str | None]:
-    """`--deadline` in seconds and the policy that keeps it (meetara unless one is named)."""
-    from launcher.policies import NAMES
-    from train import BadInput
-
-    if policy is not None and policy not in NAMES:
-        raise BadInput(f"unknown policy {policy!r}; known: {', '.join(NAMES)}")
-    deadline_s = _duration_s(deadline) if deadline else None
-    return deadline_s, policy or ("meetara" if deadline_s else None)
 
 
 def _launch(
@@ -555,6 +540,7 @@ def _launch(
     config=None,
     deadline_s=None,
     policy=None,
+    detach=False,
 ) -> None:
     """The body of `launch` and `recover`: skip done domains, plan the rest, reserve, launch, follow, pull."""
 
@@ -602,7 +588,7 @@ def _launch(
             if prep.plan is not None:
                 for name, why in prep.plan.excluded.items():
                     say(f"warning: {name}: {why}")
-                _check_deadline(prep.plan, deadline_s)
+                api.check_deadline(prep.plan, deadline_s)
                 out.print(_plan_table(prep.plan))
                 if budget is None:
                     raise BadInput("pass --budget to launch the unfinished domains (see the table)")
@@ -627,6 +613,14 @@ def _launch(
         if rec is None:  # everything was done already: make sure the files are here
             _pull_and_report(prep.store, run_id, names, models_dir)
             return
+        if detach:
+            started = api.detach(prep, rec, poll=poll, config=config, chaos=chaos)
+            say(
+                f"run {run_id}: followed in the background by pid {started.pid} (it pulls into "
+                f"{models_dir}); `meetara status {run_id}` shows it, its log is {started.log}"
+            )
+            typer.echo(run_id)
+            return
         code = _conduct(rec, prep, prefs, poll, chaos)
         _pull_and_report(
             prep.store, run_id, [d for j in rec.jobs.values() for d in j.domains], models_dir, rec
@@ -641,6 +635,7 @@ def recover_command(
     yes: bool = typer.Option(False, "--yes", "-y"),
     poll: float = typer.Option(2.0, min=0.1),
     config: Path = typer.Option(None, help="preferences file"),
+    detach: bool = typer.Option(False, "--detach", help="return at once: a background process follows"),
 ) -> None:
     """Resume a run: finished domains are skipped, unfinished ones resume from their checkpoints."""
     from rich.table import Table
@@ -697,19 +692,8 @@ def recover_command(
         config=config,
         deadline_s=None if rec.deadline is None else max((rec.deadline - clock.now()).total_seconds(), 1.0),
         policy=rec.policy,
+        detach=detach,
     )
-
-
-def _check_deadline(plan, deadline_s: float | None) -> None:
-    """A deadline the plan cannot meet even with no preemption is refused before anything is spent."""
-    from train import BadInput
-
-    if deadline_s is not None and plan.total_hours and max(j.hours for j in plan.jobs) * 3600 > deadline_s:
-        need = max(j.hours for j in plan.jobs)
-        raise BadInput(
-            f"--deadline {deadline_s / 3600:.2f} h: the plan's longest job needs {need:.2f} h without a "
-            "single preemption; allow more time or fewer domains per job (max_hours_per_job)"
-        )
 
 
 def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
@@ -847,11 +831,10 @@ def status_command(
     """Runs and their jobs: state, domains done, preemptions, start, elapsed, machine time, cost so far."""
     from rich.table import Table
 
-    from launcher.launch import status_rows
     from train import BadInput
 
     try:
-        rows = status_rows(run_id)
+        rows = api.status(run_id)
     except BadInput as e:
         raise fail(str(e)) from None
     if as_json:
@@ -959,7 +942,7 @@ def simulate_command(
             caps=load_budget_config(config_path(config)),
             work=Workload(base_model=base_model, samples=samples, epochs=epochs),
             budget=budget,
-            deadline_s=_duration_s(deadline) if deadline else None,
+            deadline_s=api.duration_s(deadline) if deadline else None,
             checkpoint_s=checkpoint_minutes * 60,
         )
     except (BadInput, ValueError) as e:
@@ -1004,18 +987,6 @@ def simulate_command(
         t, "optimum (bound)", usd(o["cost_mean"]), "", f"{o['hours_mean']:.2f}", "", "", "", "", style="bold"
     )
     print_whole(t)
-
-
-def _duration_s(text: str) -> float:
-    """'12h', '90m', '2d', '3600s' (or plain seconds) in seconds; BadInput otherwise."""
-    import re
-
-    from train import BadInput
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not m or float(m.group(1)) <= 0:
-        raise BadInput(f"--deadline {text!r}: write a duration such as 12h, 90m or 2d")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 @app.command("doctor")

@@ -294,6 +294,13 @@ class Prepared:
             self.lease.release()
             self.lease = None
 
+    def hand_over(self) -> None:
+        """Stop renewing the run's lease without releasing it: another process (a background follower
+        given `owner`) takes it over with the same token."""
+        if self.lease is not None:
+            self.lease.stop_renewing()
+            self.lease = None
+
     def __enter__(self) -> Prepared:
         return self
 

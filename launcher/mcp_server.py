@@ -15,7 +15,10 @@ loss before and after, validation) and meetara://quality (per finished domain: d
 held-out losses, validation checks).
 
 `launch` does not ask: calling it is the consent to spend up to `budget` (the CLI's --yes). It
-blocks until the run's jobs end and their GGUFs are pulled; relative paths (models_dir, the default
+returns once the money is reserved, with the run id; a background follower (launcher/background.py)
+runs the jobs and pulls their GGUFs, whatever the client does next. Progress: notifications while
+`launch` runs (planned, reserved, handed over) and while `wait` watches the run (domains done, jobs'
+phases), and the run resources at any time. Relative paths (models_dir, the default
 ./store) are relative to the server's working directory (`meetara mcp --workdir`). A client names
 paths only inside that directory: `models_dir` and a file:// (or bare path) `store` are resolved
 (symlinks, "..") and refused outside it unless the server was started with `--allow-outside-workdir`.
@@ -23,15 +26,15 @@ paths only inside that directory: `models_dir` and a file:// (or bare path) `sto
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import typer
+from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from launcher import api
@@ -63,6 +66,12 @@ Store = Annotated[
     ),
 ]
 ModelsDir = Annotated[str, Field(description="where validated GGUFs land (under the server's workdir)")]
+WaitSeconds = Annotated[
+    float,
+    Field(
+        ge=0, le=3600, description="follow the started run this long with progress notifications (0: return)"
+    ),
+]
 
 # The CLI's name of an argument where it is not "--" + the name with dashes.
 FLAGS = {"providers": "--provider", "spot": "--spot/--on-demand"}
@@ -207,20 +216,22 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
         ),
         log_level=os.environ.get("MEETARA_LOG", "WARNING").upper(),  # type: ignore[arg-type]
     )
-    launching = threading.Lock()  # one launch at a time per server: two would race for the same run
 
-    def launch_alone(names: list[str], **kwargs: Any) -> dict[str, Any]:
-        """run_launch, one at a time in this server (a second caller is told to wait)."""
-        from launcher.launch import run_launch
+    def progress(ctx: Any):
+        """on_progress for the service layer: each message a progress notification of this call (a
+        no-op when the client asked for none)."""
+        import anyio.from_thread
 
-        if not launching.acquire(blocking=False):
-            return _tool_error(
-                "another launch or recover is running in this server: wait for it (see status)"
-            )
-        try:
-            return _with_outcome(run_launch(names, config=config, **kwargs))
-        finally:
-            launching.release()
+        count = [0]
+
+        def say(text: str, done: float | None = None, total: float | None = None) -> None:
+            count[0] += 1
+            with contextlib.suppress(Exception):  # a client that went away does not stop the run
+                anyio.from_thread.run(
+                    ctx.report_progress, done if done is not None else count[0], total, text
+                )
+
+        return say
 
     @server.tool()
     @_refusing
@@ -277,27 +288,35 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
         epochs: Epochs = 2.0,
         store: Store = None,
         models_dir: ModelsDir = "models",
+        wait_s: WaitSeconds = 0,
+        ctx: Context | None = None,
     ) -> dict[str, Any]:
-        """Plan, check the budget, launch, follow the jobs to the end and pull the validated GGUFs.
+        """Plan, check the budget, reserve it, and start the run in the background; returns the run id
+        at once (within a second or two), with progress notifications for planning, reserving and the
+        handover. A background process then launches and follows the jobs (relaunching after
+        preemptions) and pulls the validated GGUFs into models_dir, with no further call: read
+        meetara://runs/{run_id}, or call `wait` for progress notifications until it ends.
 
         Finished domains are skipped; a run whose jobs still run is followed, not launched twice. The plan
-        must fit `budget` and the ledger's caps, else nothing is launched. Blocks until the jobs end."""
+        must fit `budget` and the ledger's caps, else nothing is launched and nothing is reserved."""
         _confine(models_dir, "models_dir", confined_to)
         _confine_store(store, confined_to)
-        prefs, names, backend, work = api.resolve(
-            domains, backend, run_id, base_model, samples, epochs, config
-        )
-        return launch_alone(
-            names,
-            prefs=prefs,
+        say = progress(ctx)
+        started = api.start_launch(
+            domains,
+            budget,
             backend=backend,
-            work=work,
             run_id=run_id,
-            budget=budget,
+            base_model=base_model,
+            samples=samples,
+            epochs=epochs,
             store=store,
             endpoint_url=os.environ.get("MEETARA_S3_ENDPOINT_URL"),
             models_dir=Path(models_dir),
+            config=config,
+            on_progress=say,
         )
+        return _started(started, wait_s, say)
 
     @server.tool()
     @_refusing
@@ -327,32 +346,35 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
     def recover(
         run_id: Annotated[JobRunId | None, Field(description="the run to resume; omit to list runs")] = None,
         budget: OptionalBudget = None,
+        wait_s: WaitSeconds = 0,
+        ctx: Context | None = None,
     ) -> dict[str, Any]:
         """Resume a run: finished domains are skipped, unfinished ones resume from their checkpoints.
-        Without run_id: the runs with unfinished domains. With run_id and budget: relaunch and follow."""
-        from launcher.preferences import load_preferences
+        Without run_id: the runs with unfinished domains. With run_id and budget: relaunch in the
+        background (returns at once, as launch does)."""
         from train import BadInput
 
-        prefs = load_preferences(config)
         listing = api.recoverable(run_id)
         if not run_id:
             return {"runs": [r.model_dump() for r in listing if r.unfinished]}
-        rec, todo = api.load(run_id), listing[0].unfinished
+        todo = listing[0].unfinished
         if not todo:
             return {"run_id": run_id, "unfinished": [], "message": f"run {run_id}: every domain is done"}
         if budget is None:
             raise BadInput("pass --budget to relaunch (the table above shows what is left)")
-        return launch_alone(
-            todo,
-            prefs=prefs,
-            backend=rec.backend,
-            work=rec.plan.workload,
-            run_id=rec.run_id,
-            budget=budget,
-            store=rec.store,
-            endpoint_url=rec.endpoint_url,
-            models_dir=Path(rec.models_dir),
-        )
+        say = progress(ctx)
+        return _started(api.start_recover(run_id, budget, config=config, on_progress=say), wait_s, say)
+
+    @server.tool()
+    @_refusing
+    def wait(
+        run_id: RunId,
+        wait_s: Annotated[float, Field(ge=0, le=3600, description="return after this long at most")] = 50,
+        ctx: Context | None = None,
+    ) -> dict[str, Any]:
+        """Watch a run for up to wait_s seconds: a progress notification per change (domains done of
+        all, jobs' phases), then the run's state (`ended` true once its follower finished and pulled)."""
+        return api.watch(run_id, wait_s, progress(ctx)).model_dump(mode="json")
 
     @server.tool()
     @_refusing
@@ -435,34 +457,14 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
     return server
 
 
-def _with_outcome(summary: dict) -> dict:
-    """run_launch's summary, plus whether every job succeeded and every domain is here."""
-    jobs_ok = all(s == "SUCCEEDED" for s in summary["jobs"].values())
-    here = sum(s in ("pulled", "up-to-date") for s in summary["domains"].values())
-    return summary | {"ok": jobs_ok and here == len(summary["domains"]), "domains_here": here}
+def _started(started, wait_s: float, say) -> dict[str, Any]:
+    """What launch and recover return: the started run, and with wait_s > 0 where it stands then."""
+    out = started.model_dump(mode="json")
+    if wait_s > 0 and started.state == "following":
+        out["progress"] = api.watch(started.run_id, wait_s, say).model_dump(mode="json")
+    return out
 
 
-def mcp_command(
-    config: Path = typer.Option(
-        None, help="preferences file (default: MEETARA_CONFIG, ./meetara.yaml, ~/.config)"
-    ),
-    workdir: Path = typer.Option(
-        None,
-        help="work here: ./models and the default ./store are relative to it, and the paths a client "
-        "names (models_dir, a file:// store) must lie in it (default: the cwd)",
-    ),
-    allow_outside_workdir: bool = typer.Option(
-        False, ALLOW_FLAG, help="let clients name models_dir and file:// stores outside --workdir"
-    ),
-) -> None:
-    """Serve meetara's tools (offers, plan, launch, status, report, recover, pull) and resources (budget,
-    runs, quality) over the Model Context Protocol on stdin/stdout, for an MCP client to start."""
-    from launcher.console import fail
-
-    config = config.expanduser().resolve() if config else None  # before a chdir: relative to the cwd
-    if workdir is not None:
-        try:
-            os.chdir(workdir.expanduser())
-        except OSError as e:
-            raise fail(f"--workdir {workdir}: {e.strerror or e}") from None
-    build_server(config, Path.cwd(), allow_outside=allow_outside_workdir).run("stdio")
+def serve(config: Path | None, workdir: Path, allow_outside: bool = False) -> None:
+    """Serve over stdin/stdout until the client closes them (`meetara mcp`)."""
+    build_server(config, workdir, allow_outside=allow_outside).run("stdio")

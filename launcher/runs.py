@@ -141,6 +141,9 @@ class RunRecord(BaseModel):
     deadline: datetime | None = None  # `launch --deadline`: the run should be done by then
     policy: str | None = None  # the spot policy that chooses each launch's offers (launcher/policies.py)
     created_at: datetime = Field(default_factory=lambda: clock.now())
+    # a background run's follower (launcher/background.py): pid, log, state (following / ended) and,
+    # once ended, its exit code, message and the domains pulled
+    follower: dict | None = None
 
     def path(self) -> Path:
         return runs_dir() / f"{self.run_id}.json"

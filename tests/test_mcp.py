@@ -1,19 +1,21 @@
 """`meetara mcp` driven through the MCP SDK's own client over stdio, as an MCP client (Claude Desktop,
-an IDE) starts it: tools and resources listed, a plan, a local launch to validated GGUFs, and refusals
-whose text is what the CLI prints after "error: "."""
+an IDE) starts it: tools and resources listed, a plan, a local launch that returns at once and ends
+in validated GGUFs pulled by its background follower, and refusals whose text is what the CLI prints
+after "error: "."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 from conftest import run_cli
 
-TOOLS = {"offers", "plan", "launch", "status", "report", "recover", "pull"}
+TOOLS = {"offers", "plan", "launch", "status", "report", "recover", "pull", "wait"}
 
 
 def sandbox(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -81,9 +83,28 @@ def test_mcp_lists_plans_launches_and_reports(tmp_path):
             templates = (await s.list_resource_templates()).resource_templates
             seen["templates"] = {t.uri_template for t in templates}
             seen["plan"] = await call(s, "plan", domains="nutrition,legal", backend="local")
-            seen["launch"] = await call(
-                s, "launch", domains="nutrition", budget=1, backend="local", samples=80
+            notes: list = []
+
+            async def heard(progress, total, message) -> None:
+                notes.append((progress, total, message))
+
+            t0 = time.monotonic()
+            result = await s.call_tool(
+                "launch",
+                dict(domains="nutrition", budget=1, backend="local", samples=80),
+                read_timeout_seconds=60,
+                progress_callback=heard,
             )
+            seen["launch took"] = time.monotonic() - t0
+            assert not result.is_error, text(result)
+            seen["launch"], seen["launch notes"] = result.structured_content, list(notes)
+            # no further call: the background follower trains, validates and pulls on its own
+            seen["pulled"] = await until_pulled(tmp_path, "default", "nutrition", timeout_s=300)
+            notes.clear()
+            result = await s.call_tool(
+                "wait", dict(run_id="default", wait_s=30), read_timeout_seconds=60, progress_callback=heard
+            )
+            seen["wait"], seen["wait notes"] = result.structured_content, list(notes)
             for name in ("runs/default", "runs", "quality", "budget"):
                 seen[name] = await resource(s, f"meetara://{name}")
             seen["pull"] = await call(s, "pull", domains="nutrition")
@@ -105,9 +126,21 @@ def test_mcp_lists_plans_launches_and_reports(tmp_path):
     assert plan["backend"] == "local" and plan["workload"]["base_model"] == "tiny"
     assert sorted(d for j in plan["jobs"] for d in j["domains"]) == ["legal", "nutrition"]
 
-    summary = seen["launch"]
-    assert summary["ok"] and list(summary["jobs"].values()) == ["SUCCEEDED"], summary
-    assert summary["domains"]["nutrition"] in ("pulled", "up-to-date")  # the conductor pulls as it goes
+    started = seen["launch"]
+    assert seen["launch took"] < 2.0, seen["launch took"]
+    assert (started["run_id"], started["state"], started["domains"]) == (
+        "default",
+        "following",
+        ["nutrition"],
+    )
+    assert started["pid"] and started["planned_cost"] >= 0
+    said = [m for _, _, m in seen["launch notes"]]
+    assert said[0].startswith("planned 1 domains in 1 job(s)") and said[1].startswith("reserved $"), said
+    assert said[-1] == f"following in the background (pid {started['pid']})", said
+    assert seen["pulled"]["state"] == "ended" and seen["pulled"]["exit_code"] == 0, seen["pulled"]
+    assert seen["pulled"]["domains_here"] == 1
+    assert seen["wait"]["ended"] and seen["wait"]["domains_done"] == 1 == seen["wait"]["domains_total"]
+    assert seen["wait notes"] and seen["wait notes"][-1][:2] == (1, 1), seen["wait notes"]
     manifest = json.loads((tmp_path / "models" / "nutrition" / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["validation"]["passed"]
     assert (tmp_path / "models" / "nutrition" / "adapter.gguf").stat().st_size > 0
@@ -134,6 +167,21 @@ def test_mcp_lists_plans_launches_and_reports(tmp_path):
     jobs = seen["status"]["jobs"]
     assert [(j["state"], j["domains_done"], j["launches"]) for j in jobs] == [("SUCCEEDED", 1, 1)]
     assert seen["recover"]["runs"] == []  # nothing unfinished
+
+
+async def until_pulled(tmp_path: Path, run_id: str, domain: str, timeout_s: float) -> dict:
+    """Watch the files (no MCP call) until the run's follower recorded its end, with the domain pulled;
+    returns the follower's record."""
+    record = tmp_path / "state" / "runs" / f"{run_id}.json"
+    until = time.monotonic() + timeout_s
+    while time.monotonic() < until:
+        follower = json.loads(record.read_text()).get("follower") or {} if record.exists() else {}
+        if follower.get("state") == "ended":
+            assert (tmp_path / "models" / domain / "manifest.json").exists(), follower
+            return follower
+        await anyio.sleep(0.5)  # polling another process's files
+    log = (tmp_path / "state" / "runs" / f"{run_id}.follower.log").read_text()
+    raise AssertionError(f"the follower did not end in {timeout_s} s:\n{log[-3000:]}")
 
 
 def test_mcp_refusals_are_the_cli_messages(tmp_path):
