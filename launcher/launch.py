@@ -23,6 +23,7 @@ from launcher.backends.base import Backend, BackendError
 from launcher.plan import Plan, Workload, plan_cloud, plan_local
 from launcher.preferences import Preferences
 from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord, load_run
+from launcher.stores import absolute_store, default_store
 from train import BadInput
 from train.domains import load_registry, select_domains
 from train.names import check_run_id
@@ -56,24 +57,6 @@ def make_backend(name: str) -> Backend:
     except skyserver.SkyServerError as e:
         raise BadInput(str(e)) from None
     return SkyPilotBackend()
-
-
-def default_store(backend: str) -> str:
-    url = os.environ.get("MEETARA_STORE")
-    if url:
-        return url
-    if backend == "skypilot":
-        raise BadInput("cloud jobs need an s3:// store they can reach: pass --store s3://BUCKET/PREFIX")
-    return f"file://{Path('store').resolve()}"
-
-
-def absolute_store(url: str) -> str:
-    """file:// URLs made absolute, so a job started elsewhere (another cwd) writes to the same place."""
-    if url.startswith("file://"):
-        return f"file://{Path(url[7:]).expanduser().resolve()}"
-    if "://" not in url:
-        return f"file://{Path(url).expanduser().resolve()}"
-    return url
 
 
 def select(domains: str) -> list[str]:
@@ -444,8 +427,7 @@ def policy_for(rec: RunRecord, prefs: Preferences):
     if rec.policy in (None, "greedy"):
         return None
     from launcher.plan import job_startup_hours
-    from launcher.policies import Timing, make_policy
-    from launcher.simulate import domain_seconds
+    from launcher.policies import Timing, domain_seconds, make_policy
 
     startup_s = job_startup_hours(prefs, rec.plan.workload) * 3600 if rec.backend != "local" else 0.0
     timing = Timing(

@@ -194,3 +194,8 @@ def make_policy(name: str, timing: Timing) -> Policy:
 
         raise BadInput(f"unknown policy {name!r}; known: {', '.join(NAMES)}")
     return cls[name](timing)
+
+
+def domain_seconds(plan, startup_s: float) -> dict[str, float]:
+    """Training seconds per domain of each job, from the plan's hours (one start-up per job)."""
+    return {j.name: max(j.hours * 3600 - startup_s, 0.0) / max(len(j.domains), 1) for j in plan.jobs}

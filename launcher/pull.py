@@ -190,8 +190,8 @@ def open_run_store(run_id: str, store: str | None = None, endpoint_url: str | No
     (read-only). A run neither launched from this machine nor found in that store is a one-line
     `BadInput`, as `meetara status` gives for an unknown run (a run trained elsewhere into the store, e.g.
     by the notebook, is found there)."""
-    from launcher.launch import absolute_store, default_store
     from launcher.runs import load_run
+    from launcher.stores import absolute_store, default_store
     from train.store import open_store
 
     rec = load_run(run_id)

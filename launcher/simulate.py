@@ -24,7 +24,7 @@ from budgets import clock
 from budgets.caps import BudgetConfig
 from launcher.market import Trace, offer_key, replay
 from launcher.plan import Plan
-from launcher.policies import NAMES, Timing, make_policy
+from launcher.policies import NAMES, Timing, domain_seconds, make_policy
 from launcher.runs import JobRecord, RunRecord
 
 T0 = datetime(2026, 1, 5, tzinfo=UTC)  # replays start on a Monday at 00:00 UTC: whole windows ahead
@@ -145,11 +145,6 @@ def make_setup(
         prefs.max_recoveries,
         prefs.start_timeout_minutes * 60,
     )
-
-
-def domain_seconds(plan: Plan, startup_s: float) -> dict[str, float]:
-    """Training seconds per domain of each job, from the plan's hours (one start-up per job)."""
-    return {j.name: max(j.hours * 3600 - startup_s, 0.0) / max(len(j.domains), 1) for j in plan.jobs}
 
 
 def run_replay(setup: Setup, policy_name: str, seed: int) -> ReplayResult:

@@ -238,9 +238,13 @@ def describe(st: ServerState) -> tuple[bool, str]:
 
 
 def _installed() -> str | None:
-    from launcher.backends.skypilot import sky_version  # here: that module imports this one
+    """The installed skypilot's version (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return sky_version()
+    try:
+        return version("skypilot")
+    except PackageNotFoundError:
+        return None
 
 
 def ensure_running() -> None:

@@ -13,32 +13,27 @@ all recoveries, SkyPilot's and its own, at `max_recoveries` (launcher/backends/s
 Secrets travel by name only: the mapping and its YAML carry `AWS_SECRET_ACCESS_KEY: null`, and
 `secret_values()` reads the values at launch time, in memory, for the SkyPilot backend to attach.
 
-Importing this module is cheap: no SkyPilot, no torch (`validate_task` imports SkyPilot when called).
+Importing this module is cheap: no SkyPilot, no torch. `launcher.backends.skypilot.validate_task`
+builds the real `sky.Task` from what it renders.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 
-from launcher.backends.base import BackendError
 from launcher.plan import JobPlan, OfferRef, Plan
 from launcher.preferences import Preferences
 from launcher.skycatalog import SKY_CLOUD, sky_accelerator, sky_instance_type, sky_location
 
-if TYPE_CHECKING:
-    import sky
-
 TASK_FILE = "train.yaml"
 SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_SECRET_NAMES = ("AWS_SESSION_TOKEN",)  # temporary credentials carry a token as well
-INSTALL_HINT = 'SkyPilot is not installed: pip install "meetara[cloud]"'
 _LOCAL_SETUP = 'python -c "import train"  # this machine is installed already'
 
 
@@ -200,13 +195,3 @@ def secret_values() -> dict[str, str]:
         "AWS_SESSION_TOKEN": frozen.token,
     }
     return {k: v for k, v in out.items() if v}
-
-
-def validate_task(task: dict[str, Any]) -> sky.Task:
-    """A real `sky.Task` built from the mapping: SkyPilot's schema, names, instance types and regions
-    (against its catalogs) are checked. Secret names stay unresolved references."""
-    try:
-        import sky
-    except ImportError:
-        raise BackendError(INSTALL_HINT) from None
-    return sky.Task.from_yaml_config(copy.deepcopy(task))

@@ -16,12 +16,13 @@ import pytest
 import yaml
 
 from launcher.backends.base import BackendError, JobState
+from launcher.backends.skypilot import validate_task
 from launcher.offers import load_snapshot
 from launcher.plan import Plan, Workload, domain_hours, needs_for, plan_cloud, plan_local
 from launcher.preferences import Preferences, ProviderPrefs
 from launcher.select import rank
 from launcher.skycatalog import SKY_CLOUD, sky_choice, sky_instance_type, sky_location, write_catalogs
-from launcher.task import render_task, secret_values, task_yaml, validate_task
+from launcher.task import render_task, secret_values, task_yaml
 
 DOMAINS = ["nutrition", "legal", "finance", "education", "fitness", "parenting", "cooking", "travel"]
 WORK = Workload(base_model="microsoft/DialoGPT-medium")

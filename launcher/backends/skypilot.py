@@ -104,12 +104,7 @@ def available() -> bool:
 
 
 def sky_version() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("skypilot")
-    except PackageNotFoundError:
-        return None
+    return skyserver._installed()
 
 
 def version_problem(found: str | None) -> str | None:
@@ -251,6 +246,13 @@ def _import_sky():
     except ImportError:
         raise BackendError(INSTALL_HINT) from None
     return sky
+
+
+def validate_task(task: dict[str, Any]):
+    """A real `sky.Task` built from a rendered task mapping (launcher/task.py): SkyPilot's schema,
+    names, instance types and regions (against its catalogs) are checked. Secret names stay
+    unresolved references."""
+    return _import_sky().Task.from_yaml_config(copy.deepcopy(task))
 
 
 def _when(ts: float | None) -> datetime | None:

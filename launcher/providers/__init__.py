@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from launcher.offers import OfferTable, ProviderError
+from launcher.offer import OfferTable, ProviderError
 from launcher.providers import cache, lambda_cloud, runpod, vast
 from launcher.providers.base import Fetched, http_timeout, redact
 

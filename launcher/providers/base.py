@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from launcher.offers import Offer, ProviderError
+from launcher.offer import Offer, ProviderError
 
 if TYPE_CHECKING:
     import requests

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from launcher.offers import Offer
+from launcher.offer import Offer
 from launcher.providers.base import Fetched
 
 log = logging.getLogger("launcher.offers")

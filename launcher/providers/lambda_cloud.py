@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from launcher.offers import Offer, normalize_gpu
+from launcher.offer import Offer, normalize_gpu
 from launcher.providers.base import Fetched, field_of, parse_rows, positive, request_json, rows_of
 
 if TYPE_CHECKING:
