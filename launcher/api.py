@@ -51,6 +51,13 @@ def message(e: BaseException) -> str:
 # ---- the workload a plan or launch asks for --------------------------------------------------------
 
 
+def domain_names(domains: str) -> list[str]:
+    """'all', a category, or comma-separated names -> the registry's domain names (BadInput if unknown)."""
+    from launcher.launch import select
+
+    return select(domains)
+
+
 def resolve(
     domains: str,
     backend: str | None = None,
@@ -217,6 +224,13 @@ def plan(
     if p.jobs:
         check_deadline(p, deadline_s)
     return p
+
+
+def plan_overheads(plan) -> str:
+    """The plan's per-domain and per-job overheads (export, validation, start-up), in words."""
+    from launcher.plan import plan_overheads as overheads
+
+    return overheads(plan).describe()
 
 
 # ---- budget and reports ---------------------------------------------------------------------------
@@ -901,3 +915,159 @@ def watch(run_id: str, wait_s: float, on_progress=None, poll_s: float = 1.0) -> 
         if p.ended or left <= 0:
             return p
         time.sleep(min(poll_s, left))  # polling the run's files: its follower is another process
+
+
+# ---- provider preferences -------------------------------------------------------------------------
+
+
+class PreferencesView(BaseModel):
+    path: str  # the preferences file
+    preferences: dict[str, Any]  # in force: the file, then MEETARA_* variables
+
+
+def preferences(config: Path | None = None) -> PreferencesView:
+    """The provider preferences in force (file, then env)."""
+    from launcher.preferences import config_path, load_preferences
+
+    return PreferencesView(path=str(config_path(config)), preferences=load_preferences(config).model_dump())
+
+
+PROVIDER_FIELDS = {"enabled", "weight", "max_price_per_gpu_hour", "regions"}
+
+
+class Saved(BaseModel):
+    path: str
+    warnings: dict[str, str]  # per provider whose snapshot offers the new preferences all exclude
+
+
+def set_preferences(
+    provider: str | None = None, changes: dict[str, Any] | None = None, config: Path | None = None
+) -> Saved:
+    """Change preferences (of one provider: enabled, weight, max_price_per_gpu_hour, regions; or the
+    settings across providers) and write them back to the file, keeping its comments and layout.
+    None values are left as they are. The warnings say which providers the change empties."""
+    from pydantic import ValidationError
+
+    from launcher.offers import gather_offers
+    from launcher.preferences import PROVIDERS, Preferences, config_path, load_preferences, save_preferences
+    from launcher.select import emptied_providers
+
+    changes = {k: v for k, v in (changes or {}).items() if v is not None}
+    # the file's settings alone: a MEETARA_* variable in force now is not written into the file
+    data = load_preferences(config, env=False).model_dump()
+    if provider is not None:
+        if provider not in PROVIDERS:
+            raise BadInput(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
+        data["providers"][provider].update(changes)
+    else:
+        if changes.keys() & {"enabled", "weight", "regions"}:
+            raise BadInput(
+                "--enable/--disable, --weight and --regions need a provider (meetara providers set vast)"
+            )
+        data.update(changes)
+    try:
+        prefs = Preferences.model_validate(data)
+    except ValidationError as e:
+        raise BadInput.from_validation(e) from None
+    try:
+        saved = save_preferences(prefs, config)
+    except OSError as e:
+        raise BadInput(f"{config_path(config)}: cannot write ({e.strerror or type(e).__name__})") from None
+    table = gather_offers()  # the bundled snapshot: no network
+    return Saved(
+        path=str(saved),
+        warnings={
+            name: f"{why} (snapshot of {table.snapshot_date}; see meetara offers --all)"
+            for name, why in emptied_providers(table.offers, prefs).items()
+        },
+    )
+
+
+# ---- launching in the foreground (the CLI asks before it spends) ----------------------------------
+
+
+def prepare_launch(names: list[str], **kwargs: Any):
+    """Step 1 of a foreground launch (`launcher.launch.prepare`): check everything, take the run's
+    lease, adopt or settle what a crashed launcher left, plan the unfinished domains. Nothing spent."""
+    from launcher.launch import prepare
+
+    return prepare(names, **kwargs)
+
+
+def commit_launch(prep, **kwargs: Any):
+    """Step 2: reserve the plan's cost in the ledger (all jobs or none) and record the run."""
+    from launcher.launch import commit
+
+    return commit(prep, **kwargs)
+
+
+def follow_run(rec, prep, prefs, **kwargs: Any):
+    """Step 3: follow the jobs to their end in this process (`launcher.launch.follow`: an Outcome)."""
+    from launcher.launch import follow
+
+    return follow(rec, prep, prefs, **kwargs)
+
+
+def chaos(every_s: float | None, seed: int = 0, max_kills: int = 3):
+    """Injected preemptions for the local backend (`--preempt-every`), or None."""
+    from launcher.conductor import Chaos
+
+    return Chaos(every_s, seed, max_kills) if every_s else None
+
+
+# ---- spot-market replay ---------------------------------------------------------------------------
+
+
+def simulate(
+    domains: str,
+    market: str,
+    *,
+    policies: list[str] | None = None,
+    replays: int = 50,
+    seed: int = 0,
+    budget: float | None = None,
+    deadline: str | None = None,
+    base_model: str = "microsoft/DialoGPT-medium",
+    samples: int = 200,
+    epochs: float = 2.0,
+    checkpoint_minutes: float = 10.0,
+    config: Path | None = None,
+    on_replay=None,
+) -> dict[str, Any]:
+    """Replay a spot market under the real conductor and money code on a virtual clock: per policy,
+    cost, hours, deadlines missed and preemptions, beside the omniscient optimum (`launcher.simulate`).
+    `on_replay(k)` hears each finished replay."""
+    from budgets.caps import load_budget_config
+    from launcher.launch import select
+    from launcher.market import market_from
+    from launcher.plan import Workload
+    from launcher.policies import NAMES
+    from launcher.preferences import config_path, load_preferences
+    from launcher.simulate import make_setup
+    from launcher.simulate import simulate as replay_all
+
+    prefs = load_preferences(config)
+    names = select(domains)
+    chosen = list(dict.fromkeys(policies or NAMES))
+    unknown = [p for p in chosen if p not in NAMES]
+    if unknown:
+        raise BadInput(f"unknown policy {unknown[0]!r}; known: {', '.join(NAMES)}")
+    setup = make_setup(
+        names,
+        market_from(market),
+        chosen,
+        prefs=prefs,
+        caps=load_budget_config(config_path(config)),
+        work=Workload(base_model=base_model, samples=samples, epochs=epochs),
+        budget=budget,
+        deadline_s=duration_s(deadline) if deadline else None,
+        checkpoint_s=checkpoint_minutes * 60,
+    )
+    return replay_all(setup, chosen, replays, seed, progress=on_replay or (lambda k: None))
+
+
+def plot_simulation(out: dict[str, Any], path: Path, title: str) -> None:
+    """A PNG chart of `simulate`'s costs per policy."""
+    from launcher.simulate import plot
+
+    plot(out, path, title)

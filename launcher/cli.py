@@ -228,26 +228,26 @@ def providers_show(ctx: typer.Context, config: Path = typer.Option(None, help="p
         return
     from rich.table import Table
 
-    from launcher.preferences import config_path, load_preferences
     from train import BadInput
 
     try:
-        prefs = load_preferences(config)
+        view = api.preferences(config)
     except BadInput as e:
         raise fail(str(e)) from None
-    t = Table("provider", "enabled", "weight", "max $/GPU-h", "regions", title=escape(config_path(config)))
-    for name, p in prefs.providers.items():
+    prefs = dict(view.preferences)
+    t = Table("provider", "enabled", "weight", "max $/GPU-h", "regions", title=escape(view.path))
+    for name, p in prefs.pop("providers").items():
         _row(
             t,
             name,
-            "yes" if p.enabled else "no",
-            f"{p.weight:g}",
-            "-" if p.max_price_per_gpu_hour is None else usd(p.max_price_per_gpu_hour, symbol=False),
-            ",".join(p.regions) or "any",
+            "yes" if p["enabled"] else "no",
+            f"{p['weight']:g}",
+            "-" if p["max_price_per_gpu_hour"] is None else usd(p["max_price_per_gpu_hour"], symbol=False),
+            ",".join(p["regions"]) or "any",
         )
     console = _console()
     console.print(t)
-    for key, value in prefs.model_dump(exclude={"providers"}).items():
+    for key, value in prefs.items():
         console.print(f"{key}: {value}", highlight=False, markup=False)
 
 
@@ -272,63 +272,40 @@ def providers_set(
     config: Path = typer.Option(None, help="preferences file"),
 ) -> None:
     """Change preferences and write them back to the file."""
-    from pydantic import ValidationError
-
-    from launcher.preferences import PROVIDERS, Preferences, config_path, load_preferences, save_preferences
     from train import BadInput
 
+    if provider is not None:
+        changes = {
+            "enabled": enable,
+            "weight": weight,
+            "max_price_per_gpu_hour": max_price,
+            "regions": _csv(regions),
+        }
+    else:
+        changes = {
+            "enabled": enable,
+            "weight": weight,
+            "regions": _csv(regions),
+            "spot_policy": spot_policy,
+            "min_gpu_mem_gb": min_gpu_mem,
+            "allowed_gpus": _csv(allowed_gpus),
+            "blocked_gpus": _csv(blocked_gpus),
+            "max_recoveries": max_recoveries,
+            "preemption_overhead": preemption_overhead,
+            "max_price_per_gpu_hour": max_price,
+            "max_domains_per_job": max_domains_per_job,
+            "max_hours_per_job": max_hours_per_job,
+            "job_startup_minutes": job_startup_minutes,
+            "backend": backend,
+            "local_price_hour": local_price_hour,
+        }
     try:
-        # the file's settings alone: a MEETARA_* variable in force now is not written into the file
-        data = load_preferences(config, env=False).model_dump()
-        if provider is not None:
-            if provider not in PROVIDERS:
-                raise BadInput(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
-            changes = {
-                "enabled": enable,
-                "weight": weight,
-                "max_price_per_gpu_hour": max_price,
-                "regions": _csv(regions),
-            }
-            data["providers"][provider].update({k: v for k, v in changes.items() if v is not None})
-        else:
-            if any(v is not None for v in (enable, weight, regions)):
-                raise BadInput(
-                    "--enable/--disable, --weight and --regions need a provider (meetara providers set vast)"
-                )
-            changes = {
-                "spot_policy": spot_policy,
-                "min_gpu_mem_gb": min_gpu_mem,
-                "allowed_gpus": _csv(allowed_gpus),
-                "blocked_gpus": _csv(blocked_gpus),
-                "max_recoveries": max_recoveries,
-                "preemption_overhead": preemption_overhead,
-                "max_price_per_gpu_hour": max_price,
-                "max_domains_per_job": max_domains_per_job,
-                "max_hours_per_job": max_hours_per_job,
-                "job_startup_minutes": job_startup_minutes,
-                "backend": backend,
-                "local_price_hour": local_price_hour,
-            }
-            data.update({k: v for k, v in changes.items() if v is not None})
-        try:
-            prefs = Preferences.model_validate(data)
-        except ValidationError as e:
-            raise BadInput.from_validation(e) from None
-        try:
-            saved = save_preferences(prefs, config)  # keeps the file's comments and layout
-        except OSError as e:
-            raise BadInput(
-                f"{config_path(config)}: cannot write ({e.strerror or type(e).__name__})"
-            ) from None
+        saved = api.set_preferences(provider, changes, config)
     except BadInput as e:
         raise fail(str(e)) from None
-    typer.echo(f"saved {saved}")
-    from launcher.offers import gather_offers
-    from launcher.select import emptied_providers
-
-    table = gather_offers()  # the bundled snapshot: no network
-    for name, why in emptied_providers(table.offers, prefs).items():
-        say(f"warning: {name}: {why} (snapshot of {table.snapshot_date}; see meetara offers --all)")
+    typer.echo(f"saved {saved.path}")
+    for name, why in saved.warnings.items():
+        say(f"warning: {name}: {why}")
 
 
 # ---- plan / launch / status / pull / doctor ------------------------------------------------------
@@ -346,15 +323,13 @@ WARM_START = typer.Option(
 def _plan_table(plan) -> object:
     from rich.table import Table
 
-    from launcher.plan import plan_overheads
-
     title = f"run {plan.run_id}: {sum(len(j.domains) for j in plan.jobs)} domains in {len(plan.jobs)} jobs"
     src = plan.offers_source + (f" of {plan.snapshot_date}" if plan.snapshot_date else "")
     t = Table(
         title=escape(title),
         caption=escape(
             f"offers: {src}; throughput: {plan.throughput_source}; base {plan.workload.base_model}; "
-            + plan_overheads(plan).describe()
+            + api.plan_overheads(plan)
         ),
     )
     for h in ("job", "domains", "offer", "$/h", "hours", "cost $", "fallbacks"):
@@ -407,27 +382,26 @@ def plan_command(
     """Dry run: what `launch` with the same arguments would run (domains already done are skipped), the
     offer, the jobs and their projected cost. Launches nothing."""
 
-    from launcher.launch import plan_unfinished
     from train import BadInput
 
     try:
-        prefs, names, backend, work = api.resolve(
-            domains, backend, run_id, base_model, samples, epochs, config, warm_start
-        )
-        plan = plan_unfinished(
-            names,
+        names = api.domain_names(domains)
+        deadline_s, _ = api.deadline_and_policy(deadline, None)
+        plan = api.plan(
+            domains,
             backend=backend,
-            prefs=prefs,
-            work=work,
             run_id=run_id,
+            base_model=base_model,
+            samples=samples,
+            epochs=epochs,
             store=store,
             endpoint_url=endpoint_url,
             live=live,
             providers=provider,
+            warm_start=warm_start,
+            deadline_s=deadline_s,
+            config=config,
         )
-        deadline_s, _ = api.deadline_and_policy(deadline, None)
-        if plan.jobs:
-            api.check_deadline(plan, deadline_s)
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None
     if deadline_s is not None and plan.jobs:
@@ -487,7 +461,6 @@ def launch_command(
     ),
 ) -> None:
     """Plan, check the budget, launch, follow the jobs, pull validated GGUFs into ./models."""
-    from launcher.conductor import Chaos
     from train import BadInput
 
     try:
@@ -499,7 +472,7 @@ def launch_command(
         raise fail(str(e)) from None
     if preempt_every is not None and backend != "local":
         raise fail("--preempt-every injects preemptions on the local backend only")
-    chaos = Chaos(preempt_every, preempt_seed, preempt_max) if preempt_every else None
+    chaos = api.chaos(preempt_every, preempt_seed, preempt_max)
     _launch(
         names,
         prefs,
@@ -544,17 +517,14 @@ def _launch(
 ) -> None:
     """The body of `launch` and `recover`: skip done domains, plan the rest, reserve, launch, follow, pull."""
 
-    from budgets import BudgetExceeded, LedgerError
     from budgets.lease import LeaseLost, RunOwned
-    from launcher import launch as L
-    from launcher.backends.base import BackendError
+    from launcher.launch import EXIT_OWNED
     from train import BadInput
-    from train.store import StoreError
 
-    refusals = (BudgetExceeded, BadInput, StoreError, BackendError, LedgerError, ValueError)
+    refusals = tuple(r for r in api.refusals() if r not in (RunOwned, LeaseLost))
     out = _console(stderr=True)
     try:
-        prep = L.prepare(
+        prep = api.prepare_launch(
             names,
             prefs=prefs,
             backend=backend,
@@ -569,9 +539,9 @@ def _launch(
             models_dir=models_dir,
         )
     except RunOwned as e:
-        raise fail(str(e), L.EXIT_OWNED) from None
+        raise fail(str(e), EXIT_OWNED) from None
     except refusals as e:
-        raise fail(L.launch_message(e)) from None
+        raise fail(api.message(e)) from None
     with prep:  # holds the run's lease until the run is followed, settled and pulled
         try:
             if prep.settled:
@@ -598,7 +568,7 @@ def _launch(
                     if not typer.confirm(f"launch for about {usd(prep.plan.total_cost)}?"):
                         say("not launched: nothing was reserved or started")
                         raise typer.Exit(EXIT_DECLINED)
-                rec = L.commit(
+                rec = api.commit_launch(
                     prep,
                     endpoint_url=endpoint_url,
                     models_dir=models_dir,
@@ -607,9 +577,9 @@ def _launch(
                     policy=policy,
                 )
         except LeaseLost as e:
-            raise fail(str(e), L.EXIT_OWNED) from None
+            raise fail(str(e), EXIT_OWNED) from None
         except refusals as e:
-            raise fail(L.launch_message(e)) from None
+            raise fail(api.message(e)) from None
         if rec is None:  # everything was done already: make sure the files are here
             _pull_and_report(prep.store, run_id, names, models_dir)
             return
@@ -641,14 +611,12 @@ def recover_command(
     from rich.table import Table
 
     from budgets import clock
-    from launcher.launch import unfinished
     from launcher.preferences import load_preferences
-    from launcher.runs import select_runs
     from train import BadInput
 
     try:
         prefs = load_preferences(config)
-        rows = [(rec, unfinished(rec)) for rec in select_runs(run_id, "meetara recover")]
+        rows = [(api.load(r.run), r.unfinished) for r in api.recoverable(run_id)]
     except BadInput as e:
         raise fail(str(e)) from None
     t = Table(title="runs with unfinished domains")
@@ -702,7 +670,6 @@ def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from launcher.conductor import Hooks
-    from launcher.launch import follow
 
     err = Console(stderr=True)
     tty = err.is_terminal
@@ -745,7 +712,7 @@ def _conduct(rec, prep, prefs, poll: float, chaos=None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM: cancel, settle, exit like Ctrl-C
     try:
         with progress:
-            outcome = follow(rec, prep, prefs, poll=poll, hooks=Hooks(on_job, on_pulled), chaos=chaos)
+            outcome = api.follow_run(rec, prep, prefs, poll=poll, hooks=Hooks(on_job, on_pulled), chaos=chaos)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if outcome.code == 1:
@@ -771,15 +738,17 @@ def _interrupt(signum, frame) -> None:
 
 def _pull_and_report(store, run_id: str, domains: list[str], models_dir: Path, rec=None) -> None:
     """Pull what is not here yet and print one row per domain (stdout: the summary table)."""
+    _report_pulled(api.pull_from(store, run_id, domains, models_dir), rec)
+
+
+def _report_pulled(view: api.PullView, rec=None) -> None:
+    """One row per domain pulled (or not), the machine time and cost of `rec`; exit 1 on a refusal."""
     from rich.table import Table
 
-    from launcher.pull import pull
-
-    results = pull(store, run_id, domains, models_dir)
-    t = Table(title=escape(f"run {run_id}: models in {models_dir}"))
+    t = Table(title=escape(f"run {view.run_id}: models in {view.models_dir}"))
     for h in ("domain", "status", "files", "MB"):
         t.add_column(h)
-    for r in results:
+    for r in view.domains:
         size = sum(Path(p).stat().st_size for k, p in r.files.items() if k != "base") / 1e6
         _row(
             t,
@@ -788,15 +757,14 @@ def _pull_and_report(store, run_id: str, domains: list[str], models_dir: Path, r
             ", ".join(Path(p).name for k, p in r.files.items() if k != "base"),
             f"{size:.2f}",
         )
-    ok = sum(r.status in ("pulled", "up-to-date") for r in results)
     cost = ""
     if rec is not None:
         hours = sum(j.run_seconds for j in rec.jobs.values()) / 3600
         spent = sum(j.run_seconds / 3600 * j.offer.price_hour for j in rec.jobs.values())
         cost = f"; {hours:.2f} machine-hours, {usd(spent)} at the offers' rates"
-    t.caption = escape(f"{ok}/{len(results)} domains validated and here{cost}")
+    t.caption = escape(f"{view.here}/{len(view.domains)} domains validated and here{cost}")
     print_whole(t)
-    bad = [r for r in results if r.status == "error"]
+    bad = [r for r in view.domains if r.status == "error"]
     if bad:
         raise fail(f"{len(bad)} download(s) refused: {bad[0].detail}", 1)
 
@@ -810,17 +778,14 @@ def pull_command(
     models_dir: Path = typer.Option(Path("models")),
 ) -> None:
     """Download a run's validated GGUFs (sha256-checked, atomic, resumable) into ./models."""
-    from launcher.launch import select
-    from launcher.pull import open_run_store
     from train import BadInput
     from train.store import StoreError
 
     try:
-        names = select(domains)
-        st = open_run_store(run_id, store, endpoint_url)
-        _pull_and_report(st, run_id, names, models_dir)
+        view = api.pull(run_id, domains, store=store, endpoint_url=endpoint_url, models_dir=models_dir)
     except (BadInput, StoreError) as e:
         raise fail(str(e)) from None
+    _report_pulled(view)
 
 
 @app.command("status")
@@ -918,45 +883,36 @@ def simulate_command(
 ) -> None:
     """Replay a spot market under the real conductor and money code on a virtual clock: per policy,
     cost, hours, deadlines missed and preemptions, beside the omniscient optimum."""
-    from budgets.caps import load_budget_config
-    from launcher.launch import select
-    from launcher.market import market_from
-    from launcher.plan import Workload
-    from launcher.policies import NAMES
-    from launcher.preferences import config_path, load_preferences
-    from launcher.simulate import make_setup, simulate
+    from rich.progress import Progress
+
     from train import BadInput
 
     try:
-        prefs = load_preferences(config)
-        names = select(domains)
-        chosen = list(dict.fromkeys(policy or NAMES))
-        unknown = [p for p in chosen if p not in NAMES]
-        if unknown:
-            raise BadInput(f"unknown policy {unknown[0]!r}; known: {', '.join(NAMES)}")
-        setup = make_setup(
-            names,
-            market_from(market),
-            chosen,
-            prefs=prefs,
-            caps=load_budget_config(config_path(config)),
-            work=Workload(base_model=base_model, samples=samples, epochs=epochs),
-            budget=budget,
-            deadline_s=api.duration_s(deadline) if deadline else None,
-            checkpoint_s=checkpoint_minutes * 60,
-        )
+        names = api.domain_names(domains)
+        with Progress(console=_console(stderr=True), transient=True, disable=as_json) as bar:
+            task = bar.add_task("replaying", total=replays)
+            out = api.simulate(
+                domains,
+                market,
+                policies=policy,
+                replays=replays,
+                seed=seed,
+                budget=budget,
+                deadline=deadline,
+                base_model=base_model,
+                samples=samples,
+                epochs=epochs,
+                checkpoint_minutes=checkpoint_minutes,
+                config=config,
+                on_replay=lambda k: bar.update(task, completed=k),
+            )
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None
-    from rich.progress import Progress
-
-    with Progress(console=_console(stderr=True), transient=True, disable=as_json) as bar:
-        task = bar.add_task("replaying", total=replays)
-        out = simulate(setup, chosen, replays, seed, progress=lambda k: bar.update(task, completed=k))
     if plot_path is not None:
-        from launcher.simulate import plot
-
         try:
-            plot(out, plot_path, f"{len(names)} domains, {replays} replays of {Path(market).name}")
+            api.plot_simulation(
+                out, plot_path, f"{len(names)} domains, {replays} replays of {Path(market).name}"
+            )
         except OSError as e:
             raise fail(f"{plot_path}: cannot write the chart ({e.strerror or e})") from None
         say(f"wrote {plot_path}")
