@@ -211,6 +211,28 @@ def mcp_command(
     mcp_server.serve(config, Path.cwd(), allow_outside=allow_outside_workdir)
 
 
+@app.command("dashboard")
+def dashboard_command(
+    host: str = typer.Option("127.0.0.1", help="address to listen on (not the loopback: needs --token)"),
+    port: int = typer.Option(8765, min=0, max=65535, help="port (0: a free one, printed)"),
+    token: str = typer.Option(
+        None, envvar="MEETARA_DASHBOARD_TOKEN", help="required on every request (?token= once, then a cookie)"
+    ),
+    allow_launch: bool = typer.Option(
+        False, "--allow-launch", help="let the page launch runs (behind a token, made up if not given)"
+    ),
+    config: Path = typer.Option(None, help="preferences file (its budget caps apply)"),
+) -> None:
+    """A local web dashboard: spend against the caps, runs with their domains, loss curves and
+    preemptions, cost reports, offers and plans, updated live. Read-only unless --allow-launch."""
+    from launcher import dashboard
+
+    try:
+        dashboard.serve(host=host, port=port, config=config, token=token, allow_launch=allow_launch)
+    except dashboard.Refused as e:
+        raise fail(str(e)) from None
+
+
 providers_app = typer.Typer(
     help="Show and edit provider preferences (a YAML file to keep in version control)."
 )
