@@ -30,6 +30,17 @@ class NotFound(BadInput):
     """No such run (or domain) on this machine or in its store."""
 
 
+def version() -> str:
+    """meetara's installed version ("unknown" when run from a source tree that was not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("meetara")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def refusals() -> tuple[type[BaseException], ...]:
     """The exceptions a face turns into its one-line error (anything else is a bug)."""
     from budgets import BudgetExceeded, LedgerError

@@ -50,10 +50,7 @@ def say(message: object, *, stderr: bool = True) -> None:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
+    """meetara's installed version (the service layer's `api.version`)."""
+    from launcher.api import version as installed
 
-    try:
-        return dist_version("meetara")
-    except PackageNotFoundError:
-        return "unknown"
+    return installed()

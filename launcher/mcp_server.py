@@ -203,11 +203,9 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
     from mcp.server.mcpserver.exceptions import ResourceError, ResourceNotFoundError
 
     confined_to = None if allow_outside else (workdir or Path.cwd()).resolve()
-    from launcher.console import version
-
     server = _strict_server_class()(
         "meetara",
-        version=version(),
+        version=api.version(),
         instructions=(
             "meetara fine-tunes one LoRA adapter per knowledge domain on rented spot GPUs (or this machine) "
             "under dollar budgets and brings back validated GGUF files. Call plan before launch; launch "
