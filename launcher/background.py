@@ -65,10 +65,43 @@ def start(prep, rec, *, poll: float, config: Path | None = None, chaos=None) -> 
             cwd=Path.cwd(),
             start_new_session=True,  # not in the caller's process group: Ctrl-C there does not reach it
         )
-    rec.follower = {"pid": proc.pid, "log": str(log), "state": "following"}
-    rec.save()
-    prep.hand_over()
+    _await_handover(prep, rec, proc, log)
+    prep.hand_over()  # the follower holds the lease now: stop renewing it here, never release it
     return Follower(proc.pid, log)
+
+
+HANDOVER_S = 30.0  # the follower takes the lease over within this, or the launch is called off
+
+
+def _await_handover(prep, rec, proc: subprocess.Popen, log: Path) -> None:
+    """Wait until the follower holds the run's lease and has put itself on the run's record (after
+    which only it writes the record). If it exits (or hangs) first, nothing was launched: release the
+    run's reservations and raise BackendError."""
+    import time
+
+    from launcher.backends.base import BackendError
+    from launcher.money import settle_stale
+    from launcher.runs import load_run
+
+    until = time.monotonic() + HANDOVER_S
+    while True:
+        on_record = (load_run(rec.run_id) or rec).follower or {}
+        if on_record.get("pid") == proc.pid:
+            return
+        if proc.poll() is not None or time.monotonic() > until:
+            break
+        time.sleep(0.05)  # polling the ledger: the follower is another process
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    released = settle_stale(prep.ledger, rec.run_id, prep.backend, rec, owner=prep.owner)
+    rec.save()
+    last = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+    raise BackendError(
+        f"the background follower did not take run {rec.run_id} over (exit code {proc.returncode}"
+        + (f": {last[0][:200]}" if last else "")
+        + f"); nothing was launched and {len(released)} reservation(s) released; its log: {log}"
+    )
 
 
 def _stop(signum, frame) -> None:
@@ -79,24 +112,31 @@ def follow_detached(run_id: str, *, poll: float, config: Path | None, chaos=None
     """The follower's body: take the lease over, follow the run to its end, pull, record the outcome.
     Returns the exit code `meetara launch` would have returned in the foreground."""
     from budgets.lease import Holder, Owner, RunOwned
-    from launcher.launch import EXIT_OWNED, Prepared, follow, make_backend, open_ledger
+    from budgets.query import open_ledger
+    from launcher.crash import crash_point
+
+    crash_point("follower")
+    token = os.environ.pop(TOKEN_ENV, None)
+    ledger = open_ledger(config)
+    try:  # first of all: the caller waits for this (and calls the launch off if it does not come)
+        holder = Holder(ledger, run_id, owner=Owner(token=token) if token else None).acquire()
+    except RunOwned as e:
+        print(f"error: {e}", flush=True)
+        return 3  # launch.EXIT_OWNED
+    from launcher.launch import Prepared, follow, make_backend
     from launcher.preferences import load_preferences
     from launcher.pull import pull
     from launcher.runs import load_run
     from train.store import open_store
 
-    token = os.environ.pop(TOKEN_ENV, None)
     rec = load_run(run_id)
     if rec is None:
+        holder.release()
         print(f"error: no run {run_id!r} on this machine", flush=True)
         return 2
     prefs = load_preferences(config)
-    ledger = open_ledger(config)
-    try:
-        holder = Holder(ledger, run_id, owner=Owner(token=token) if token else None).acquire()
-    except RunOwned as e:
-        print(f"error: {e}", flush=True)
-        return EXIT_OWNED
+    rec.follower = {"pid": os.getpid(), "log": str(log_path(run_id)), "state": "following"}
+    rec.save()  # the caller waits for this: from here on only this process writes the record
     store = open_store(rec.store, endpoint_url=rec.endpoint_url)
     names = [d for j in rec.jobs.values() for d in j.domains]
     prep = Prepared(names, rec.store, store, make_backend(rec.backend), ledger, lease=holder, rec=rec)

@@ -606,7 +606,12 @@ def _launch(
             _pull_and_report(prep.store, run_id, names, models_dir)
             return
         if detach:
-            started = api.detach(prep, rec, poll=poll, config=config, chaos=chaos)
+            from launcher.backends.base import BackendError
+
+            try:
+                started = api.detach(prep, rec, poll=poll, config=config, chaos=chaos)
+            except BackendError as e:
+                raise fail(str(e), 1) from None
             say(
                 f"run {run_id}: followed in the background by pid {started.pid} (it pulls into "
                 f"{models_dir}); `meetara status {run_id}` shows it, its log is {started.log}"

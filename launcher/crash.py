@@ -8,6 +8,7 @@ cleaned up, as with a real crash). Points, in the order a launch reaches them:
     launched   a job's process/managed job started; its handle is not saved yet
     running    a job is running (the first poll that sees it so)
     pulling    a domain is done in the store; its files are being pulled
+    follower   a background follower (launch --detach) starts, before it takes the run over
 """
 
 from __future__ import annotations
