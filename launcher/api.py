@@ -539,7 +539,7 @@ def run_detail(run_id: str, *, curves: bool = True) -> RunDetail:
                 entry["validation_passed"] = qual["validation_passed"]
                 entry["acceptance_rate"] = qual["acceptance_rate"]
                 entry["files"] = {
-                    name: {"bytes": info.get("bytes"), "sha256": info.get("sha256")}
+                    name: {"bytes": info.get("size"), "sha256": info.get("sha256")}
                     for name, info in (manifest.get("files") or {}).items()
                     if isinstance(info, dict)
                 }
