@@ -514,53 +514,6 @@ def _why(job: JobRecord) -> str:
     return f"{job.name} {job.state.lower()}{why}"
 
 
-def run_launch(
-    names: Sequence[str],
-    *,
-    prefs: Preferences,
-    backend: str,
-    work: Workload,
-    run_id: str,
-    budget: float,
-    store: str | None = None,
-    endpoint_url: str | None = None,
-    models_dir: Path = Path("models"),
-    poll: float = 2.0,
-    config: Path | None = None,
-) -> dict:
-    """Launch without asking (the caller has the user's consent for up to `budget`), follow the jobs
-    to the end, pull the outputs. Returns a summary; refusals raise like `prepare` / `commit`."""
-    from launcher.pull import pull
-
-    with prepare(
-        names,
-        prefs=prefs,
-        backend=backend,
-        work=work,
-        run_id=run_id,
-        store=store,
-        endpoint_url=endpoint_url,
-        budget=budget,
-        config=config,
-        models_dir=models_dir,
-    ) as prep:
-        rec = prep.rec
-        if rec is None and prep.plan is not None:
-            rec = commit(prep, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget)
-        outcome = follow(rec, prep, prefs, poll=poll) if rec is not None else Outcome(0)
-        results = pull(prep.store, run_id, names, models_dir)
-    return {
-        "run_id": run_id,
-        "backend": backend,
-        "planned_cost": prep.plan.total_cost if prep.plan else 0.0,
-        "jobs": {n: j.state for n, j in rec.jobs.items()} if rec else {},
-        "domains": {r.domain: r.status for r in results},
-        "models_dir": str(models_dir),
-        "exit_code": outcome.code,
-        "message": outcome.message,
-    }
-
-
 def done_in_store(rec: RunRecord) -> set[str]:
     """The run's domains with a manifest in its store (empty if the store cannot be reached)."""
     from train.store import StoreError
