@@ -198,8 +198,8 @@ def mcp_command(
         help="let clients name models_dir and file:// stores outside --workdir",
     ),
 ) -> None:
-    """Serve meetara's tools (offers, plan, launch, status, report, recover, pull) and resources (budget,
-    runs, quality) over the Model Context Protocol on stdin/stdout, for an MCP client to start."""
+    """Serve meetara's tools (offers, plan, launch, status, report, recover, pull, wait) and resources
+    (budget, runs, quality) over the Model Context Protocol on stdin/stdout, for an MCP client to start."""
     from launcher import mcp_server
 
     config = config.expanduser().resolve() if config else None  # before a chdir: relative to the cwd

@@ -1,7 +1,7 @@
 """`meetara mcp`: the launcher as a Model Context Protocol server on stdin/stdout (official `mcp` SDK).
 
 Tools are the CLI's commands, calling the same library functions under the same budget caps and the
-same validation of arguments: offers, plan, launch, status, report, recover, pull. A refused call
+same validation of arguments: offers, plan, launch, status, report, recover, pull, wait. A refused call
 comes back as a tool error whose text is the one-line message the CLI prints after "error: " (for
 launch and recover, `launch_message`; for an argument of the wrong type or out of range, click's
 "Invalid value for '--budget': ..." without the CLI's "(see meetara --help)" pointer). Arguments are
@@ -209,8 +209,10 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
         instructions=(
             "meetara fine-tunes one LoRA adapter per knowledge domain on rented spot GPUs (or this machine) "
             "under dollar budgets and brings back validated GGUF files. Call plan before launch; launch "
-            "spends at most its budget (and the ledger's daily/weekly/monthly caps) and blocks until the "
-            "jobs end. Read meetara://budget for what is left, meetara://runs for progress."
+            "spends at most its budget (and the ledger's daily/weekly/monthly caps) and returns the run id "
+            "once the money is reserved; a background process runs the jobs and pulls the GGUFs. Call wait "
+            "(progress notifications) or read meetara://runs/{run_id} for progress, meetara://budget for "
+            "what is left."
         ),
         log_level=os.environ.get("MEETARA_LOG", "WARNING").upper(),  # type: ignore[arg-type]
     )
