@@ -257,12 +257,15 @@ def build_app(
     # ---- live updates ----
 
     def stream(render: Callable[[], str], request: Request) -> Response:
-        """Push `render()` as an 'update' event whenever it changes (checked every POLL_SECONDS)."""
+        """Push `render()` as an 'update' event whenever it changes (checked every POLL_SECONDS); end
+        the stream cleanly when the server stops."""
         import anyio
+
+        stopping = anyio.Event()  # set by sse-starlette when uvicorn shuts down
 
         async def updates() -> AsyncIterator[dict[str, str]]:
             last = request.query_params.get("digest")
-            while True:
+            while not stopping.is_set():
                 try:
                     html = await run_in_threadpool(render)
                 except api.NotFound as e:
@@ -273,9 +276,10 @@ def build_app(
                 if (d := views.digest(html)) != last:
                     last = d
                     yield {"event": "update", "data": html}
-                await anyio.sleep(POLL_SECONDS)
+                with anyio.move_on_after(POLL_SECONDS):
+                    await stopping.wait()
 
-        return EventSourceResponse(updates(), ping=15)
+        return EventSourceResponse(updates(), ping=15, shutdown_event=stopping, shutdown_grace_period=2)
 
     async def events_overview(request: Request) -> Response:
         q = _query(request)
