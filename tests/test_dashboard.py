@@ -31,6 +31,7 @@ FAST = ["--samples", "16", "--epochs", "1", "--poll", "0.2", "--budget", "5", "-
 # a preemption injected once training shows steps; 48 samples x 3 epochs outlast the injection's delay
 CHAOS = ["--samples", "48", "--epochs", "3", "--poll", "0.2", "--budget", "5", "--yes"]
 CHAOS += ["--preempt-every", "1", "--preempt-max", "1"]
+CHAOS_RUN = ("chaos", "fitness", *CHAOS)  # a one-domain run preempted once on its way
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 WAIT_S = 60  # the most a page may take to show what a test waits for
@@ -60,10 +61,32 @@ class Launches:
 
     def __call__(self, run_id: str, domains: str, *flags: str) -> str:
         if run_id not in self.done:
-            r = meetara(self.work, "launch", "-d", domains, "--run-id", run_id, *flags)
-            assert r.returncode == 0, r.stderr[-3000:]
-            self.done[run_id] = r
+            with self.running(run_id, domains, *flags):
+                pass
         return run_id
+
+    @contextlib.contextmanager
+    def running(self, run_id: str, domains: str, *flags: str) -> Iterator[subprocess.Popen]:
+        """Start the launch, yield while it runs, then wait for it to succeed."""
+        assert run_id not in self.done, f"{run_id} was launched already"
+        tmp, env = self.work
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "launcher", "launch", "-d", domains, "--run-id", run_id, *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp,
+            env={**os.environ, **env},
+        )
+        try:
+            yield proc
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err[-3000:]
+        self.done[run_id] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -75,11 +98,6 @@ def launch(work) -> Launches:
 def first(launch: Launches) -> str:
     """A finished two-domain run."""
     return launch("first", "nutrition,legal", *FAST)
-
-
-def launch_chaos(launch: Launches) -> str:
-    """A one-domain run preempted once (and relaunched) on its way."""
-    return launch("chaos", "fitness", *CHAOS)
 
 
 @contextlib.contextmanager
@@ -225,15 +243,15 @@ def test_a_second_launch_appears_live_without_a_reload(browser, site, first, lau
     browser.execute_script("window.sameDocument = 'yes'")  # a reload would forget it
     assert not browser.find_elements("css selector", 'a.run-link[data-run="chaos"]')
 
-    launch_chaos(launch)  # in another process, while the page stays open
-
-    shown(browser, 'a.run-link[data-run="chaos"]')
+    with launch.running(*CHAOS_RUN):  # in another process, while the page stays open
+        shown(browser, 'a.run-link[data-run="chaos"]')
+    shown(browser, 'tr:has(a.run-link[data-run="chaos"]) .state-done')  # and follows it to its end
     assert browser.execute_script("return window.sameDocument") == "yes"
     assert int(browser.find_element("id", "main").get_attribute("data-updates")) >= 1
 
 
 def test_a_preempted_run_shows_its_preemption_on_the_time_line(browser, site, launch, work):
-    run_id = launch_chaos(launch)
+    run_id = launch(*CHAOS_RUN)
     assert [j["preemptions"] for j in job_status(work, run_id)] == [1]
     browser.get(f"{site}/runs/{run_id}")
     shown(browser, f'section.run-head[data-run="{run_id}"]')
