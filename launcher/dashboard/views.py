@@ -392,9 +392,10 @@ def report_page(rep: dict[str, Any], query: dict[str, str]) -> str:
     body_rows = [cells(r, escape(str(r.get(by, r.get("key"))))) for r in rows]
     if rep.get("total") and rows:
         body_rows.append(cells(rep["total"], "<b>total</b>"))
-    tab = table((by, *[c.replace("_", " ") for c in cols]), body_rows, cls="report", empty="no spend yet")
-    period = f"{rep.get('since') or 'the start'} to {rep.get('until') or 'now'}"
-    return f'<h1>Cost by {escape(by)}</h1>{form}<p class="muted">{escape(period)}</p>{chart}{tab}'
+    tab = table((by, *[c.replace("_", " ") for c in cols]), body_rows, cls="report") if rows else ""
+    since = f"from {when(rep['since'])}" if rep.get("since") else "from the start"
+    until = f"until {when(rep['until'])} (exclusive)" if rep.get("until") else "until now"
+    return f'<h1>Cost by {escape(by)}</h1>{form}<p class="muted">{since} {until}</p>{chart}{tab}'
 
 
 def offers_page(view: dict[str, Any], query: dict[str, str]) -> str:
