@@ -78,6 +78,7 @@ def resolve(
     epochs: float = 2.0,
     config: Path | None = None,
     warm_start: bool = False,
+    merged: bool = False,
 ):
     """The front half of plan and launch: (preferences, domain names, backend, workload). Unknown
     domains, backends, models and bad run ids raise BadInput here, before anything is planned."""
@@ -93,7 +94,7 @@ def resolve(
     backend = resolve_backend(prefs, backend)
     model = base_model or ("tiny" if backend == "local" else "microsoft/DialoGPT-medium")
     model_params(model)  # unknown models fail here, before anything is planned
-    work = Workload(base_model=model, samples=samples, epochs=epochs, warm_start=warm_start)
+    work = Workload(base_model=model, samples=samples, epochs=epochs, warm_start=warm_start, merged=merged)
     return prefs, names, backend, work
 
 
@@ -213,13 +214,15 @@ def plan(
     warm_start: bool = False,
     deadline_s: float | None = None,
     config: Path | None = None,
+    merged: bool = False,
 ):
     """Dry run (a `launcher.plan.Plan`): what `launch` with the same arguments would run. Domains done
-    in the store are in `done`, not planned; a deadline the plan cannot meet is refused."""
+    in the store are in `done`, not planned; a deadline the plan cannot meet is refused. `merged`: the
+    jobs ship each domain's merged Q4_K_M model too (`plan.outputs` counts the bytes)."""
     from launcher.launch import plan_unfinished
 
     prefs, names, backend, work = resolve(
-        domains, backend, run_id, base_model, samples, epochs, config, warm_start
+        domains, backend, run_id, base_model, samples, epochs, config, warm_start, merged
     )
     p = plan_unfinished(
         names,
@@ -467,6 +470,7 @@ class RunDetail(BaseModel):
     planned_hours: float
     cost_so_far: float
     base_model: str
+    workload: dict[str, Any] = {}  # what each domain trains: base model, samples, epochs
     created_at: str
     state: str
     domains_total: int
@@ -484,7 +488,7 @@ class RunDetail(BaseModel):
 
 
 _KINDS = (  # a job history note's first words -> its kind on the time line
-    ("injected preemption", "preempted"),
+    ("injected preemption", "injected"),  # the kill (--preempt-every); "preempted" follows when seen
     ("preempted", "preempted"),
     ("the backend recovered", "recovered"),
     ("launched", "launched"),
@@ -563,6 +567,7 @@ def run_detail(run_id: str, *, curves: bool = True) -> RunDetail:
         planned_hours=rec.plan.total_hours,
         cost_so_far=round(sum(r["cost_so_far"] for r in rows), 6),
         base_model=rec.plan.workload.base_model,
+        workload=rec.plan.workload.model_dump(mode="json"),
         created_at=rec.created_at.isoformat(),
         state=_run_state(rows),
         domains_total=len(domains),
