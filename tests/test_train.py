@@ -42,14 +42,24 @@ def test_train_two_domains_on_s3_then_rerun_skips(bucket, s3_server, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     summary = json.loads(first.stdout)
     assert summary["counts"] == {"done": 2, "failed": 0, "skipped": 0}
+    # one llama.cpp worker validated both domains; the base was exported and quantized once
+    assert summary["llama_worker_starts"] == 1
+    assert {"load", "base_export_f16", "base_quantize", "base_upload"} <= set(summary["timings"])
 
     store = open_store(url, endpoint_url=s3_server)
     for name in ("nutrition", "legal"):
         m = json.loads(store.get(f"runs/r1/domains/{name}/manifest.json"))
         assert m["status"] == "done" and m["validation"]["passed"]
         assert m["metrics"]["heldout_loss_after"] < m["metrics"]["heldout_loss_before"]
-        assert m["files"]["merged_q4_k_m"]["gguf"]["file_type_name"] == "MOSTLY_Q4_K_M"
-        assert set(m["timings"]) == {"data", "train", "export", "validate"}
+        # what ships by default (issue 14): an f16 adapter per domain, the run's one Q4_K_M base
+        assert set(m["files"]) == {"adapter"} and m["files"]["adapter"]["gguf"]["tensor_types"] == {"F16": 4}
+        assert set(m["base_files"]) == {"q4_k_m"} and m["base_gguf"] == m["base_files"]["q4_k_m"]
+        assert m["base_gguf"]["key"] == "runs/r1/base/tiny-Q4_K_M.gguf"
+        assert set(m["timings"]) == {"data", "train", "export", "validate", "upload"}
+        assert {"adapter_export", "validate_reference", "validate_llama_q4_k_m_adapter"} <= set(
+            m["timings_detail"]
+        )
+        assert m["validation"]["files"]["adapter"]["llama_cpp"]["adapter_delta_max_rel_diff"] < 0.35
         # every file the manifest names is in the store with the recorded checksum
         for f in [m["base_gguf"], *m["files"].values()]:
             import hashlib
@@ -58,7 +68,8 @@ def test_train_two_domains_on_s3_then_rerun_skips(bucket, s3_server, tmp_path):
 
     # the outputs load in llama.cpp (llama-cpp-python) and generate, here, independently of the pipeline
     base, adapter = tmp_path / "base.gguf", tmp_path / "adapter.gguf"
-    store.get_file("runs/r1/base/tiny-f16.gguf", base)
+    store.get_file("runs/r1/base/tiny-Q4_K_M.gguf", base)
+    assert not store.exists("runs/r1/base/tiny-f16.gguf")  # only with --base-f16
     store.get_file("runs/r1/domains/legal/adapter.gguf", adapter)
     ids = [5, 17, 42, 99, 7]
     with_lora = run_llama_check(base, ids, lora=adapter, generate=6)

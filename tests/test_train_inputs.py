@@ -100,7 +100,7 @@ def test_dialogpt_turns_joined_with_endoftext_train_and_validate(tmp_path):
     train_ids = encode([Sample(rows[0]["prompt"], rows[0]["response"])], tok, 128)[0]
     assert train_ids[: len(ids)] == ids and train_ids[len(ids)] == eos and train_ids[-1] == eos
     # ... and in llama.cpp, whose GGUF names the same eos id
-    base = store / "runs/default/base/tiny-f16.gguf"
+    base = store / "runs/default/base/tiny-Q4_K_M.gguf"
     reader = gguf.GGUFReader(base)
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == eos
     assert run_llama_check(base, ids, generate=1, text=rows[0]["prompt"])["tokenize_check"] == ids
@@ -122,7 +122,7 @@ def test_prompts_longer_than_the_positions_train_and_validate(tmp_path):
     store = tmp_path / "st"
     r = run_cli(
         "--domains", "nutrition", "--data-dir", str(data), "--store", f"file://{store}",
-        "--checkpoint-every", "100", "-q",
+        "--checkpoint-every", "100", "--merged", "-q",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     m = _manifest(store)

@@ -80,7 +80,27 @@ def train_command(
     ),
     keep_checkpoints: int = typer.Option(2),
     seed: int = typer.Option(0),
-    merged: bool = typer.Option(True, help="also export the merged model quantized to Q4_K_M"),
+    merged: bool = typer.Option(
+        False,
+        "--merged/--no-merged",
+        envvar="MEETARA_MERGED",
+        help="also ship each domain's merged model quantized to Q4_K_M (~0.68 bytes per base parameter "
+        "each) [default: the adapter only, applied to the run's one Q4_K_M base]",
+        show_default=False,
+    ),
+    base_f16: bool = typer.Option(
+        False,
+        "--base-f16",
+        envvar="MEETARA_BASE_F16",
+        help="also ship the base model as f16 GGUF (the Q4_K_M base always ships)",
+    ),
+    adapter_f32: bool = typer.Option(
+        False,
+        "--adapter-f32",
+        envvar="MEETARA_ADAPTER_F32",
+        help="write adapters in f32 [default: f16, half the bytes]",
+        show_default=False,
+    ),
     warm_start: bool = typer.Option(
         None,
         "--warm-start/--no-warm-start",
@@ -114,6 +134,8 @@ def train_command(
             data_dir=data_dir,
             endpoint_url=endpoint_url,
             merged=merged,
+            base_f16=base_f16,
+            adapter_dtype="f32" if adapter_f32 else "f16",
             restart_if_changed=restart_if_changed,
             **({} if warm_start is None else {"warm_start": warm_start}),  # None: JobSpec's default
             params=LoraParams(

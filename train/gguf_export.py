@@ -240,8 +240,10 @@ def write_adapter_gguf(
     *,
     alpha: float,
     base_name: str,
+    dtype: str = "f32",
 ) -> Path:
-    """Write peft LoRA weights (`get_peft_model_state_dict` of a GPT-2) as a llama.cpp LoRA GGUF.
+    """Write peft LoRA weights (`get_peft_model_state_dict` of a GPT-2) as a llama.cpp LoRA GGUF, its
+    tensors as `dtype` ("f16": half the bytes; llama.cpp applies either on any base, quantized ones too).
 
     peft keeps lora_A [r, in] and lora_B [out, r] as nn.Linear weights even with fan_in_fan_out=True
     (Conv1D): the flag only transposes the merged delta B @ A when it is added to Conv1D's [in, out]
@@ -265,6 +267,9 @@ def write_adapter_gguf(
         pairs.setdefault((layer, module), {})[ab] = arr
     if not pairs:
         raise ValueError("lora_state holds no LoRA tensors")
+    if dtype not in _FILE_TYPES:
+        raise ValueError(f"dtype must be one of {sorted(_FILE_TYPES)}, got {dtype!r}")
+    np_type = np.float16 if dtype == "f16" else np.float32
 
     tensors: list[tuple[str, np.ndarray]] = []
     for (layer, module), ab in sorted(pairs.items()):
@@ -274,7 +279,7 @@ def write_adapter_gguf(
         if a.shape[0] != b.shape[1]:
             raise ValueError(f"layer {layer} {module}: rank mismatch, lora_A {a.shape} vs lora_B {b.shape}")
         base = f"blk.{layer}.{_BLOCK_NAMES[module]}.weight"
-        tensors += [(f"{base}.lora_a", a), (f"{base}.lora_b", b)]
+        tensors += [(f"{base}.lora_a", a.astype(np_type)), (f"{base}.lora_b", b.astype(np_type))]
 
     path = Path(path)
     with _atomic_target(path) as tmp:
@@ -395,13 +400,13 @@ def expected_tensor_bytes(config: GPT2Config, *, kind: str, r: int | None = None
 
     kind "model": everything `write_model_gguf` writes (output.weight only when the config unties it,
     position_embd.weight F32 in an f16 file);
-    kind "adapter": F32 lora_a/lora_b on c_attn of every layer at rank `r` (dtype is ignored).
+    kind "adapter": lora_a/lora_b on c_attn of every layer at rank `r`, F16 or F32 as `dtype`.
     """
     e, n_layer = config.n_embd, config.n_layer
     if kind == "adapter":
         if not r:
             raise ValueError("kind='adapter' needs the LoRA rank r")
-        return 4 * n_layer * (r * e + 3 * e * r)
+        return (2 if dtype == "f16" else 4) * n_layer * (r * e + 3 * e * r)
     if kind != "model":
         raise ValueError(f"kind must be 'model' or 'adapter', got {kind!r}")
     if dtype not in _FILE_TYPES:

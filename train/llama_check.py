@@ -1,26 +1,35 @@
 """Evaluate a GGUF model (and optional LoRA adapter) with llama.cpp in a child process.
 
 A malformed GGUF (e.g. a wrong-shaped LoRA tensor) segfaults llama.cpp instead of raising, so the
-parent only ever talks to it through `python -m train.llama_check`, which prints one JSON object.
+parent only ever talks to it through `python -m train.llama_check`: one evaluation that prints one JSON
+object (`run_llama_check`), or, for a whole job, a worker that answers one JSON line per request,
+loading each model once and attaching and detaching LoRA adapters with llama.cpp's adapter API
+(`LlamaWorker`, `--serve`). A crash takes only the child down.
 
 A child that dies because the job is being stopped (Ctrl-C reaches the whole process group; SIGTERM
 from a spot VM's shutdown, systemd or `kill`) says nothing about the file: that is
 `LlamaCheckInterrupted`, never a failed check (`LlamaCheckError`).
 
-Test hook: with MEETARA_TEST_HOLD_LLAMA_CHECK=<file> the child writes its pid to <file> (atomically)
-and waits 60 s before it loads anything, so a test can signal a job exactly while it validates.
+Test hook: with MEETARA_TEST_HOLD_LLAMA_CHECK=<file> the child (a worker: when it starts) writes its
+pid to <file> (atomically) and waits 60 s before it loads anything, so a test can signal a job exactly
+while it validates.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +62,91 @@ def _stage(what: str) -> None:
     print(_STAGE + what, file=sys.stderr, flush=True)
 
 
+def _load(model: str, n_ctx: int, threads: int | None) -> Any:
+    """llama.cpp's model with a context of `n_ctx` (0: the model's trained length), one batch wide."""
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=model,
+        logits_all=True,  # 0.3.x keeps only the last row in `scores` without it
+        n_ctx=n_ctx,
+        n_batch=n_ctx or 1 << 16,  # llama-cpp-python cuts it to the context
+        n_threads=threads,
+        seed=0,
+        verbose=False,
+    )
+
+
+@contextmanager
+def _adapter(llm: Any, lora: str | None) -> Iterator[None]:
+    """Attach the LoRA adapter `lora` to `llm`'s context for the block, then detach and free it
+    (llama.cpp's adapter API: the base model stays loaded; a malformed adapter may crash the process)."""
+    if lora is None:
+        yield
+        return
+    import ctypes
+
+    import llama_cpp
+
+    _stage(f"attaching LoRA {lora}")
+    adapter = llama_cpp.llama_adapter_lora_init(llm.model, lora.encode())
+    if not adapter:
+        raise ValueError(f"llama.cpp could not load the LoRA adapter {lora}")
+    try:
+        if llama_cpp.llama_set_adapters_lora(
+            llm.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter), 1, (ctypes.c_float * 1)(1.0)
+        ):
+            raise ValueError(f"llama.cpp could not apply the LoRA adapter {lora}")
+        yield
+    finally:
+        llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
+        llama_cpp.llama_adapter_lora_free(adapter)
+
+
+def _run(llm: Any, tokens: list[int], generate: int, text: str | None, given: int) -> dict[str, Any]:
+    """Evaluate `tokens` from an empty context, then generate greedily; the JSON-able result."""
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+    if bad := [t for t in tokens if not 0 <= t < n_vocab]:
+        raise ValueError(f"token ids out of range [0, {n_vocab}): {bad[:5]}")
+    llm.reset()  # the next eval drops whatever the context held
+    _stage(f"evaluating {len(tokens)} tokens")
+    llm.eval(tokens)
+    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    # Plain argmax over llama.cpp's own logits: exactly comparable with transformers' greedy decode.
+    generated: list[int] = []
+    nxt = int(np.argmax(logits[-1]))
+    for i in range(generate):
+        generated.append(nxt)
+        if i + 1 < generate:
+            llm.eval([nxt])
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    out: dict[str, Any] = {
+        "n_vocab": n_vocab,
+        "n_ctx_train": llama_cpp.llama_model_n_ctx_train(llm.model),
+        "n_tokens": len(tokens),
+        "truncated_from": given if given > len(tokens) else None,
+        "logits": logits.tolist(),
+        "generated": generated,
+        "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
+    }
+    if text is not None:
+        out["tokenize_check"] = tokenize_turns(llm, text)
+    return out
+
+
+def _fit(tokens: list[int], room: int, n_ctx_train: int, generate: int) -> list[int]:
+    """GPT-2 has learned positions: past n_ctx_train llama.cpp would index past position_embd. Keep the
+    first tokens that leave room for the generated ones, as the transformers side cuts its ids
+    (`train.model.fit_positions`); the result's `n_tokens` says how many were evaluated."""
+    if len(tokens) + room <= n_ctx_train:
+        return tokens
+    if n_ctx_train - room < 1:
+        raise ValueError(f"{generate} generated tokens leave no room in the model context {n_ctx_train}")
+    return tokens[: n_ctx_train - room]
+
+
 def evaluate(
     model: str,
     tokens: list[int],
@@ -68,59 +162,41 @@ def evaluate(
     if not tokens:
         raise ValueError("need at least one token")
     room = max(generate, 0)
-
-    def load(n_ctx: int) -> Any:
-        _stage(f"loading {model}" + (f" with LoRA {lora}" if lora else ""))
-        return llama_cpp.Llama(
-            model_path=model,
-            lora_path=lora,
-            logits_all=True,  # 0.3.x keeps only the last row in `scores` without it
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            n_threads=threads,
-            seed=0,
-            verbose=False,
-        )
-
     given = len(tokens)
-    llm = load(given + room)
-    n_vocab = llm.n_vocab()
-    n_ctx_train = llama_cpp.llama_model_n_ctx_train(llm.model)
-    # GPT-2 has learned positions: past n_ctx_train llama.cpp would index past position_embd. Keep the
-    # first tokens that leave room for the generated ones, as the transformers side cuts its ids
-    # (`train.model.fit_positions`); `n_tokens` says how many were evaluated.
-    if given + room > n_ctx_train:
-        if n_ctx_train - room < 1:
-            raise ValueError(f"{generate} generated tokens leave no room in the model context {n_ctx_train}")
-        tokens = tokens[: n_ctx_train - room]
+    _stage(f"loading {model}")
+    llm = _load(model, given + room, threads)
+    fitted = _fit(tokens, room, llama_cpp.llama_model_n_ctx_train(llm.model), generate)
+    if len(fitted) < given:
         llm.close()
-        llm = load(len(tokens) + room)  # a context no larger than the tokens need, as for any other input
-    if bad := [t for t in tokens if not 0 <= t < n_vocab]:
-        raise ValueError(f"token ids out of range [0, {n_vocab}): {bad[:5]}")
+        _stage(f"loading {model}")
+        llm = _load(model, len(fitted) + room, threads)  # a context no larger than the tokens need
+    with _adapter(llm, lora):
+        return _run(llm, fitted, room, text, given)
 
-    _stage(f"evaluating {len(tokens)} tokens")
-    llm.eval(tokens)
-    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    # Plain argmax over llama.cpp's own logits: exactly comparable with transformers' greedy decode.
-    generated: list[int] = []
-    nxt = int(np.argmax(logits[-1]))
-    for i in range(generate):
-        generated.append(nxt)
-        if i + 1 < generate:
-            llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    out: dict[str, Any] = {
-        "n_vocab": n_vocab,
-        "n_ctx_train": n_ctx_train,
-        "n_tokens": len(tokens),
-        "truncated_from": given if given > len(tokens) else None,
-        "logits": logits.tolist(),
-        "generated": generated,
-        "text": llm.detokenize(generated).decode("utf-8", errors="replace"),
-    }
-    if text is not None:
-        out["tokenize_check"] = tokenize_turns(llm, text)
-    return out
+
+class _Server:
+    """The worker's side of `LlamaWorker`: models loaded once (a context of the model's whole
+    trained length), adapters attached and detached per request."""
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads = threads
+        self.models: dict[str, Any] = {}
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        import llama_cpp
+
+        tokens = [int(t) for t in req["tokens"]]
+        if not tokens:
+            raise ValueError("need at least one token")
+        generate = max(int(req.get("generate", 0)), 0)
+        model = req["model"]
+        if model not in self.models:
+            _stage(f"loading {model}")
+            self.models[model] = _load(model, 0, self.threads)
+        llm = self.models[model]
+        fitted = _fit(tokens, generate, llama_cpp.llama_model_n_ctx_train(llm.model), generate)
+        with _adapter(llm, req.get("lora")):
+            return _run(llm, fitted, generate, req.get("text"), len(tokens))
 
 
 def tokenize_turns(llm: Any, text: str) -> list[int]:
@@ -138,32 +214,55 @@ def tokenize_turns(llm: Any, text: str) -> list[int]:
     return ids
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: print one JSON object with the evaluation on stdout; logs and errors go to stderr."""
-    p = argparse.ArgumentParser(prog="python -m train.llama_check", description=__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--lora")
-    p.add_argument("--tokens", required=True, help="comma-separated token ids")
-    p.add_argument("--generate", type=int, default=0)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--text", help="also report llama.cpp's tokenization of this text")
-    args = p.parse_args(argv)
-    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+def _hold() -> None:
     if hold := os.environ.get(HOLD_ENV):  # test hook (module docstring): "validating now"; wait
         Path(f"{hold}.tmp").write_text(str(os.getpid()))
         os.replace(f"{hold}.tmp", hold)
         time.sleep(60)
 
-    # Anything native code or Python prints while llama.cpp runs must not corrupt the JSON on stdout:
-    # point fd 1 (and sys.stdout) at stderr and keep a private copy of the real stdout.
+
+def _private_stdout() -> Any:
+    """Anything native code or Python prints while llama.cpp runs must not corrupt the JSON on stdout:
+    point fd 1 (and sys.stdout) at stderr and return a private writer on the real stdout."""
     sys.stdout.flush()
     real_stdout = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    return os.fdopen(real_stdout, "w")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: print one JSON object with the evaluation on stdout; logs and errors go to stderr. With
+    `--serve`: read one JSON request a line on stdin, answer one JSON line each (`LlamaWorker`)."""
+    p = argparse.ArgumentParser(prog="python -m train.llama_check", description=__doc__)
+    p.add_argument("--serve", action="store_true", help="answer requests on stdin (LlamaWorker)")
+    p.add_argument("--model")
+    p.add_argument("--lora")
+    p.add_argument("--tokens", help="comma-separated token ids")
+    p.add_argument("--generate", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--text", help="also report llama.cpp's tokenization of this text")
+    args = p.parse_args(argv)
+    if args.serve:
+        _hold()
+        server, out = _Server(args.threads), _private_stdout()
+        for line in sys.stdin:
+            try:
+                reply = server.handle(json.loads(line))
+            except Exception as e:  # a refused file or request: the worker stays up for the next one
+                reply = {"error": f"{type(e).__name__}: {e}"}
+            out.write(json.dumps(reply) + "\n")
+            out.flush()
+        return
+    if not args.model or args.tokens is None:
+        p.error("--model and --tokens are required")
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    _hold()
+    out = _private_stdout()
     result = evaluate(
         args.model, tokens, lora=args.lora, generate=args.generate, text=args.text, threads=args.threads
     )
-    with os.fdopen(real_stdout, "w") as out:
+    with out:
         json.dump(result, out)
         out.write("\n")
 
@@ -251,6 +350,132 @@ def run_llama_check(
         raise LlamaCheckError(f"llama.cpp check of {target} printed no JSON: {stdout[:200]!r}") from exc
     result["logits"] = np.asarray(result["logits"], dtype=np.float32)
     return result
+
+
+class LlamaWorker:
+    """One llama.cpp child process (`python -m train.llama_check --serve`) for a whole job: each model
+    is loaded once, at its first request, and each request attaches its LoRA adapter, evaluates and
+    detaches it (llama.cpp's adapter API), so a job loads its base once instead of once per domain.
+
+    The isolation is `run_llama_check`'s: a malformed GGUF kills the child, not the job. Its errors are
+    the same too: `LlamaCheckError` when the child crashes, fails, times out or answers an error (a
+    crashed child is started afresh at the next request); `LlamaCheckInterrupted` when `stop()` turns
+    true while it works (it is killed at once) or it dies of a stop signal. `close()` ends it; the
+    child never outlives the `with` block."""
+
+    def __init__(self, *, threads: int | None = None, timeout: float = 120) -> None:
+        self.threads, self.timeout = threads, timeout
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0  # child processes started (a crash restarts it)
+
+    def __enter__(self) -> LlamaWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "train.llama_check", "--serve"]
+        if self.threads is not None:
+            cmd += ["--threads", str(self.threads)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO_ROOT), env.get("PYTHONPATH")]))
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._stderr: deque[str] = deque(maxlen=200)
+        lines, err = self._lines, self._stderr
+
+        def read_out() -> None:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                lines.put(line)
+            lines.put(None)
+
+        def read_err() -> None:
+            for line in proc.stderr:  # type: ignore[union-attr]
+                err.append(line)
+
+        self._readers = [threading.Thread(target=f, daemon=True) for f in (read_out, read_err)]
+        for t in self._readers:
+            t.start()
+        self.starts += 1
+        return proc
+
+    def evaluate(
+        self,
+        model: Path,
+        token_ids: list[int],
+        *,
+        lora: Path | None = None,
+        generate: int = 8,
+        text: str | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> dict[str, Any]:
+        """As `run_llama_check`, in the job's one worker: `logits` comes back as a numpy array."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = self._start()
+        proc = self.proc
+        target = f"{model}" + (f" with LoRA {lora}" if lora is not None else "")
+        req = {"model": str(model), "tokens": [int(t) for t in token_ids], "generate": generate}
+        if lora is not None:
+            req["lora"] = str(lora)
+        if text is not None:
+            req["text"] = text
+        try:
+            proc.stdin.write(json.dumps(req) + "\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+        except OSError:
+            pass  # the child is gone: its end of stdout says so below
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(min(deadline - time.monotonic(), POLL_S), 0.001))
+                break
+            except queue.Empty:
+                if stop is not None and stop():
+                    self.close(kill=True)
+                    raise LlamaCheckInterrupted(f"llama.cpp check of {target} stopped") from None
+                if time.monotonic() >= deadline:
+                    self.close(kill=True)
+                    raise LlamaCheckError(
+                        f"llama.cpp check of {target} timed out after {self.timeout:g}s"
+                    ) from None
+        if line is None:  # the child died
+            rc = proc.wait()
+            for t in self._readers:
+                t.join(5)
+            self.proc = None
+            how = f"killed by {_signal_name(-rc)}" if rc < 0 else f"exit code {rc}"
+            if (stop is not None and stop()) or -rc in STOP_SIGNALS:
+                raise LlamaCheckInterrupted(f"llama.cpp check of {target} interrupted ({how})")
+            stderr = "".join(self._stderr)
+            raise LlamaCheckError(f"llama.cpp check of {target} failed ({how}){_describe_failure(stderr)}")
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError as exc:
+            self.close(kill=True)
+            raise LlamaCheckError(f"llama.cpp check of {target} printed no JSON: {line[:200]!r}") from exc
+        if "error" in result:
+            raise LlamaCheckError(f"llama.cpp check of {target} failed: {result['error']}")
+        result["logits"] = np.asarray(result["logits"], dtype=np.float32)
+        return result
+
+    def close(self, kill: bool = False) -> None:
+        """End the child: EOF on its stdin, then a kill if it has not gone within 5 s (at once: `kill`)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # type: ignore[union-attr]
+            try:
+                proc.wait(0 if kill else 5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for t in self._readers:
+            t.join(5)
 
 
 if __name__ == "__main__":
