@@ -342,6 +342,15 @@ WARM_START = typer.Option(
 )
 
 
+MERGED = typer.Option(
+    False,
+    "--merged",
+    help="also ship each domain's merged model quantized to Q4_K_M [default: one Q4_K_M base per run "
+    "and an adapter per domain]",
+    show_default=False,
+)
+
+
 def _plan_table(plan) -> object:
     from rich.table import Table
 
@@ -352,6 +361,7 @@ def _plan_table(plan) -> object:
         caption=escape(
             f"offers: {src}; throughput: {plan.throughput_source}; base {plan.workload.base_model}; "
             + api.plan_overheads(plan)
+            + (f"; {plan.outputs.describe()}" if plan.outputs else "")
         ),
     )
     for h in ("job", "domains", "offer", "$/h", "hours", "cost $", "fallbacks"):
@@ -400,6 +410,7 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json"),
     warm_start: bool = WARM_START,
     deadline: str = typer.Option(None, help="e.g. 12h: whether the plan's jobs fit, and their slack"),
+    merged: bool = MERGED,
 ) -> None:
     """Dry run: what `launch` with the same arguments would run (domains already done are skipped), the
     offer, the jobs and their projected cost. Launches nothing."""
@@ -423,6 +434,7 @@ def plan_command(
             warm_start=warm_start,
             deadline_s=deadline_s,
             config=config,
+            merged=merged,
         )
     except (BadInput, ValueError) as e:
         raise fail(str(e)) from None
@@ -481,13 +493,14 @@ def launch_command(
     detach: bool = typer.Option(
         False, "--detach", help="return once the money is reserved: a background process follows and pulls"
     ),
+    merged: bool = MERGED,
 ) -> None:
     """Plan, check the budget, launch, follow the jobs, pull validated GGUFs into ./models."""
     from train import BadInput
 
     try:
         prefs, names, backend, work = api.resolve(
-            domains, backend, run_id, base_model, samples, epochs, config, warm_start
+            domains, backend, run_id, base_model, samples, epochs, config, warm_start, merged
         )
         deadline_s, policy = api.deadline_and_policy(deadline, policy)
     except (BadInput, ValueError) as e:

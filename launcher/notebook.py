@@ -41,9 +41,10 @@ _ABOUT = """\
 # meetara: train LoRA adapters for {what}
 
 This notebook runs meetara's `python -m train` for **{domains}**: per domain it generates and filters
-the data, trains a LoRA adapter, exports GGUF files (`adapter.gguf`, and `model-Q4_K_M.gguf` unless
-`--no-merged`), validates them with llama.cpp and writes a `manifest.json`, all into the store
-`{store}` under `runs/<RUN_ID>/domains/<domain>/`.
+the data, trains a LoRA adapter, exports it as `adapter.gguf` (and the merged model as
+`model-Q4_K_M.gguf` with `--merged`), validates it with llama.cpp on the run's Q4_K_M base and writes a
+`manifest.json`, all into the store `{store}` under `runs/<RUN_ID>/domains/<domain>/` (the base, once
+per run, under `runs/<RUN_ID>/base/`).
 
 **Run all** (a GPU runtime is faster; the CPU works for the `tiny` model). Checkpoints go to the store
 every few steps, so if this session dies, open the notebook again and run it again with the same

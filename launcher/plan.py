@@ -121,9 +121,80 @@ class Workload(BaseModel):
     epochs: float = Field(2, gt=0)
     max_len: int = Field(128, ge=8)
     warm_start: bool = False  # plan the domains in similarity-chain order; the jobs warm-start them
+    merged: bool = False  # also ship each domain's merged Q4_K_M model (`python -m train --merged`)
 
     def domain_tokens(self) -> float:
         return self.samples * KEPT_SHARE * self.epochs * self.max_len
+
+
+# What a run ships (issue 14): its base model once as a Q4_K_M GGUF, and per domain an f16 LoRA adapter
+# GGUF; with `merged`, each domain's merged model quantized to Q4_K_M as well. The rule for the bytes:
+# - a Q4_K_M file: measured where meetara has made one (`Q4_K_M_BYTES`: the base at the real shape and
+#   tiny's), else 0.6819 bytes per base parameter, DialoGPT-medium's measured ratio (242,057,248 B for its
+#   355M parameters: Q4_K and Q6_K blocks, F32 norms, biases and positions);
+# - an adapter: exactly its tensors, f16 lora_a {n_embd, r} and lora_b {r, 3 n_embd} on every layer's
+#   c_attn (2 x n_layer x 4 x n_embd x r bytes) + 4 KB for its header (measured 0.6-3.7 KB);
+# - upload = pull + each domain's final LoRA weights in f32 (`adapter.safetensors`, for warm starts;
+#   not pulled). Checkpoints are not counted: they are deleted with the run's store, never pulled.
+Q4_K_M_BYTES: dict[str, int] = {"tiny": 1_454_400, "microsoft/DialoGPT-medium": 242_057_248}
+Q4_K_M_BYTES_PER_PARAM = 242_057_248 / 355e6
+LORA_R = 8  # `python -m train`'s default rank, which launched jobs use
+
+
+def _shape(base_model: str) -> tuple[int, int]:
+    """(n_layer, n_embd) of a known base model."""
+    from train.model import GPT2_SHAPES, TINY_CONFIG
+
+    arch = base_model.removeprefix("random:")
+    if arch == "tiny":
+        return TINY_CONFIG["n_layer"], TINY_CONFIG["n_embd"]
+    if arch not in GPT2_SHAPES:
+        raise ValueError(f"unknown base model {base_model!r}; known: tiny, {', '.join(GPT2_SHAPES)}")
+    return GPT2_SHAPES[arch][:2]
+
+
+class OutputBytes(BaseModel):
+    """Bytes a run's outputs take: uploaded by its jobs, pulled by `meetara pull` (the rule above)."""
+
+    domains: int
+    base_q4_k_m: int
+    adapter: int  # each domain's
+    merged_q4_k_m: int  # each domain's, 0 unless `merged`
+    pull: int
+    upload: int
+
+    def describe(self) -> str:
+        merged = f" + {self.domains} merged Q4_K_M x {_mb(self.merged_q4_k_m)}" if self.merged_q4_k_m else ""
+        return (
+            f"outputs: {_mb(self.pull)} to pull (base Q4_K_M {_mb(self.base_q4_k_m)} once + {self.domains} "
+            f"adapters x {_mb(self.adapter)}{merged}), {_mb(self.upload)} uploaded"
+        )
+
+
+def _mb(n: int) -> str:
+    """Bytes in decimal units (GB = 1e9)."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+def output_bytes(work: Workload, domains: int) -> OutputBytes:
+    """The bytes a run of `domains` domains ships and uploads, from the base model's shape (rule above)."""
+    arch = work.base_model.removeprefix("random:")
+    q4 = Q4_K_M_BYTES.get(arch) or round(model_params(arch) * Q4_K_M_BYTES_PER_PARAM)
+    n_layer, n_embd = _shape(work.base_model)
+    tensors = n_layer * 4 * n_embd * LORA_R  # lora_a + lora_b elements
+    adapter = 2 * tensors + 4096
+    merged = q4 if work.merged else 0
+    pull = q4 + domains * (adapter + merged)
+    return OutputBytes(
+        domains=domains,
+        base_q4_k_m=q4,
+        adapter=adapter,
+        merged_q4_k_m=merged,
+        pull=pull,
+        upload=pull + domains * 4 * tensors,
+    )
 
 
 class Plan(BaseModel):
@@ -142,6 +213,7 @@ class Plan(BaseModel):
     store: str | None = None  # the store that was checked for done domains
     # providers with offers the preferences exclude every one of, and why (`emptied_providers`)
     excluded: dict[str, str] = {}
+    outputs: OutputBytes | None = None  # the bytes the planned domains upload and pull (`output_bytes`)
 
     def job(self, name: str) -> JobPlan:
         return next(j for j in self.jobs if j.name == name)
@@ -386,6 +458,7 @@ def plan_local(domains: Sequence[str], prefs: Preferences, work: Workload, run_i
 
 def _plan(run_id, backend, work, jobs, offers_source, snapshot_date, throughput_source) -> Plan:
     return Plan(
+        outputs=output_bytes(work, sum(len(j.domains) for j in jobs)),
         run_id=run_id,
         backend=backend,
         workload=work,

@@ -1,7 +1,14 @@
 """Bring a run's validated GGUF files from the store into a local folder, safely.
 
-    models/<domain>/adapter.gguf, model-Q4_K_M.gguf, manifest.json    (manifest written last)
-    models/base/<base>-f16.gguf                                          (what the adapters apply to)
+    models/base/<base>-Q4_K_M.gguf         the run's base, once (llama.cpp -m it --lora <domain>/adapter.gguf)
+    models/base/<base>-f16.gguf            only if the run shipped it (--base-f16, or a run from before
+                                           the Q4_K_M base, whose manifests name the f16 as their base)
+    models/<domain>/adapter.gguf, manifest.json          (manifest written last)
+    models/<domain>/model-Q4_K_M.gguf      only if the run shipped merged models (--merged)
+
+A domain's manifest lists what to fetch: its `files`, and its base (`base_files`, or `base_gguf` in
+manifests written before it); whatever a manifest names is pulled, so old runs pull as they did. The
+base is fetched and verified once per pull, however many domains share it.
 
 A file is downloaded into a hidden `.part` beside its target (resumed if a previous pull stopped
 part-way), checked against the size and sha256 the domain's manifest recorded, and only then renamed
@@ -78,9 +85,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# local files this process has checked: path -> (size, mtime_ns, sha256), so that the run's base (hundreds
+# of MB) is hashed once, not once per domain pulled (the conductor pulls each domain as it finishes)
+_CHECKED: dict[Path, tuple[int, int, str]] = {}
+
+
+def _matches(dest: Path, entry: dict) -> bool:
+    try:
+        st = dest.stat()
+    except FileNotFoundError:
+        return False
+    if st.st_size != entry["size"]:
+        return False
+    stamp = (st.st_size, st.st_mtime_ns)
+    known = _CHECKED.get(dest.resolve())
+    if known is not None and known[:2] == stamp:
+        return known[2] == entry["sha256"]
+    sha = sha256_file(dest)
+    _CHECKED[dest.resolve()] = (*stamp, sha)
+    return sha == entry["sha256"]
+
+
 def fetch_verified(store: ObjectStore, entry: dict, dest: Path) -> int:
     """Make `dest` hold the object `entry` describes ({key, sha256, size}); returns bytes downloaded."""
-    if dest.exists() and dest.stat().st_size == entry["size"] and sha256_file(dest) == entry["sha256"]:
+    if _matches(dest, entry):
         return 0
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(f".{dest.name}.part")
@@ -109,6 +137,8 @@ def fetch_verified(store: ObjectStore, entry: dict, dest: Path) -> int:
             f"{entry['size']} bytes, {entry['sha256'][:12]}...{kept}"
         )
     os.replace(part, dest)
+    st = dest.stat()
+    _CHECKED[dest.resolve()] = (st.st_size, st.st_mtime_ns, got_sha)
     return got_size - before
 
 
@@ -137,8 +167,18 @@ def _write_json(path: Path, data: dict) -> None:
         raise
 
 
-def pull_domain(store: ObjectStore, run_id: str, domain: str, dest: Path) -> PullResult:
-    """Pull one domain's files (and the base GGUF they need) if its manifest says done and validated."""
+def _base_entries(manifest: dict) -> dict[str, dict]:
+    """The base GGUFs a manifest names: {"q4_k_m", "f16"} (`base_files`), or its one `base_gguf`."""
+    if "base_files" in manifest:
+        return {f"base_{k}": v for k, v in manifest["base_files"].items()}
+    return {"base": manifest["base_gguf"]}
+
+
+def pull_domain(
+    store: ObjectStore, run_id: str, domain: str, dest: Path, verified: set[str] | None = None
+) -> PullResult:
+    """Pull one domain's files (and the base GGUFs they need) if its manifest says done and validated.
+    `verified`: base keys this pull has already fetched and checked (skipped here; keys added)."""
     prefix = domain_prefix(run_id, domain)
     key = f"{prefix}/{MANIFEST}"
     try:
@@ -155,8 +195,10 @@ def pull_domain(store: ObjectStore, run_id: str, domain: str, dest: Path) -> Pul
         manifest = json.loads(raw)
         if manifest.get("status") != "done" or not manifest.get("validation", {}).get("passed"):
             return PullResult(domain, "failed-validation", detail="manifest says validation did not pass")
-        base = manifest["base_gguf"]
-        wanted = {"base": (base, dest / "base" / Path(base["key"]).name)}
+        wanted = {
+            name: (entry, dest / "base" / Path(entry["key"]).name)
+            for name, entry in _base_entries(manifest).items()
+        }
         for name, entry in manifest["files"].items():
             wanted[name] = (entry, dest / domain / Path(entry["key"]).name)
         for entry, _ in wanted.values():
@@ -169,9 +211,15 @@ def pull_domain(store: ObjectStore, run_id: str, domain: str, dest: Path) -> Pul
     result = PullResult(domain, "up-to-date")
     try:
         for name, (entry, path) in wanted.items():
+            key = f"{entry['key']}@{entry['sha256']}"
+            if name.startswith("base") and verified is not None and key in verified:
+                result.files[name] = str(path)
+                continue
             got = fetch_verified(store, entry, path)
             result.bytes += got
             result.files[name] = str(path)
+            if name.startswith("base") and verified is not None:
+                verified.add(key)
         local_manifest = dest / domain / MANIFEST
         if result.bytes or not local_manifest.exists():
             _write_json(local_manifest, manifest)
@@ -215,9 +263,10 @@ def pull(
     """Pull every listed domain; one domain's error does not stop the others. `BadInput` when `dest`
     cannot be the models folder (see `check_models_dir`)."""
     check_models_dir(dest)
-    out = []
+    out: list[PullResult] = []
+    verified: set[str] = set()  # the run's base: fetched and checked once
     for d in domains:
-        r = pull_domain(store, run_id, d, dest)
+        r = pull_domain(store, run_id, d, dest, verified)
         on_domain(r)
         out.append(r)
     return out

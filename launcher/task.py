@@ -103,6 +103,7 @@ def render_task(
         MEETARA_SAMPLES=str(work.samples),
         MEETARA_EPOCHS=f"{work.epochs:g}",
         MEETARA_WARM_START="1" if work.warm_start else "0",
+        MEETARA_MERGED="1" if work.merged else "0",
     )
     if store.startswith("s3://"):
         from train.store import checksum_envs

@@ -158,3 +158,76 @@ def test_a_disk_that_fills_during_a_pull_leaves_nothing_partial(store, tmp_path)
         assert "\n" not in result.detail
         assert not list(dest.rglob(".*.part")) and not (dest / "legal" / "adapter.gguf").exists()
         assert not (dest / "legal" / "manifest.json").exists()
+
+
+# ---- what a run ships since issue 14: one Q4_K_M base per run, an adapter per domain -------------
+
+
+def publish_adapters(
+    store, run: str, domains: list[str], size: int = 200_000, f16: bytes | None = None
+) -> tuple[bytes, dict]:
+    """Finished domains as `python -m train` now leaves them: the run's Q4_K_M base once (and its f16
+    base with --base-f16), an adapter per domain, each manifest naming the bases under `base_files`."""
+    base = b"GGUF" + hashlib.sha256(run.encode()).digest() * 2000
+    base_entry = entry(f"runs/{run}/base/tiny-Q4_K_M.gguf", base)
+    store.put(base_entry["key"], base)
+    bases = {"q4_k_m": base_entry}
+    if f16 is not None:
+        bases["f16"] = entry(f"runs/{run}/base/tiny-f16.gguf", f16)
+        store.put(bases["f16"]["key"], f16)
+    adapters = {}
+    for d in domains:
+        adapters[d] = os.urandom(size)
+        key = f"runs/{run}/domains/{d}/adapter.gguf"
+        store.put(key, adapters[d])
+        manifest = {
+            "domain": d,
+            "status": "done",
+            "validation": {"passed": True},
+            "base_gguf": base_entry,
+            "base_files": bases,
+            "files": {"adapter": entry(key, adapters[d])},
+        }
+        store.put(f"runs/{run}/domains/{d}/manifest.json", json.dumps(manifest).encode())
+    return base, adapters
+
+
+def test_a_run_pulls_its_base_once_and_an_adapter_per_domain(store, tmp_path):
+    base, adapters = publish_adapters(store, "r", ["legal", "nutrition", "fitness"])
+    dest = tmp_path / "models"
+    results = pull(store, "r", ["legal", "nutrition", "fitness"], dest)
+    assert [r.status for r in results] == ["pulled"] * 3
+    # the base's bytes come down once, with the first domain; the others fetch only their adapter
+    assert [r.bytes for r in results] == [len(base) + len(adapters["legal"]), 200_000, 200_000]
+    assert (dest / "base" / "tiny-Q4_K_M.gguf").read_bytes() == base
+    assert sorted(p.name for p in (dest / "base").iterdir()) == ["tiny-Q4_K_M.gguf"]
+    for d, data in adapters.items():
+        assert sorted(p.name for p in (dest / d).iterdir()) == ["adapter.gguf", "manifest.json"]
+        assert (dest / d / "adapter.gguf").read_bytes() == data
+        assert results[0].files["base_q4_k_m"] == str(dest / "base" / "tiny-Q4_K_M.gguf")
+    again = pull(store, "r", ["legal", "nutrition", "fitness"], dest)
+    assert [(r.status, r.bytes) for r in again] == [("up-to-date", 0)] * 3
+
+
+def test_a_run_that_shipped_its_f16_base_too_pulls_both(store, tmp_path):
+    f16 = os.urandom(50_000)
+    base, adapters = publish_adapters(store, "r", ["legal"], f16=f16)
+    dest = tmp_path / "models"
+    [r] = pull(store, "r", ["legal"], dest)
+    assert r.status == "pulled" and r.bytes == len(base) + len(f16) + len(adapters["legal"])
+    assert (dest / "base" / "tiny-f16.gguf").read_bytes() == f16
+    assert sorted(p.name for p in (dest / "base").iterdir()) == ["tiny-Q4_K_M.gguf", "tiny-f16.gguf"]
+
+
+def test_an_old_run_with_merged_models_and_the_f16_base_still_pulls(store, tmp_path):
+    """Manifests written before issue 14 name an f16 base (`base_gguf` only) and a merged Q4_K_M per
+    domain: a pull today fetches exactly those, as it did."""
+    old = {d: publish(store, "old", d) for d in ("legal", "nutrition")}
+    dest = tmp_path / "models"
+    results = pull(store, "old", ["legal", "nutrition"], dest)
+    assert [r.status for r in results] == ["pulled", "pulled"]
+    assert sorted(p.name for p in (dest / "base").iterdir()) == ["tiny-f16.gguf"]
+    for d, files in old.items():
+        assert (dest / d / "model-Q4_K_M.gguf").read_bytes() == files["merged_q4_k_m"]
+        assert (dest / d / "adapter.gguf").read_bytes() == files["adapter"]
+    assert results[1].bytes == sum(len(b) for b in old["nutrition"].values())  # the base came once
