@@ -7,12 +7,14 @@ fresh process pinned with `taskset` to 1 or 2 cores, writing to an S3 store serv
 server (a separate process pinned to the same cores, so its work is charged to the job's CPUs). The
 child wraps the pipeline's own functions with timers, so the stages are the pipeline's, not a copy:
 
-- per job: interpreter start + imports, base model load/build, base f16 GGUF export, its upload;
+- per job: interpreter start + imports, base model load/build, base f16 GGUF export, its Q4_K_M
+  quantization (`base_quantize`), the upload;
 - per domain: data (generate + filter + split, then tokenize), LoRA attach, held-out loss (before
-  and after), training steps, checkpoint uploads, adapter export, merge (copy + merge_and_unload),
-  merged f16 export, Q4_K_M quantize, validation parts (transformers reference logits, GGUF header
-  reads, llama.cpp with the adapter on the f16 base, llama.cpp on the Q4_K_M model), upload of the
-  outputs and the manifest.
+  and after), training steps, checkpoint uploads, adapter export, with `--merged` the merge (copy +
+  merge_and_unload), merged f16 export and Q4_K_M quantize, validation parts (transformers reference
+  logits, GGUF header reads, llama.cpp: the adapter on the Q4_K_M base, the Q4_K_M base alone, the
+  adapter on the f16 base, a merged model; in the job's one worker process since issue 14, each a
+  child of its own before), upload of the outputs and the manifest.
 
 Seconds are exclusive (a stage's nested stages are counted under their own names). Peak memory is the
 process's resident set high-water mark during the stage (reset at each stage's start through
@@ -33,6 +35,7 @@ Run (writes bench/stages.json; about 12 minutes of work on a 2-core VM, plus the
     python bench/stages.py
     python bench/stages.py --scaling --reps 2
     python bench/stages.py --only tiny-1,tiny-3     # rerun some, keep the others' records
+    python bench/stages.py --only real-3 --merged --out bench/stages-merged.json   # with merged models
 """
 
 from __future__ import annotations
@@ -258,18 +261,29 @@ def instrument(rec: Recorder) -> None:
         lambda a, kw: "base_export_f16" if rec.parent() == "base_gguf" else "merged_export_f16",
         lambda a, kw, out: _size(out),
     )
-    wrap(gx, "quantize", "quantize", lambda a, kw, out: _size(out))
+    wrap(
+        gx,
+        "quantize",
+        lambda a, kw: "base_quantize" if rec.parent() == "base_gguf" else "quantize",
+        lambda a, kw, out: _size(out),
+    )
     tp.copy = types.SimpleNamespace(deepcopy=copy.deepcopy)
     wrap(tp.copy, "deepcopy", "merge_copy")
     wrap(LoraModel, "merge_and_unload", "merge")
     wrap(tv, "reference_logits", "val_reference_logits")
     wrap(tv, "read_gguf_summary", "val_gguf_read", lambda a, kw, out: out.get("file_size", 0))
-    wrap(
-        tv,
-        "run_llama_check",
-        lambda a, kw: "val_llama_adapter" if kw.get("lora") else "val_llama_quantized",
-        lambda a, kw, out: _size(a[0]) + _size(kw.get("lora")),
-    )
+
+    def llama_label(a, kw) -> str:
+        name = Path(str(a[0] if a else kw.get("model"))).name
+        if name.startswith("model-"):
+            return "val_llama_quantized"  # a merged model (--merged)
+        kind = "q4" if "Q4_K_M" in name else "f16"
+        return f"val_llama_{kind}_" + ("adapter" if kw.get("lora") else "base")
+
+    def llama_bytes(a, kw, out) -> int:
+        return _size(a[0] if a else kw.get("model")) + _size(kw.get("lora"))
+
+    wrap(tv, "run_llama_check", llama_label, llama_bytes)
     timed_check = tv.run_llama_check
 
     def run_llama_check(*a, **kw):
@@ -280,6 +294,22 @@ def instrument(rec: Recorder) -> None:
             rec.children.clear()
 
     tv.run_llama_check = run_llama_check
+    # the job's one llama.cpp worker (issue 14 item 4): `self` first, then the model
+    from train.llama_check import LlamaWorker
+
+    worker_eval = LlamaWorker.evaluate
+
+    def evaluate(self, *a, **kw):
+        with rec.stage(llama_label(a, kw)) as r:
+            rec.children.set()
+            try:
+                out = worker_eval(self, *a, **kw)
+            finally:
+                rec.children.clear()
+            r["bytes"] = llama_bytes(a, kw, out)
+            return out
+
+    LlamaWorker.evaluate = evaluate
 
     def put_label(a, kw) -> str:
         return {"base_gguf": "base_upload", "train_steps": "checkpoint_upload", "domain": "upload"}.get(
@@ -318,6 +348,7 @@ def child(args: argparse.Namespace) -> None:
         samples=args.samples,
         endpoint_url=args.endpoint_url,
         params=LoraParams(epochs=args.epochs, batch_size=args.batch_size),
+        **({"merged": True} if args.merged else {}),
     )
     t = time.perf_counter()
     summary = tp.run_job(spec)
@@ -416,6 +447,7 @@ def run_config(label: str, model: str, domains: list[str], cores: str, args) -> 
             "--base-model", model, "--domains", ",".join(domains), "--store", "s3://stages/run",
             "--endpoint-url", url, "--samples", str(args.samples), "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--result", str(result),
+            *(["--merged"] if args.merged else []),
         ]  # fmt: skip
         load_before = os.getloadavg()
         t = time.perf_counter()
@@ -557,9 +589,12 @@ SCALED = {
         "merged_export_f16": "export_f16",
         "val_gguf_read": "gguf_read",
         "val_llama_quantized": "llama_q4_k_m",
-        "val_llama_adapter": "llama_f16",
+        "val_llama_adapter": "llama_f16",  # before issue 14: a child per check
+        "val_llama_f16_adapter": "llama_f16",
+        "val_llama_q4_adapter": "llama_q4_k_m",
+        "val_llama_q4_base": "llama_q4_k_m",
     },
-    "per_job": {"load": "load", "base_export_f16": "export_f16"},
+    "per_job": {"load": "load", "base_export_f16": "export_f16", "base_quantize": "quantize"},
 }
 
 
@@ -718,6 +753,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--merged", action="store_true", help="jobs ship merged Q4_K_M models too")
     p.add_argument("--only", help="comma-separated configuration labels (default: all)")
     p.add_argument("--out", default=str(ROOT / "bench" / "stages.json"))
     p.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-min load average this low")

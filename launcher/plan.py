@@ -28,13 +28,17 @@ KEPT_SHARE = 0.9  # share of generated samples the quality filter keeps (measure
 LOCAL_STARTUP_MINUTES = 0.5  # process start + imports + base model load on this machine (tiny model)
 
 # What a job spends besides training steps, measured stage by stage by bench/stages.py (recorded in
-# bench/stages.json, "planner"; bench/RESULTS.md, "Stage costs") on a 2-core AMD EPYC VM, in jobs of 3
-# domains at two shapes: per domain, data + export (adapter, merge, f16, Q4_K_M) + validation (reference
-# logits, GGUF reads, two llama.cpp checks) + upload of the outputs to S3; per job, interpreter + imports +
-# base model load/build + the base f16 GGUF's export and upload (the machine's boot, setup and model
-# download are the user's `job_startup_minutes`, added on top for cloud jobs). DialoGPT-medium's shape:
-# 44.8 s per domain (Q4_K_M quantize 23 s of it), 29.9 s per job; tiny: 1.3 s and 6.0 s. Other work shared
-# those cores during the runs, so these err high (bench/RESULTS.md).
+# bench/stages.json, "planner"; bench/RESULTS.md, "Stage costs" and "Outputs users load") on a 2-core AMD
+# EPYC VM, in jobs of 3 domains at two shapes: per domain, data + export (the f16 adapter) + validation
+# (reference logits, GGUF read, three evaluations in the job's llama.cpp worker) + upload of the outputs to
+# S3; per job, interpreter + imports + base model load/build + the base f16 GGUF's export, its Q4_K_M
+# quantization and the upload (the machine's boot, setup and model download are the user's
+# `job_startup_minutes`, added on top for cloud jobs). DialoGPT-medium's shape: 2.37 s per domain, 30.7 s
+# per job (quantize 11.4 s of it); tiny: 0.15 s and 4.6 s (2026-12-01 11:20, load 1.4-1.5).
+# With merged models (`Workload.merged`), each domain adds the merge, its f16 export, its quantization and
+# their checks: `MERGED_EXTRA`, the same job measured at the commit before (bench/stages-before.json:
+# 26.68 s per domain at the real shape) less the figure above; tiny's from the stage costs of issue 14
+# item 2 (1.26 s) less tiny's above; scaled as the rest, with the share that job measured (0.687).
 # Scaling rule for other shapes and machines (`overheads`):
 # - shape: linear in the base model's parameters through the two measured points (export, quantize,
 #   llama.cpp's loads and the uploads move bytes in proportion to the parameters; processes and imports
@@ -46,10 +50,16 @@ LOCAL_STARTUP_MINUTES = 0.5  # process start + imports + base model load on this
 STAGE_COSTS_VCPUS = 2  # the measuring machine's cores
 # base model: (parameters, per-domain seconds, per-job seconds), at STAGE_COSTS_VCPUS
 STAGE_COSTS: dict[str, tuple[float, float, float]] = {
-    "tiny": (1.3e6, 1.26, 5.96),
-    "microsoft/DialoGPT-medium": (355e6, 44.82, 29.88),
+    "tiny": (1.3e6, 0.15, 4.63),
+    "microsoft/DialoGPT-medium": (355e6, 2.37, 30.72),
 }
-STAGE_SERIAL_SHARE = {"per_domain": 0.626, "per_job": 0.996}
+STAGE_SERIAL_SHARE = {"per_domain": 0.903, "per_job": 0.747}
+# base model: (parameters, per-domain seconds that --merged adds), at STAGE_COSTS_VCPUS; its serial share
+MERGED_EXTRA: dict[str, tuple[float, float]] = {
+    "tiny": (1.3e6, 1.11),
+    "microsoft/DialoGPT-medium": (355e6, 24.31),
+}
+MERGED_SERIAL_SHARE = 0.687
 STAGE_COSTS_SOURCE = "measured (bench/stages.py)"
 # a cloud GPU box's vCPUs, for the planner (which prices per GPU type, not per machine, as SkyPilot's
 # time estimator does, launcher/skycatalog.py): the bundled snapshot's offers have 6-30 vCPUs per GPU, two
@@ -242,11 +252,12 @@ class Overheads:
         return f"overheads: {self.per_domain_s:.1f} s/domain, {self.per_job_s:.1f} s/job, {self.source}"
 
 
-def overheads(base_model: str, vcpus: int = STAGE_COSTS_VCPUS) -> Overheads:
-    """The measured overheads (`STAGE_COSTS`) for `base_model` on a machine of `vcpus`, scaled by the
-    stated rule (above `STAGE_COSTS`)."""
+def overheads(base_model: str, vcpus: int = STAGE_COSTS_VCPUS, merged: bool = False) -> Overheads:
+    """The measured overheads (`STAGE_COSTS`, + `MERGED_EXTRA` with `merged`) for `base_model` on a
+    machine of `vcpus`, scaled by the stated rule (above `STAGE_COSTS`)."""
     n = model_params(base_model)
     (n0, d0, j0), (n1, d1, j1) = STAGE_COSTS["tiny"], STAGE_COSTS["microsoft/DialoGPT-medium"]
+    (_, m0), (_, m1) = MERGED_EXTRA["tiny"], MERGED_EXTRA["microsoft/DialoGPT-medium"]
 
     def shape(lo: float, hi: float) -> float:
         return max(lo, lo + (hi - lo) * (n - n0) / (n1 - n0))
@@ -258,8 +269,9 @@ def overheads(base_model: str, vcpus: int = STAGE_COSTS_VCPUS) -> Overheads:
     scaled = [] if arch in STAGE_COSTS or n in (n0, n1) else [f"{n / 1e6:.0f}M params"]
     if vcpus != STAGE_COSTS_VCPUS:
         scaled.append(f"{vcpus} vCPUs")
+    extra = machine(shape(m0, m1), MERGED_SERIAL_SHARE) if merged else 0.0
     return Overheads(
-        per_domain_s=round(machine(shape(d0, d1), STAGE_SERIAL_SHARE["per_domain"]), 2),
+        per_domain_s=round(machine(shape(d0, d1), STAGE_SERIAL_SHARE["per_domain"]) + extra, 2),
         per_job_s=round(machine(shape(j0, j1), STAGE_SERIAL_SHARE["per_job"]), 2),
         vcpus=vcpus,
         source=STAGE_COSTS_SOURCE + (f" scaled to {' and '.join(scaled)}" if scaled else ""),
@@ -276,7 +288,7 @@ def domain_hours(gpu: str, work: Workload, vcpus: int | None = None) -> tuple[fl
     training tokens / the GPU's tokens/s (launcher/throughput.py) + the measured per-domain overhead
     (`overheads`) on a machine of `vcpus` (default: `_vcpus(gpu)`)."""
     s = speed(gpu, work.base_model)
-    overhead_s = overheads(work.base_model, vcpus or _vcpus(gpu)).per_domain_s
+    overhead_s = overheads(work.base_model, vcpus or _vcpus(gpu), work.merged).per_domain_s
     return (work.domain_tokens() / s.tokens_per_s + overhead_s) / 3600, s.source
 
 
@@ -290,8 +302,8 @@ def plan_overheads(plan: Plan) -> Overheads:
     """The overheads `plan` was priced with (for `meetara plan`'s caption). A local plan's per-job
     figure is its start-up allowance (`LOCAL_STARTUP_MINUTES` or MEETARA_LOCAL_STARTUP_S)."""
     if plan.backend != "local":
-        return overheads(plan.workload.base_model, CLOUD_VCPUS)
-    o = overheads(plan.workload.base_model, _local_vcpus())
+        return overheads(plan.workload.base_model, CLOUD_VCPUS, plan.workload.merged)
+    o = overheads(plan.workload.base_model, _local_vcpus(), plan.workload.merged)
     env = os.environ.get("MEETARA_LOCAL_STARTUP_S")
     startup_s = float(env) if env else LOCAL_STARTUP_MINUTES * 60
     job_source = "MEETARA_LOCAL_STARTUP_S" if env else "local start-up allowance"
@@ -424,7 +436,7 @@ def plan_local(domains: Sequence[str], prefs: Preferences, work: Workload, run_i
     startup_h = LOCAL_STARTUP_MINUTES / 60
     # calibration for a machine unlike the one the table was measured on (bench/train_throughput.py)
     if os.environ.get("MEETARA_LOCAL_TOKENS_S"):
-        overhead_s = overheads(work.base_model, vcpus).per_domain_s
+        overhead_s = overheads(work.base_model, vcpus, work.merged).per_domain_s
         h = (work.domain_tokens() / float(os.environ["MEETARA_LOCAL_TOKENS_S"]) + overhead_s) / 3600
         source = "MEETARA_LOCAL_TOKENS_S"
     if os.environ.get("MEETARA_LOCAL_STARTUP_S"):
