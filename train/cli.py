@@ -109,6 +109,14 @@ def train_command(
         "[default: off; bench/RESULTS.md has the measurement]",
         show_default=False,
     ),
+    overlap: bool = typer.Option(
+        None,
+        "--overlap/--no-overlap",
+        envvar="MEETARA_OVERLAP",
+        help="check, upload and record each domain while the next one trains [default: on when training "
+        "on a GPU, off on a CPU, where both share the cores; never with --warm-start]",
+        show_default=False,
+    ),
     restart_if_changed: bool = typer.Option(
         False,
         "--restart-if-changed",
@@ -137,6 +145,7 @@ def train_command(
             base_f16=base_f16,
             adapter_dtype="f32" if adapter_f32 else "f16",
             restart_if_changed=restart_if_changed,
+            overlap=overlap,
             **({} if warm_start is None else {"warm_start": warm_start}),  # None: JobSpec's default
             params=LoraParams(
                 lr=lr,

@@ -28,6 +28,7 @@ them, exports and validates again.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -115,6 +116,12 @@ class JobSpec(BaseModel):
     tolerance: Tolerance = Tolerance()
     warm_start: bool = Field(
         False, description="start each domain's LoRA from the most similar domain already done in the run"
+    )
+    overlap: bool | None = Field(
+        None,
+        description="check, upload and record each domain in a worker thread while the next one trains; "
+        "default: on when training on a GPU (the CPU is free then), off on a CPU (both would share its "
+        "cores: bench/RESULTS.md measured the job 1.7x slower); never with warm starts",
     )
     restart_if_changed: bool = Field(
         False,
@@ -265,18 +272,69 @@ def run_job(spec: JobSpec, *, events: Events | None = None, stop: StopFlag | Non
     summary["base_load_seconds"] = round(time.perf_counter() - t0, 3)
     from train.llama_check import LlamaWorker
 
-    with tempfile.TemporaryDirectory(prefix="meetara-") as tmp, LlamaWorker() as worker:
-        bases = _ensure_base_gguf(store, spec, base, Path(tmp))
-        summary["timings"] = {"load": summary["base_load_seconds"], **bases.timings}
+    # a warm start reads the domains done so far, so it waits for them
+    overlap = (device == "cuda" if spec.overlap is None else spec.overlap) and not spec.warm_start
+    threads, finish_threads = torch.get_num_threads(), None
+    if overlap and device == "cpu":  # asked for on a CPU: training and finishing get cores of their own
+        import os
+
+        cores = len(os.sched_getaffinity(0))
+        finish_threads = max(1, cores // 4)
+        torch.set_num_threads(max(1, cores - finish_threads))
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="meetara-") as tmp,
+            LlamaWorker(threads=finish_threads) as worker,
+        ):
+            bases = _ensure_base_gguf(store, spec, base, Path(tmp))
+            summary["timings"] = {"load": summary["base_load_seconds"], **bases.timings}
+            _train_all(todo, spec, base, store, bases, Path(tmp), events, stop, worker, overlap, summary)
+            summary["llama_worker_starts"] = worker.starts
+    finally:
+        torch.set_num_threads(threads)
+    return summary
+
+
+def _train_all(
+    todo: list, spec: JobSpec, base: Any, store: ObjectStore, bases: Any, tmp: Path, events: Events,
+    stop: StopFlag | None, worker: Any, overlap: bool, summary: dict,
+) -> None:  # fmt: skip
+    """Train the domains in order; finish each (`finish_domain`) beside the next one's training when
+    `overlap`. Fills summary["domains"], and "schedule": when each domain trained and was finished."""
+    t_job = time.perf_counter()
+    schedule: list[dict] = []
+
+    def timed(phase: str, name: str, fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter() - t_job
+        try:
+            return fn()
+        finally:
+            end = time.perf_counter() - t_job
+            schedule.append({"domain": name, "phase": phase, "start": round(start, 3), "end": round(end, 3)})
+
+    def finish(t: Trained) -> dict:
+        return timed("finish", t.d.name, lambda: finish_domain(t, spec, base, store, bases, stop, worker))
+
+    def record(finished: list[tuple[str, dict]]) -> None:
+        for name, result in finished:
+            summary["domains"][name] = result
+            events.domain_end(name, result)
+
+    with Finisher(overlap, finish) as fin:
         for i, (d, data) in enumerate(todo):
             if stop is not None and stop.signum is not None:
                 raise Interrupted(f"stopped by signal {stop.signum} before {d.name}")
             events.domain_start(d.name, i, len(todo))
-            result = train_domain(d, data, spec, base, store, bases, Path(tmp), events, stop, worker)
-            summary["domains"][d.name] = result
-            events.domain_end(d.name, result)
-        summary["llama_worker_starts"] = worker.starts
-    return summary
+            trained = timed(
+                "train",
+                d.name,
+                lambda d=d, data=data: train_and_export(d, data, spec, base, store, tmp, events, stop),
+            )
+            record(fin.submit(trained))  # the previous domain's, when overlapping
+        record(fin.drain())
+    summary["overlap"] = overlap
+    summary["domains_seconds"] = round(time.perf_counter() - t_job, 3)
+    summary["schedule"] = sorted(schedule, key=lambda e: e["start"])
 
 
 @dataclass
@@ -408,6 +466,78 @@ def _stop_if_asked(stop: StopFlag | None, what: str) -> None:
         )
 
 
+class Finisher:
+    """Finishes trained domains (`finish_domain`: check, upload, record) in order, beside the training
+    of the next one when `overlap`: one worker thread, at most one domain waiting (`submit` first
+    collects the one before), so memory stays bounded and the manifests are the same as one after the
+    other. Without `overlap`, each is finished at once. Leaving the block waits for the worker; its
+    error (or an interrupt) is raised there unless another one is already on its way out."""
+
+    def __init__(self, overlap: bool, finish: Callable[[Any], dict]) -> None:
+        self.overlap, self.finish = overlap, finish
+        self.pool: Any = None
+        self.pending: tuple[str, Any] | None = None
+
+    def __enter__(self) -> Finisher:
+        if self.overlap:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meetara-finish")
+        return self
+
+    def submit(self, trained: Any) -> list[tuple[str, dict]]:
+        """Finish `trained` (now, or in the worker); returns the domains finished meanwhile."""
+        if self.pool is None:
+            return [(trained.d.name, self.finish(trained))]
+        done = self.drain()
+        self.pending = (trained.d.name, self.pool.submit(self.finish, trained))
+        return done
+
+    def drain(self) -> list[tuple[str, dict]]:
+        """Wait for the domain in the worker, if any."""
+        if self.pending is None:
+            return []
+        name, future = self.pending
+        self.pending = None
+        return [(name, future.result())]
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
+        if self.pool is None:
+            return
+        try:
+            if self.pending is not None:  # leaving with an error: the worker's domain still ends cleanly
+                if error is None:
+                    self.drain()
+                else:
+                    with contextlib.suppress(BaseException):
+                        self.drain()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+@dataclass
+class Trained:
+    """A domain trained and exported, with its reference logits taken while its adapter was in the
+    model: what `finish_domain` checks, uploads and records (in the job's worker while the next domain
+    trains)."""
+
+    d: Domain
+    params: LoraParams
+    data: tuple
+    terms: dict
+    warm: dict | None
+    loss_before: float
+    loss_after: float
+    result: Any  # lora.TrainResult
+    curve: Metrics
+    out: Path
+    files: dict[str, Path]
+    probe: Any  # validate.Reference
+    timings: dict[str, float]
+    detail: dict[str, float]
+    merged_f16: Path | None = None  # to quantize when finishing (--merged)
+
+
 def train_domain(
     d: Domain,
     data: tuple,
@@ -425,13 +555,28 @@ def train_domain(
     `timings` (seconds): data, train, export, validate, upload (the outputs; the manifest follows);
     `timings_detail` the parts: adapter_export, merge, merged_export_f16, merged_quantize, and the
     validation's (reference logits, GGUF reads, each llama.cpp check)."""
+    trained = train_and_export(d, data, spec, base, store, tmp, events, stop)
+    return finish_domain(trained, spec, base, store, bases, stop, worker)
+
+
+def train_and_export(
+    d: Domain,
+    data: tuple,
+    spec: JobSpec,
+    base: Any,
+    store: ObjectStore,
+    tmp: Path,
+    events: Events,
+    stop: StopFlag | None,
+) -> Trained:
+    """The part of a domain that needs the model: train, export the adapter (and the merged f16 with
+    --merged), take the reference logits; then take the adapter out of the shared base."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from train.gguf_export import quantize, write_adapter_gguf, write_model_gguf
-    from train.llama_check import LlamaCheckInterrupted
+    from train.gguf_export import write_adapter_gguf, write_model_gguf
     from train.model import encode
-    from train.validate import validate_domain
+    from train.validate import reference
 
     timings: dict[str, float] = {}
     detail: dict[str, float] = {}
@@ -495,52 +640,79 @@ def train_domain(
         detail["adapter_export"] = time.perf_counter() - t
         # export and validation use an fp32 CPU copy (on the GPU the model is bf16); on CPU, the model itself
         ref = _fp32_cpu(model)
+        merged_f16 = None
         if spec.merged:
             t1 = time.perf_counter()
             merged = copy.deepcopy(ref).merge_and_unload()
             t2 = time.perf_counter()
-            f16 = write_model_gguf(
+            merged_f16 = write_model_gguf(
                 merged, base.tokenizer, out / "merged-f16.gguf", name=f"{spec.base_model}-{d.name}"
             )
-            t3 = time.perf_counter()
-            files["merged_q4_k_m"] = quantize(f16, out / "model-Q4_K_M.gguf", "Q4_K_M")
-            f16.unlink()
-            detail |= {
-                "merge": t2 - t1,
-                "merged_export_f16": t3 - t2,
-                "merged_quantize": time.perf_counter() - t3,
-            }
+            del merged
+            detail |= {"merge": t2 - t1, "merged_export_f16": time.perf_counter() - t2}
         timings["export"] = time.perf_counter() - t
         _stop_if_asked(stop, f"while exporting {d.name}")
-
-        t = time.perf_counter()
-        stopped = None if stop is None else (lambda: stop.signum is not None)
-        try:
-            validation = validate_domain(
-                ref, base, files, bases.local, held_s[0].prompt, spec, stop=stopped, worker=worker
-            )
-        except LlamaCheckInterrupted as e:  # the job was stopped, or llama.cpp's child got a stop signal
-            _stop_if_asked(stop, f"while validating {d.name}")
-            raise Interrupted(
-                f"validating {d.name}: {e}; nothing recorded for it, rerun resumes it"
-            ) from None
-        # whatever the checks said, one that ran while the job was being stopped may have been cut short
-        _stop_if_asked(stop, f"while validating {d.name}")
-        timings["validate"] = time.perf_counter() - t
-        detail |= {f"validate_{k}": v for k, v in validation["timings"].items()}
+        probe = reference(ref, base, held_s[0].prompt)
     finally:
         base.model = model.unload()  # peft injected layers into the shared base: take them out again
+    return Trained(
+        d, params, data, terms, warm, loss_before, loss_after, result, curve, out, files, probe,
+        timings, detail, merged_f16,
+    )  # fmt: skip
 
-    validation["heldout_loss_improved"] = loss_after < loss_before
+
+def finish_domain(
+    t: Trained,
+    spec: JobSpec,
+    base: Any,
+    store: ObjectStore,
+    bases: BaseFiles,
+    stop: StopFlag | None,
+    worker: Any = None,
+) -> dict:
+    """The part of a domain that does not need the model: quantize a merged model (--merged), run the
+    llama.cpp checks against the reference logits, upload the outputs, write the manifest (or
+    failed.json). Returns the manifest."""
+    from train.gguf_export import quantize
+    from train.llama_check import LlamaCheckInterrupted
+    from train.validate import validate_files
+
+    d, files, timings, detail = t.d, t.files, t.timings, t.detail
+    prefix = domain_prefix(spec.run_id, d.name)
+    train_s, held_s, quality, source = t.data
+    if t.merged_f16 is not None:
+        t0 = time.perf_counter()
+        files["merged_q4_k_m"] = quantize(t.merged_f16, t.out / "model-Q4_K_M.gguf", "Q4_K_M")
+        t.merged_f16.unlink()
+        detail["merged_quantize"] = time.perf_counter() - t0
+        timings["export"] += detail["merged_quantize"]
+        _stop_if_asked(stop, f"while exporting {d.name}")
+
+    t0 = time.perf_counter()
+    stopped = None if stop is None else (lambda: stop.signum is not None)
+    try:
+        validation = validate_files(
+            t.probe, base.config, files, bases.local, spec, stop=stopped, worker=worker
+        )
+    except LlamaCheckInterrupted as e:  # the job was stopped, or llama.cpp's child got a stop signal
+        _stop_if_asked(stop, f"while validating {d.name}")
+        raise Interrupted(f"validating {d.name}: {e}; nothing recorded for it, rerun resumes it") from None
+    # whatever the checks said, one that ran while the job was being stopped may have been cut short
+    _stop_if_asked(stop, f"while validating {d.name}")
+    timings["validate"] = time.perf_counter() - t0 + t.probe.seconds
+    detail |= {f"validate_{k}": v for k, v in validation["timings"].items()}
+
+    validation["heldout_loss_improved"] = t.loss_after < t.loss_before
     validation["passed"] = validation["passed"] and validation["heldout_loss_improved"]
-    t = time.perf_counter()
+    t0 = time.perf_counter()
     entries = {}
     for name, path in files.items():
         key = f"{prefix}/{path.name}"
         store.put_file(key, path)
         entries[name] = _file_entry(key, path) | {"gguf": validation["files"][name].get("summary")}
-    store.put_file(f"{prefix}/{WARM_WEIGHTS}", out / WARM_WEIGHTS)
-    timings["upload"] = time.perf_counter() - t
+    store.put_file(f"{prefix}/{WARM_WEIGHTS}", t.out / WARM_WEIGHTS)
+    timings["upload"] = time.perf_counter() - t0
+    result = t.result
     manifest = {
         "domain": d.name,
         "category": d.category,
@@ -551,19 +723,19 @@ def train_domain(
         "base_gguf": bases.entries["q4_k_m"],
         "base_files": bases.entries,  # every base GGUF the run ships: q4_k_m, and f16 with --base-f16
         "files": entries,
-        "warm_start_weights": _file_entry(f"{prefix}/{WARM_WEIGHTS}", out / WARM_WEIGHTS),
-        "warm_start": warm,
-        "params": params.model_dump(),  # as trained (max_len within the model's positions)
+        "warm_start_weights": _file_entry(f"{prefix}/{WARM_WEIGHTS}", t.out / WARM_WEIGHTS),
+        "warm_start": t.warm,
+        "params": t.params.model_dump(),  # as trained (max_len within the model's positions)
         "data": {
             "source": source,
             "quality": quality.as_dict(),
             "train": len(train_s),
             "heldout": len(held_s),
-            "profile": terms,  # the most frequent terms: warm starts compare domains by them too
+            "profile": t.terms,  # the most frequent terms: warm starts compare domains by them too
         },
         "metrics": {
-            "heldout_loss_before": round(loss_before, 5),
-            "heldout_loss_after": round(loss_after, 5),
+            "heldout_loss_before": round(t.loss_before, 5),
+            "heldout_loss_after": round(t.loss_after, 5),
             "steps": result.steps,
             "resumed_from_step": result.resumed_from,
             "checkpoints": len(result.checkpoint_steps),
@@ -571,7 +743,7 @@ def train_domain(
             "batch_size": result.batch_size,
             "final_train_loss": round(result.losses[-1], 5) if result.losses else None,
             "tokens_per_second": round(result.tokens / result.seconds, 1) if result.seconds else None,
-            "curve": curve.key,  # every step's loss, lr, tokens/s and the held-out losses (JSON Lines)
+            "curve": t.curve.key,  # every step's loss, lr, tokens/s and the held-out losses (JSON Lines)
         },
         "validation": validation,
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -580,7 +752,7 @@ def train_domain(
         "host": platform.node(),
     }
     # the complete curve (the steps after the last checkpoint too), just before the domain is done
-    curve.write()
+    t.curve.write()
     # a failed domain keeps its checkpoints and gets no manifest, so a rerun retries it
     name = MANIFEST if validation["passed"] else "failed.json"
     store.put(f"{prefix}/{name}", json.dumps(manifest, indent=1).encode())

@@ -108,6 +108,35 @@ def reference_logits(model: Any, ids: list[int], adapter: bool = True) -> np.nda
     return logits
 
 
+@dataclass
+class Reference:
+    """The transformers side of a domain's checks, computed while its adapter is in the model (so the
+    job can go on training the next domain while llama.cpp checks this one, `validate_files`)."""
+
+    prompt: str
+    full: list[int]  # the prompt's ids
+    ids: list[int]  # ... cut to the model's positions less the generated tokens: what both evaluate
+    ref: np.ndarray  # logits with the adapter
+    ref0: np.ndarray  # ... without it
+    separators: list[int]  # where the prompt's turn separators (the eos id) are
+    seconds: float
+
+    @property
+    def effect(self) -> float:
+        return float(np.max(np.abs(self.ref - self.ref0)))
+
+
+def reference(model: Any, base: Any, prompt: str) -> Reference:
+    """The probe's ids and the model's logits on them with and without its adapter."""
+    t = time.perf_counter()
+    full = text_ids(base.tokenizer, [prompt])[0]
+    ids = fit_positions(full, base.config.n_positions, reserve=GENERATE)
+    ref = reference_logits(model, ids)
+    ref0 = reference_logits(model, ids, adapter=False)
+    seps = [i for i, t in enumerate(full) if t == base.tokenizer.eos_token_id]
+    return Reference(prompt, full, ids, ref, ref0, seps, time.perf_counter() - t)
+
+
 def validate_domain(
     model: Any,
     base: Any,
@@ -125,31 +154,40 @@ def validate_domain(
     per job, the base loaded once); without it each check runs in a child of its own. Raises
     `LlamaCheckInterrupted` when `stop()` turns true during a llama.cpp check, or a check's child is
     killed by a stop signal: an interrupted validation has no verdict."""
+    probe = reference(model, base, prompt)
+    return validate_files(probe, base.config, files, base_files, spec, stop=stop, worker=worker)
+
+
+def validate_files(
+    probe: Reference,
+    config: Any,
+    files: dict[str, Path],
+    base_files: dict[str, Path],
+    spec: Any,
+    *,
+    stop: Callable[[], bool] | None = None,
+    worker: LlamaWorker | None = None,
+) -> dict:
+    """`validate_domain`'s checks against a `reference` taken earlier (`config`: the model's)."""
     tol = spec.tolerance
     check = worker.evaluate if worker is not None else run_llama_check
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    full = text_ids(base.tokenizer, [prompt])[0]
-    ids = fit_positions(full, base.config.n_positions, reserve=GENERATE)
-    ref = reference_logits(model, ids)
-    ref0 = reference_logits(model, ids, adapter=False)
-    timings["reference"] = time.perf_counter() - t
-    effect = float(np.max(np.abs(ref - ref0)))
+    timings: dict[str, float] = {"reference": probe.seconds}
+    effect = probe.effect
     report: dict[str, Any] = {
-        "probe_tokens": len(ids),
-        "probe_prompt_tokens": len(full),  # more than probe_tokens when cut to the model's positions
+        "probe_tokens": len(probe.ids),
+        "probe_prompt_tokens": len(probe.full),  # more than probe_tokens when cut to the model's positions
         # where the prompt's turn separators (a literal <|endoftext|>) are: the eos id on both sides
-        "probe_separators": [i for i, t in enumerate(full) if t == base.tokenizer.eos_token_id],
+        "probe_separators": probe.separators,
         "adapter_effect_max_abs": effect,
         "tolerance": tol.model_dump(),
         "files": {},
         "timings": timings,
     }
     adapter = files["adapter"]
-    ctx = _Probe(check, ids, full, prompt, ref, ref0, effect, tol, stop)
+    ctx = _Probe(check, probe.ids, probe.full, probe.prompt, probe.ref, probe.ref0, effect, tol, stop)
     report["files"]["adapter"] = _check(
         adapter,
-        lambda summary: _adapter_ok(summary, base.config, spec),
+        lambda summary: _adapter_ok(summary, config, spec),
         lambda: _llama_adapter(ctx, base_files, adapter, timings),
         timings,
         "adapter",
