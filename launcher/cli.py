@@ -789,12 +789,13 @@ def _report_pulled(view: api.PullView, rec=None) -> None:
     for h in ("domain", "status", "files", "MB"):
         t.add_column(h)
     for r in view.domains:
-        size = sum(Path(p).stat().st_size for k, p in r.files.items() if k != "base") / 1e6
+        own = {k: p for k, p in r.files.items() if not k.startswith("base")}  # the base: in the caption
+        size = sum(Path(p).stat().st_size for p in own.values()) / 1e6
         _row(
             t,
             r.domain,
             r.status,
-            ", ".join(Path(p).name for k, p in r.files.items() if k != "base"),
+            ", ".join(Path(p).name for p in own.values()),
             f"{size:.2f}",
         )
     cost = ""
@@ -802,7 +803,9 @@ def _report_pulled(view: api.PullView, rec=None) -> None:
         hours = sum(j.run_seconds for j in rec.jobs.values()) / 3600
         spent = sum(j.run_seconds / 3600 * j.offer.price_hour for j in rec.jobs.values())
         cost = f"; {hours:.2f} machine-hours, {usd(spent)} at the offers' rates"
-    t.caption = escape(f"{view.here}/{len(view.domains)} domains validated and here{cost}")
+    bases = sorted({Path(p) for r in view.domains for k, p in r.files.items() if k.startswith("base")})
+    shared = "".join(f"; base {p.name} ({p.stat().st_size / 1e6:.2f} MB)" for p in bases if p.exists())
+    t.caption = escape(f"{view.here}/{len(view.domains)} domains validated and here{shared}{cost}")
     print_whole(t)
     bad = [r for r in view.domains if r.status == "error"]
     if bad:
