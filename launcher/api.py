@@ -796,6 +796,7 @@ def start_prepared(
     on_progress=None,
 ) -> Started:
     """The body of `start_launch` and `start_recover`, for resolved arguments."""
+    from budgets import usd
     from launcher import launch as L
 
     say = on_progress or (lambda text: None)
@@ -813,23 +814,25 @@ def start_prepared(
     )
     with prep:
         rec = prep.rec
-        started = {
-            "run_id": run_id,
-            "backend": backend,
-            "skipped": prep.skipped,
-            "models_dir": str(models_dir),
-            "settled": len(prep.settled),
-        }
         if rec is None and prep.plan is None:  # every domain is done: make sure the files are here
             pull_from(prep.store, run_id, names, models_dir)
-            return Started(state="done", planned_cost=0.0, domains=[], **started)
+            return Started(
+                run_id=run_id,
+                state="done",
+                backend=backend,
+                planned_cost=0.0,
+                domains=[],
+                skipped=prep.skipped,
+                models_dir=str(models_dir),
+                settled=len(prep.settled),
+            )
         if rec is None:
             check_deadline(prep.plan, deadline_s)
             if budget is None:
                 raise BadInput("pass a budget to launch the unfinished domains (see plan)")
             p = prep.plan
             n = sum(len(j.domains) for j in p.jobs)
-            say(f"planned {n} domains in {len(p.jobs)} job(s), ${p.total_cost:.4f}")
+            say(f"planned {n} domains in {len(p.jobs)} job(s) for {usd(p.total_cost)}")
             rec = L.commit(
                 prep,
                 endpoint_url=endpoint_url,
@@ -838,7 +841,8 @@ def start_prepared(
                 deadline_s=deadline_s,
                 policy=policy,
             )
-            say(f"reserved ${p.total_cost:.4f} in the ledger")
+            held = sum(r.amount for r in prep.ledger.open_reservations(run_id))
+            say(f"reserved {usd(held)} in the ledger (the plan's cost and its margin)")
         else:
             say(f"run {run_id} has jobs still running: a follower takes them over")
         started_run = detach(prep, rec, poll=poll, config=config, chaos=chaos)

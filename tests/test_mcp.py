@@ -135,7 +135,10 @@ def test_mcp_lists_plans_launches_and_reports(tmp_path):
     )
     assert started["pid"] and started["planned_cost"] >= 0
     said = [m for _, _, m in seen["launch notes"]]
-    assert said[0].startswith("planned 1 domains in 1 job(s)") and said[1].startswith("reserved $"), said
+    assert said[0].startswith("planned 1 domains in 1 job(s) for $"), said
+    assert said[1].startswith("reserved $") and said[1].endswith(
+        "in the ledger (the plan's cost and its margin)"
+    ), said
     assert said[-1] == f"following in the background (pid {started['pid']})", said
     assert seen["pulled"]["state"] == "ended" and seen["pulled"]["exit_code"] == 0, seen["pulled"]
     assert seen["pulled"]["domains_here"] == 1
