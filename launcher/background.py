@@ -90,7 +90,7 @@ def _await_handover(prep, rec, proc: subprocess.Popen, log: Path) -> None:
             return
         if proc.poll() is not None or time.monotonic() > until:
             break
-        time.sleep(0.05)  # polling the ledger: the follower is another process
+        time.sleep(0.05)  # polling the run record: the follower is another process
     if proc.poll() is None:
         proc.kill()
         proc.wait()
