@@ -518,9 +518,9 @@ def run_detail(run_id: str, *, curves: bool = True) -> RunDetail:
     from train.store import StoreError, open_store
 
     rec = load(run_id)
-    rows = job_rows([rec])
+    found, error = _domains_in_store(rec)  # one listing of the store serves the job rows too
+    rows = job_rows([rec], None if error else {d for d, f in found.items() if f["manifest"] is not None})
     state_of = {r["job"]: r["state"] for r in rows}
-    found, error = _domains_in_store(rec)
     models = Path(rec.models_dir)
     domains = []
     for job in rec.jobs.values():

@@ -535,12 +535,13 @@ def status_rows(run_id: str | None = None) -> list[dict]:
     return job_rows(select_runs(run_id))
 
 
-def job_rows(runs: Sequence[RunRecord]) -> list[dict]:
-    """`status_rows` for given run records."""
+def job_rows(runs: Sequence[RunRecord], done: set[str] | None = None) -> list[dict]:
+    """`status_rows` for given run records (`done`: one run's domains done, if the caller listed its
+    store already)."""
     rows = []
     now = datetime.now(UTC)
     for rec in runs:
-        done = done_in_store(rec)
+        done = done_in_store(rec) if done is None or len(runs) > 1 else done
         backend = None
         for job in rec.jobs.values():
             if job.state in ACTIVE and job.handle:
