@@ -20,8 +20,10 @@ runs the jobs and pulls their GGUFs, whatever the client does next. Progress: no
 `launch` runs (planned, reserved, handed over) and while `wait` watches the run (domains done, jobs'
 phases), and the run resources at any time. Relative paths (models_dir, the default
 ./store) are relative to the server's working directory (`meetara mcp --workdir`). A client names
-paths only inside that directory: `models_dir` and a file:// (or bare path) `store` are resolved
-(symlinks, "..") and refused outside it unless the server was started with `--allow-outside-workdir`.
+paths only inside that directory: `models_dir` and a file store (`file://DIR` with the scheme in any
+case, `file:DIR` or a bare path; plan's, launch's and pull's `store`) are parsed as the store's opener
+parses them, resolved (symlinks, "..") and refused outside it unless the server was started with
+`--allow-outside-workdir`.
 """
 
 from __future__ import annotations
@@ -126,9 +128,13 @@ def _confine(value: str, arg: str, workdir: Path | None, path: str | None = None
 
 
 def _confine_store(url: str | None, workdir: Path | None) -> None:
-    """A file:// store (or a bare path) must lie in the workdir; s3:// and the rest are not local paths."""
-    if url is not None and (url.startswith("file://") or "://" not in url):
-        _confine(url, "store", workdir, url.removeprefix("file://"))
+    """A file store must lie in the workdir: the directory the store's opener would use (`file_root`:
+    any case of the scheme, `file:DIR`, a bare path); s3:// and the rest are not local paths."""
+    from train.store import file_root
+
+    path = None if url is None else file_root(url)
+    if path is not None:
+        _confine(url, "store", workdir, path)
 
 
 def _tool_error(message: str):
@@ -264,6 +270,7 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
     ) -> dict[str, Any]:
         """Dry run: the offer, the jobs and their projected cost (`meetara plan --json`); domains already
         done in the run's store are listed under `done`, not planned. Launches nothing."""
+        _confine_store(store, confined_to)  # the plan reads the store (and makes its directory)
         p = api.plan(
             domains,
             backend=backend,

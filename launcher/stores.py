@@ -18,9 +18,9 @@ def default_store(backend: str) -> str:
 
 
 def absolute_store(url: str) -> str:
-    """file:// URLs made absolute, so a job started elsewhere (another cwd) writes to the same place."""
-    if url.startswith("file://"):
-        return f"file://{Path(url[7:]).expanduser().resolve()}"
-    if "://" not in url:
-        return f"file://{Path(url).expanduser().resolve()}"
-    return url
+    """A file store (`file://DIR` in any case, `file:DIR`, a bare path) as an absolute file:// URL, so a
+    job started elsewhere (another cwd) writes to the same place; other URLs as given."""
+    from train.store import file_root
+
+    path = file_root(url)
+    return url if not path else f"file://{Path(path).expanduser().resolve()}"

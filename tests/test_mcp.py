@@ -318,6 +318,12 @@ def test_mcp_pull_outside_the_workdir_is_refused(tmp_path):
         ("pull", dict(store="file://link/store")),
         ("launch", dict(domains="legal", budget=5, backend="local", models_dir="../elsewhere")),
         ("launch", dict(domains="legal", budget=5, backend="local", store=f"file://{elsewhere}")),
+        # the scheme in any case, and file:DIR, name the same directory to the store's opener
+        ("launch", dict(domains="legal", budget=5, backend="local", store=f"FILE://{elsewhere}/up")),
+        ("pull", dict(store=f"File://{elsewhere}/store")),
+        ("pull", dict(store=f"file:{elsewhere}/store")),
+        ("plan", dict(domains="legal", backend="local", store=f"fIlE://{elsewhere}/planned")),
+        ("plan", dict(domains="legal", backend="local", store="../elsewhere/planned")),
     ]
 
     async def main() -> dict:

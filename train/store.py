@@ -54,17 +54,29 @@ def open_store(url: str, *, endpoint_url: str | None = None, writable: bool = Tr
     A `file://` root that is not a directory, lies in a kernel pseudo-filesystem (/proc, /sys, /dev)
     or, with `writable` (the default; pass False to only read, as a pull does), cannot be written is a
     one-line `StoreError` here, before any work is done."""
-    parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        path = parsed.netloc + parsed.path if parsed.scheme == "file" else url
+    path = file_root(url)
+    if path is not None:
         if not path:
             raise BadInput(f"bad store URL {url!r}: no directory")
         return FileStore(Path(path).expanduser(), writable=writable)
+    parsed = urlparse(url)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise BadInput(f"bad store URL {url!r}: expected s3://bucket/prefix")
         return S3Store(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint_url)
     raise BadInput(f"bad store URL {url!r}: use file://DIR or s3://BUCKET/PREFIX")
+
+
+def file_root(url: str) -> str | None:
+    """The directory a file store names, as written (not resolved): `file://DIR` and `file:DIR` in any
+    case of the scheme (`FILE:///x` is /x), or a bare path; None for another scheme (s3://). Every
+    reader of a store URL asks here, so what is checked (the MCP server's workdir) is what is opened."""
+    parsed = urlparse(url)
+    if parsed.scheme == "":
+        return url
+    if parsed.scheme == "file":  # urlparse lower-cases the scheme
+        return parsed.netloc + parsed.path
+    return None
 
 
 def _check_key(key: str) -> str:
