@@ -13,6 +13,7 @@ import typer
 from budgets import usd
 from launcher import api
 from launcher.console import EXIT_DECLINED, escape, fail, print_whole, say
+from train.bounds import MAX_EPOCHS, MAX_SAMPLES, MIN_EPOCHS, MIN_SAMPLES
 from train.cli import train_command
 
 HELP_OPTIONS = ["-h", "--help"]
@@ -398,8 +399,8 @@ def plan_command(
     backend: str = typer.Option(None, help="local, skypilot or auto (default from preferences: auto)"),
     run_id: str = typer.Option("default", "--run-id", envvar="MEETARA_RUN_ID"),
     base_model: str = typer.Option(None, help="default: tiny (local), microsoft/DialoGPT-medium (cloud)"),
-    samples: int = typer.Option(200, min=16, help="conversations per domain"),
-    epochs: float = typer.Option(2.0, min=0.01),
+    samples: int = typer.Option(200, min=MIN_SAMPLES, max=MAX_SAMPLES, help="conversations per domain"),
+    epochs: float = typer.Option(2.0, min=MIN_EPOCHS, max=MAX_EPOCHS),
     live: bool = typer.Option(False, help="price from the providers' live APIs"),
     provider: list[str] = typer.Option(None, "--provider", "-p"),
     store: str = typer.Option(
@@ -468,8 +469,8 @@ def launch_command(
     store: str = typer.Option(None, help="file://DIR or s3://BUCKET/PREFIX (env MEETARA_STORE)"),
     endpoint_url: str = typer.Option(None, "--endpoint-url", envvar="MEETARA_S3_ENDPOINT_URL"),
     base_model: str = typer.Option(None, help="default: tiny (local), microsoft/DialoGPT-medium (cloud)"),
-    samples: int = typer.Option(200, min=16, help="conversations per domain"),
-    epochs: float = typer.Option(2.0, min=0.01),
+    samples: int = typer.Option(200, min=MIN_SAMPLES, max=MAX_SAMPLES, help="conversations per domain"),
+    epochs: float = typer.Option(2.0, min=MIN_EPOCHS, max=MAX_EPOCHS),
     live: bool = typer.Option(False, help="price from the providers' live APIs"),
     provider: list[str] = typer.Option(None, "--provider", "-p"),
     models_dir: Path = typer.Option(Path("models"), help="where validated GGUFs land"),
@@ -916,8 +917,8 @@ def simulate_command(
         None, "--policy", help="on-demand, greedy, uniform-progress, meetara (repeatable; default all)"
     ),
     base_model: str = typer.Option("microsoft/DialoGPT-medium", help="the model the plan is priced for"),
-    samples: int = typer.Option(200, min=16),
-    epochs: float = typer.Option(2.0, min=0.01),
+    samples: int = typer.Option(200, min=MIN_SAMPLES, max=MAX_SAMPLES),
+    epochs: float = typer.Option(2.0, min=MIN_EPOCHS, max=MAX_EPOCHS),
     checkpoint_minutes: float = typer.Option(10.0, min=0.1, help="training between checkpoints"),
     seed: int = typer.Option(0, help="first replay's seed"),
     config: Path = typer.Option(None, help="preferences file (its caps apply)"),
