@@ -333,7 +333,7 @@ def providers_set(
 
 # ---- plan / launch / status / pull / doctor ------------------------------------------------------
 
-DOMAINS_HELP = "'all', a category, or comma-separated domain names"
+DOMAINS_HELP = "'all', a category, or comma-separated domain names (repeatable: -d a -d b is -d a,b)"
 WARM_START = typer.Option(
     False,
     "--warm-start/--no-warm-start",
@@ -395,7 +395,7 @@ def _plan_table(plan) -> object:
 
 @app.command("plan")
 def plan_command(
-    domains: str = typer.Option(..., "--domains", "-d", help=DOMAINS_HELP),
+    domain_args: list[str] = typer.Option(..., "--domains", "-d", metavar="<str>", help=DOMAINS_HELP),
     backend: str = typer.Option(None, help="local, skypilot or auto (default from preferences: auto)"),
     run_id: str = typer.Option("default", "--run-id", envvar="MEETARA_RUN_ID"),
     base_model: str = typer.Option(None, help="default: tiny (local), microsoft/DialoGPT-medium (cloud)"),
@@ -415,6 +415,7 @@ def plan_command(
 ) -> None:
     """Dry run: what `launch` with the same arguments would run (domains already done are skipped), the
     offer, the jobs and their projected cost. Launches nothing."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
 
     from train import BadInput
 
@@ -460,7 +461,7 @@ def plan_command(
 
 @app.command("launch")
 def launch_command(
-    domains: str = typer.Option(..., "--domains", "-d", help=DOMAINS_HELP),
+    domain_args: list[str] = typer.Option(..., "--domains", "-d", metavar="<str>", help=DOMAINS_HELP),
     budget: float = typer.Option(..., min=0, help="most this launch may cost, USD"),
     backend: str = typer.Option(None, help="local, skypilot or auto (default from preferences: auto)"),
     run_id: str = typer.Option(
@@ -497,6 +498,7 @@ def launch_command(
     merged: bool = MERGED,
 ) -> None:
     """Plan, check the budget, launch, follow the jobs, pull validated GGUFs into ./models."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
     from train import BadInput
 
     try:
@@ -816,12 +818,13 @@ def _report_pulled(view: api.PullView, rec=None) -> None:
 @app.command("pull")
 def pull_command(
     run_id: str = typer.Option("default", "--run-id", envvar="MEETARA_RUN_ID"),
-    domains: str = typer.Option("all", "--domains", "-d", help=DOMAINS_HELP),
+    domain_args: list[str] = typer.Option(["all"], "--domains", "-d", metavar="<str>", help=DOMAINS_HELP),
     store: str = typer.Option(None, help="default: the run's store, else MEETARA_STORE or ./store"),
     endpoint_url: str = typer.Option(None, "--endpoint-url", envvar="MEETARA_S3_ENDPOINT_URL"),
     models_dir: Path = typer.Option(Path("models")),
 ) -> None:
     """Download a run's validated GGUFs (sha256-checked, atomic, resumable) into ./models."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
     from train import BadInput
     from train.store import StoreError
 
@@ -906,7 +909,7 @@ def _duration(seconds: float) -> str:
 
 @app.command("simulate")
 def simulate_command(
-    domains: str = typer.Option(..., "--domains", "-d", help=DOMAINS_HELP),
+    domain_args: list[str] = typer.Option(..., "--domains", "-d", metavar="<str>", help=DOMAINS_HELP),
     market: str = typer.Option(
         ..., help="a spot trace file or folder (../shared/data/spot-traces/...), or synthetic:HOURS"
     ),
@@ -927,6 +930,7 @@ def simulate_command(
 ) -> None:
     """Replay a spot market under the real conductor and money code on a virtual clock: per policy,
     cost, hours, deadlines missed and preemptions, beside the omniscient optimum."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
     from rich.progress import Progress
 
     from train import BadInput

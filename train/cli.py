@@ -47,8 +47,12 @@ def fail(message: object, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 
 
 def train_command(
-    domains: str = typer.Option(
-        ..., "--domains", "-d", help="'all', a category, or comma-separated domain names"
+    domain_args: list[str] = typer.Option(
+        ...,
+        "--domains",
+        "-d",
+        metavar="<str>",
+        help="'all', a category, or comma-separated domain names (repeatable: -d a -d b is -d a,b)",
     ),
     store: str = typer.Option(
         "file://./store", envvar="MEETARA_STORE", help="file://DIR or s3://BUCKET/PREFIX"
@@ -135,6 +139,7 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Train one LoRA adapter per domain and export validated GGUF files to the store."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
     from train.lora import Interrupted, LoraParams, StopFlag
     from train.pipeline import JobSpec
     from train.store import StoreError
