@@ -16,6 +16,10 @@ from budgets.query import open_ledger, parse_when, query_report  # noqa: F401 (r
 from launcher.console import fail, print_whole
 from train import BadInput
 
+# per run, its domains finished in its store and when (`budgets.report.report`'s `done`): set by a
+# front end that knows the runs' stores (meetara's CLI); None: domains done by the ledger's rule
+finished_domains = None
+
 
 def report_command(
     by: str = typer.Option("provider", "--by", help="provider, domain, day or run"),
@@ -34,7 +38,8 @@ def report_command(
     from budgets import report as rep
 
     try:
-        rows, total, start, stop = query_report(config, by, since, until)
+        done = finished_domains() if finished_domains is not None else None
+        rows, total, start, stop = query_report(config, by, since, until, done)
     except (BadInput, LedgerError) as e:
         raise fail(str(e)) from None
     if plot_path is not None:

@@ -116,6 +116,25 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class JobUsage:
+    """What a job's reservations accrued, and where its open one's accruals stop (`Ledger.job_usage`)."""
+
+    dollars: float
+    seconds: float
+    open_rate: float | None = None  # $/h of its open reservation
+    open_since: datetime | None = None  # ... accrued up to this time (None: its billing never started)
+
+    def until(self, end: datetime | None, started: datetime | None = None) -> tuple[float, float]:
+        """(dollars, seconds) with the open reservation's unrecorded time up to `end` (None: none)
+        added, from its last accrual (or from `started`, the backend's start, if it never accrued)."""
+        since = self.open_since or started
+        if end is None or since is None or self.open_rate is None:
+            return self.dollars, self.seconds
+        extra = max((end - since).total_seconds(), 0.0)
+        return self.dollars + extra / 3600 * self.open_rate, self.seconds + extra
+
+
+@dataclass(frozen=True)
 class Entry:
     """One accrual with the reservation it belongs to."""
 
@@ -757,6 +776,33 @@ class Ledger:
         """Sum of accruals whose `at` falls in the daily/weekly/monthly window holding `now`."""
         with self._tx(write=False) as q:
             return self._spent(q, window_name, now or utcnow(), provider)
+
+    def job_usage(self, run_id: str) -> dict[str, JobUsage]:
+        """Per job of the run, over all its reservations: dollars and machine seconds accrued, and for
+        an open reservation whose billing started, its rate and the time its accruals reach (what it
+        costs from then on is not recorded until someone accrues it)."""
+        with self._tx(write=False) as q:
+            rows = q(
+                "SELECT r.job, r.state, r.rate_per_hour, r.started_at,"
+                " (SELECT COALESCE(SUM(a.amount), 0) FROM accruals a WHERE a.reservation_id = r.id),"
+                " (SELECT COALESCE(SUM(a.seconds), 0) FROM accruals a WHERE a.reservation_id = r.id),"
+                " (SELECT MAX(a.until_at) FROM accruals a WHERE a.reservation_id = r.id)"
+                " FROM reservations r WHERE r.run_id = ? ORDER BY r.id",
+                (run_id,),
+            )
+        out: dict[str, JobUsage] = {}
+        for job, state, rate, started, dollars, seconds, until in rows:
+            u = out.get(job) or JobUsage(0.0, 0.0)
+            billing = None
+            if state == OPEN and started is not None:
+                billing = _dt(max(started, until) if until is not None else started)
+            out[job] = JobUsage(
+                u.dollars + float(dollars),
+                u.seconds + float(seconds),
+                rate if state == OPEN else u.open_rate,
+                billing or u.open_since,
+            )
+        return out
 
     def outstanding(self, run_id: str | None = None) -> float:
         """Money held by open reservations beyond what they have accrued (of one run, or all)."""

@@ -33,13 +33,21 @@ class Row:
 
 
 def report(
-    ledger: Ledger, by: str, since: datetime | None = None, until: datetime | None = None
+    ledger: Ledger,
+    by: str,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    done: dict[str, dict[str, datetime]] | None = None,
 ) -> list[Row]:
     """Cost per provider, domain, day (in the budget time zone) or run, for accruals in [since, until).
 
     - cost: sum of accrual amounts; gpu_hours: accrued seconds x GPU count (accruals without seconds,
       such as settlement corrections, add cost but no hours).
-    - domains_done: distinct domains of settled reservations (ended in the range) not closed by a stop.
+    - domains_done: with `done` (per run: its domains finished in its store, and when), each of those
+      finished in the range, once, for the run's reservation that trained it (the latest made before it
+      finished, of those naming it), whatever closed that reservation (a job cancelled or stopped after
+      finishing some of its domains); for a run not in `done`, the distinct domains of its settled
+      reservations (ended in the range) not closed by a stop.
     - preemptions: 'preempted' events in the range, keyed through the reservation they name (else the
       run's latest reservation of that job).
     - by='domain': a job trains several domains on one machine, so its cost, GPU-hours and preemptions
@@ -51,6 +59,7 @@ def report(
     if by not in (*BY, "total"):
         raise ValueError(f"by must be one of {', '.join(BY)}, not {by!r}")
     zone = ledger.config.zone
+    finished = done or {}  # (the name `done` is this function's tally below)
     rows: dict[str, Row] = {}
 
     def row(key: str) -> Row:
@@ -65,9 +74,18 @@ def report(
     by_id = {r.id: r for r in reservations}
     done: dict[str, set[str]] = defaultdict(set)
     for res in reservations:
+        if res.run_id in finished:
+            continue
         if res.domains and res.state == SETTLED and not res.stopped and _within(res.ended_at, since, until):
             for key, _ in _keys(by, res.provider, res.run_id, res.domains, res.ended_at, zone):
                 done[key].update([key] if by == "domain" else res.domains)
+    for run_id, domains in finished.items():
+        for domain, at in domains.items():
+            res = _trained_by(run_id, domain, at, reservations)
+            if res is None or not _within(at, since, until):
+                continue
+            for key, _ in _keys(by, res.provider, run_id, [domain], at, zone):
+                done[key].add(f"{run_id}/{domain}")
     preempted: dict[str, Fraction] = defaultdict(Fraction)  # exact shares: whole sums stay whole
     for ev in ledger.events(since, until, kind=PREEMPTED):
         res = event_reservation(ev, reservations, by_id)
@@ -98,6 +116,16 @@ def _keys(by: str, provider: str, run_id: str, domains: Iterable[str], at: datet
         return [("total", 1.0)]
     names = list(dict.fromkeys(domains)) or [NO_DOMAIN]
     return [(d, 1.0 / len(names)) for d in names]
+
+
+def _trained_by(
+    run_id: str, domain: str, at: datetime, reservations: list[Reservation]
+) -> Reservation | None:
+    """The reservation of `run_id` that paid for `domain`, finished at `at`: the latest made before
+    then of those naming it (else the first naming it: clocks differ between machines)."""
+    named = [r for r in reservations if r.run_id == run_id and domain in r.domains]
+    before = [r for r in named if r.created_at <= at]
+    return max(before, key=lambda r: (r.created_at, r.id)) if before else (named[0] if named else None)
 
 
 def _within(t: datetime | None, since: datetime | None, until: datetime | None) -> bool:

@@ -83,6 +83,7 @@ def resolve(
     """The front half of plan and launch: (preferences, domain names, backend, workload). Unknown
     domains, backends, models and bad run ids raise BadInput here, before anything is planned."""
     from launcher.launch import resolve_backend, select
+    from launcher.plan import Workload
     from launcher.preferences import load_preferences
     from launcher.throughput import model_params
     from train.names import check_run_id
@@ -93,23 +94,8 @@ def resolve(
     backend = resolve_backend(prefs, backend)
     model = base_model or ("tiny" if backend == "local" else "microsoft/DialoGPT-medium")
     model_params(model)  # unknown models fail here, before anything is planned
-    work = workload(base_model=model, samples=samples, epochs=epochs, warm_start=warm_start, merged=merged)
+    work = Workload(base_model=model, samples=samples, epochs=epochs, warm_start=warm_start, merged=merged)
     return prefs, names, backend, work
-
-
-def workload(**fields: Any):
-    """A `launcher.plan.Workload`, its numbers checked against `train.bounds` (samples, epochs: finite,
-    at most their maximum); a bad one is BadInput in the CLI's words, one line, whichever face asked."""
-    from pydantic import ValidationError
-
-    from launcher.plan import Workload
-
-    try:
-        return Workload(**fields)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        name = str(err["loc"][0]).replace("_", "-") if err["loc"] else "value"
-        raise BadInput(f"Invalid value for '--{name}': {err['msg']}") from None
 
 
 def deadline_and_policy(deadline: str | None, policy: str | None) -> tuple[float | None, str | None]:
@@ -122,19 +108,12 @@ def deadline_and_policy(deadline: str | None, policy: str | None) -> tuple[float
     return deadline_s, policy or ("meetara" if deadline_s else None)
 
 
-MAX_DEADLINE_DAYS = 365  # a run is planned, priced and replayed within this; past it, it is a typo
-
-
 def duration_s(text: str) -> float:
-    """'12h', '90m', '2d', '3600s' (or plain seconds) in seconds, at most MAX_DEADLINE_DAYS; BadInput
-    otherwise (launch, plan, recover and simulate all read --deadline here)."""
+    """'12h', '90m', '2d', '3600s' (or plain seconds) in seconds; BadInput otherwise."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not m or float(m.group(1)) <= 0:
         raise BadInput(f"--deadline {text!r}: write a duration such as 12h, 90m or 2d")
-    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-    if seconds > MAX_DEADLINE_DAYS * 86400:
-        raise BadInput(f"--deadline {text!r}: at most {MAX_DEADLINE_DAYS}d")
-    return seconds
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 def check_deadline(plan, deadline_s: float | None) -> None:
@@ -190,8 +169,6 @@ def offers(
     config: Path | None = None,
 ) -> OffersView:
     """The price table across providers, ranked by expected $/h under the preferences."""
-    if limit < 1:
-        raise BadInput(f"Invalid value for '--limit': {limit} is not at least 1")
     from launcher.offers import gather_offers
     from launcher.preferences import Preferences, load_preferences
     from launcher.select import emptied_providers, rank
@@ -326,7 +303,7 @@ def report(
     from budgets import report as rep
     from budgets.query import query_report
 
-    rows, total, start, stop = query_report(config, by, since, until)
+    rows, total, start, stop = query_report(config, by, since, until, finished_in_stores())
     doc = json.loads(rep.to_json(rows, by=by, since=start, until=stop, total=total))
     return ReportView(
         by=by,
@@ -341,7 +318,27 @@ def report_rows(by: str, since: str | None, until: str | None, config: Path | No
     """The report as `budgets.report.Row`s (rows, total, start, stop), for the CLI's table, CSV, PNG."""
     from budgets.query import query_report
 
-    return query_report(config, by, since, until)
+    return query_report(config, by, since, until, finished_in_stores())
+
+
+def finished_in_stores() -> dict[str, dict[str, Any]]:
+    """Per run this machine launched whose store can be read: its domains with a manifest there, and
+    when each was written (the report counts domains done from this, not from how jobs ended)."""
+    from datetime import UTC, datetime
+
+    from launcher.runs import list_runs
+
+    out: dict[str, dict[str, Any]] = {}
+    for rec in list_runs():
+        found, error = _domains_in_store(rec)
+        if error is not None:
+            continue  # the ledger's rule for this run
+        out[rec.run_id] = {  # every domain of the run's store: a recover's plan names only the rest
+            d: datetime.fromtimestamp(float(f["manifest"].get("created") or 0), UTC)
+            for d, f in found.items()
+            if f["manifest"] is not None
+        }
+    return out
 
 
 # ---- runs -----------------------------------------------------------------------------------------
@@ -364,6 +361,13 @@ def status(run_id: str | None = None) -> list[dict[str, Any]]:
     from launcher.launch import status_rows
 
     return status_rows(run_id)
+
+
+def job_rows(rec) -> list[dict[str, Any]]:
+    """`status`'s rows for one run record in hand (the launcher's own, after following it)."""
+    from launcher.launch import job_rows as rows
+
+    return rows([rec])
 
 
 class RunSummary(BaseModel):
@@ -1083,6 +1087,7 @@ def simulate(
     from budgets.caps import load_budget_config
     from launcher.launch import select
     from launcher.market import market_from
+    from launcher.plan import Workload
     from launcher.policies import NAMES
     from launcher.preferences import config_path, load_preferences
     from launcher.simulate import make_setup
@@ -1100,7 +1105,7 @@ def simulate(
         chosen,
         prefs=prefs,
         caps=load_budget_config(config_path(config)),
-        work=workload(base_model=base_model, samples=samples, epochs=epochs),
+        work=Workload(base_model=base_model, samples=samples, epochs=epochs),
         budget=budget,
         deadline_s=duration_s(deadline) if deadline else None,
         checkpoint_s=checkpoint_minutes * 60,

@@ -206,6 +206,28 @@ def new_run(
     return rec
 
 
+def carry_over(rec: RunRecord, prior: RunRecord | None) -> None:
+    """A run planned anew (`recover`, a relaunch) keeps what its earlier record knew of each job of
+    the same name: its launches (an unwatched one included), machine time, preemptions and history,
+    so status and the time line show every launch the ledger paid for."""
+    if prior is None or prior.run_id != rec.run_id:
+        return
+    planned = {d for j in rec.jobs.values() for d in j.domains}
+    for name, job in rec.jobs.items():
+        old = prior.jobs.get(name)
+        if old is None:
+            continue
+        # the domains it finished before stay its own (status counts them; the task trains the plan's)
+        job.domains = [*(d for d in old.domains if d not in planned), *job.domains]
+        job.launches = old.launches
+        job.first_launched_at = old.first_launched_at
+        job.run_seconds, job.billed_usd = old.run_seconds, old.billed_usd
+        job.earlier_preemptions = old.preemptions + old.earlier_preemptions
+        job.preemption_log = list(old.preemption_log)
+        job.history = [*old.history]
+        job.note("planned anew (recover): the unfinished domains resume from their checkpoints")
+
+
 def task_factory(rec: RunRecord, prefs: Preferences):
     """The task each launch of a job runs (its current offer first, then the rest as fallbacks)."""
     from launcher.task import render_task
@@ -226,6 +248,7 @@ def task_factory(rec: RunRecord, prefs: Preferences):
                 "MEETARA_LOG_EVERY": "1" if rec.backend == "local" else "10",
                 # not whole seconds: rounding could move the deadline up to half a second later
                 **({"MEETARA_STOP_AT": f"{job.stop_at:.3f}"} if job.stop_at else {}),
+                **({"MEETARA_STOP_HARD_AT": f"{job.stop_hard_at:.3f}"} if job.stop_hard_at else {}),
             },
         )
 
@@ -369,6 +392,7 @@ def commit(
     rec = new_run(
         prep.plan, store=prep.store_url, endpoint_url=endpoint_url, models_dir=models_dir, budget=budget
     )
+    carry_over(rec, load_run(rec.run_id))
     if deadline_s is not None:
         rec.deadline = rec.created_at + timedelta(seconds=deadline_s)
     rec.policy = policy
@@ -479,6 +503,8 @@ def follow(
         names = c.cancel_all("interrupted" if interrupted else "following failed")
         try:
             c.money.after_poll(rec)  # settle what they cost
+            # the jobs that never started give their reservations back now, not at the next launch
+            c.money.close_unlaunched(rec, "interrupted" if interrupted else "following failed")
             settled = "their money is settled"
         except Exception as money_error:
             settled = f"settling failed ({money_error}); `meetara recover {rec.run_id}` settles it"
@@ -537,24 +563,38 @@ def status_rows(run_id: str | None = None) -> list[dict]:
 
 def job_rows(runs: Sequence[RunRecord], done: set[str] | None = None) -> list[dict]:
     """`status_rows` for given run records (`done`: one run's domains done, if the caller listed its
-    store already)."""
+    store already). Domains done come from the store; machine time and cost from the ledger (what it
+    settled, and for a job still billing what its rate adds since the last accrual), the run record's
+    own figures only for a run the ledger does not know (another ledger)."""
     rows = []
     now = datetime.now(UTC)
+    usage = _ledger_usage(runs)
     for rec in runs:
         done = done_in_store(rec) if done is None or len(runs) > 1 else done
         backend = None
         for job in rec.jobs.values():
+            ended = None
             if job.state in ACTIVE and job.handle:
                 try:
                     backend = backend or make_backend(rec.backend)
                     st = backend.status(job.handle)
-                    job.state = st.state.value
+                    job.state = final_state(st)
                     job.started_at = job.started_at or st.started_at  # its launcher may not have seen it
+                    ended = st.ended_at if st.state.finished else None
                 except Exception as e:  # status is best effort here; the conductor decides
                     job.note(f"status unavailable: {type(e).__name__}")
             start = job.first_launched_at or job.launched_at
             unfinished = job.state in ACTIVE or job.state in ("planned", LAUNCHING)
-            end = None if unfinished else (job.ended_at or now)
+            end = None if unfinished else (job.ended_at or ended or now)
+            used = usage.get(rec.run_id)
+            if used is not None:  # the ledger's figures: settled, accrued, and billing since
+                # unrecorded billing: until now while it runs, until its end if it ended unwatched
+                bill_to = now if job.state in ACTIVE and job.started_at else ended
+                cost, seconds = used[job.name].until(bill_to, job.started_at) if job.name in used else (0, 0)
+            else:
+                if ended is not None and job.ended_at is None and job.started_at is not None:
+                    job.end_launch(ended)  # finished while nobody watched: its time counts
+                seconds, cost = job.machine_seconds(now), job.cost_so_far(now)
             rows.append(
                 {
                     "run": rec.run_id,
@@ -564,14 +604,42 @@ def job_rows(runs: Sequence[RunRecord], done: set[str] | None = None) -> list[di
                     "domains": len(job.domains),
                     "offer": job.offer.label,
                     "launches": job.launches,
-                    "preemptions": job.preemptions,
+                    # the conductor's relaunches and the backend's own recoveries (SkyPilot's controller)
+                    "preemptions": job.recoveries + job.earlier_preemptions,
                     "recomputed_steps": job.lost_steps,
                     "lost_seconds": round(job.lost_seconds, 1),
                     "started_at": start.isoformat(timespec="seconds") if start else None,
                     # since the first launch: until now while the job is not finished, else until its end
                     "elapsed_seconds": round(((end or now) - start).total_seconds(), 1) if start else None,
-                    "machine_seconds": round(job.machine_seconds(now), 1),
-                    "cost_so_far": round(job.cost_so_far(now), 6),
+                    "machine_seconds": round(seconds, 1),
+                    "cost_so_far": round(cost, 6),
                 }
             )
     return rows
+
+
+def final_state(st) -> str:
+    """A job's state from its backend status: a launch that ended with the budget guard's exit code
+    (77) stopped at its reservation, whatever the backend calls it (a failed command, locally)."""
+    from train.cli import EXIT_BUDGET
+
+    if st.state.finished and st.exit_code == EXIT_BUDGET:
+        return "STOPPED-BUDGET"
+    return st.state.value
+
+
+def _ledger_usage(runs: Sequence[RunRecord]) -> dict[str, dict]:
+    """Per run the ledger knows: per job, its `budgets.ledger.JobUsage` (empty when the ledger cannot
+    be read: the rows fall back to the run records)."""
+    from budgets import LedgerError
+
+    out: dict[str, dict] = {}
+    try:
+        with open_ledger() as ledger:
+            for rec in runs:
+                used = ledger.job_usage(rec.run_id)
+                if used:
+                    out[rec.run_id] = used
+    except (LedgerError, OSError, BadInput):
+        return {}
+    return out

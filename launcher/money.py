@@ -5,6 +5,8 @@
   passed, atomically across processes.
 - In-job guard: each job is told (MEETARA_STOP_AT) when its reservation runs out at its rate, minus a
   margin; `python -m train` checkpoints and stops itself then, so a cap holds with nobody watching.
+  MEETARA_STOP_HARD_AT, STOP_SLACK_S before the reservation's end, ends it whatever it is doing then (a
+  checkpoint that takes longer than the margin): the local runner kills it, `python -m train` exits.
 - Accrue: on every poll, rate x elapsed from the backend's start time (`Ledger.accrue_until`).
 - Watchdog: when the spend would pass a cap (or `--budget`, or a job's reservation) before the next
   poll, the running jobs are cancelled (they checkpoint) and marked STOPPED-BUDGET. Accrual is brought
@@ -35,6 +37,9 @@ STOP_MARGIN_MAX_S = 60.0  # ... leaving time for the checkpoint upload before th
 # ... and at least this much: the step in progress, its checkpoint and the process's exit take seconds
 # however small the reservation
 STOP_MARGIN_MIN_S = 2.0
+# the hard stop: this long before the reservation's end the job is ended whatever it is doing (the
+# runner kills it; `python -m train` exits), leaving the exit and the backend's record of it the time
+STOP_SLACK_S = 1.0
 RATE_SOURCE = {"snapshot": "snapshot", "live": "live", "local": "local"}
 
 
@@ -108,7 +113,7 @@ class Money:
             return
         res = self.ledger.reservation(job.reservation_id)
         left = res.amount - res.accrued
-        job.stop_at = None
+        job.stop_at = job.stop_hard_at = None
         if res.rate_per_hour > 0:
             seconds = left / res.rate_per_hour * 3600
             if seconds <= STOP_MARGIN_MIN_S:  # not even the time to stop cleanly: no launch
@@ -116,8 +121,11 @@ class Money:
                 job.note("not launched: its reservation is used up")
                 self._settle(job, "stopped: budget (reservation used up)")
                 return
+            # from before the launch: billing starts when the backend starts the job, later than now
+            now = utcnow()
             margin = min(max(seconds * STOP_MARGIN, STOP_MARGIN_MIN_S), STOP_MARGIN_MAX_S)
-            job.stop_at = (utcnow() + timedelta(seconds=seconds - margin)).timestamp()
+            job.stop_at = (now + timedelta(seconds=seconds - margin)).timestamp()
+            job.stop_hard_at = (now + timedelta(seconds=seconds - STOP_SLACK_S)).timestamp()
 
     def _cover(self, job: JobRecord, res, *, placed: bool = False) -> bool:
         """A relaunch (after a preemption, or on a dearer offer: a fallback, a policy's on-demand): the
@@ -234,6 +242,28 @@ class Money:
                 self._settle(job, _note(job))
         self._watchdog(rec, now)
 
+    def close_unlaunched(self, rec: RunRecord, why: str) -> list[str]:
+        """Following ends early (Ctrl-C, SIGTERM, a conductor that gave up): the jobs that are not
+        running (never launched, or waiting to be relaunched) give their money back now, not at the
+        next launch: released, or settled to what earlier launches accrued. Returns their names."""
+        closed = []
+        for job in rec.jobs.values():
+            if job.reservation_id is None or job.state not in ("planned", LAUNCHING):
+                continue
+            res = self.ledger.reservation(job.reservation_id)
+            if res.state != "open":
+                continue
+            if res.accrued > 0:
+                self.ledger.settle(res.id, note=f"stopped: {why}", now=self.clock(), owner=self.owner)
+            else:
+                self.ledger.release(res.id, note=f"not launched: {why}", now=self.clock(), owner=self.owner)
+            job.reservation_id = None  # a later launch reserves anew
+            job.note(f"{why}: its reservation is given back")
+            closed.append(job.name)
+        if closed:
+            rec.save()
+        return closed
+
     def _watchdog(self, rec: RunRecord, now: datetime) -> None:
         running = [j for j in rec.jobs.values() if j.state in ACTIVE and j.started_at and j.reservation_id]
         if not running:
@@ -268,12 +298,22 @@ class Money:
                 self.backend.cancel(job.handle)
             except BackendError as e:
                 job.note(f"cancel failed: {e}")
-            job.state, job.ended_at = "STOPPED-BUDGET", now
+            # billed until it stopped: the backend's end time where it knows it (the in-job hard stop
+            # ends a job at its reservation's end at the latest), else now
+            job.state, job.ended_at = "STOPPED-BUDGET", self._ended_at(job) or now
             job.note(f"stopped: budget: {reason}; checkpoints kept, a later launch resumes")
-            self.ledger.accrue_until(job.reservation_id, now)
+            self.ledger.accrue_until(job.reservation_id, job.ended_at)
             self._settle(job, f"stopped: budget: {reason}")
             self.ledger.record_event(self.rec.run_id, "stopped-budget", job=job.name, detail=reason)
         self.rec.save()
+
+    def _ended_at(self, job: JobRecord) -> datetime | None:
+        """When the backend says the job's current launch ended (None: still running, or unknown)."""
+        try:
+            st = self.backend.status(job.handle)
+        except Exception:
+            return None
+        return st.ended_at if st.state.finished else None
 
     def _settle(self, job: JobRecord, note: str | None) -> None:
         res = self.ledger.reservation(job.reservation_id)

@@ -23,10 +23,18 @@ from launcher.offers import Offer
 from launcher.preferences import Preferences
 from launcher.select import Choice, Needs, rank
 from launcher.throughput import model_params, speed
-from train.bounds import Epochs, Samples
 
 KEPT_SHARE = 0.9  # share of generated samples the quality filter keeps (measured 85-95 %, bench/RESULTS.md)
-LOCAL_STARTUP_MINUTES = 0.5  # process start + imports + base model load on this machine (tiny model)
+# A local job's start-up, from its launch to its first training step: the runner, setup's `import train`,
+# `python -m train`'s imports, the base model's load, the first domain's data. Measured by
+# bench/local_startup.py (bench/local_startup.json; bench/RESULTS.md, "Local jobs: start-up and load")
+# on the 2-core VM at load 1.7-13, as seconds on an idle machine (`local_slowdown`'s rule applied
+# backwards to the load each job was planned at): the most any measured job needed beyond the table's
+# time for its domain (13.2 s; 2.0 s at load 1.7, training slows more than linearly under load).
+# `TINY_BUILD_S`: what the first job adds when the tiny base model is not cached yet (its tokenizer and
+# 120 pretraining steps): 6.4 s measured at load 1.8, x3 for the load, as the training above.
+LOCAL_STARTUP_S = 13.5
+TINY_BUILD_S = 20.0
 
 # What a job spends besides training steps, measured stage by stage by bench/stages.py (recorded in
 # bench/stages.json, "planner"; bench/RESULTS.md, "Stage costs" and "Outputs users load") on a 2-core AMD
@@ -128,8 +136,8 @@ class Workload(BaseModel):
     """What each domain's training amounts to (the fields `python -m train` gets)."""
 
     base_model: str = "tiny"
-    samples: Samples = 200
-    epochs: Epochs = 2
+    samples: int = Field(200, ge=16)
+    epochs: float = Field(2, gt=0)
     max_len: int = Field(128, ge=8)
     warm_start: bool = False  # plan the domains in similarity-chain order; the jobs warm-start them
     merged: bool = False  # also ship each domain's merged Q4_K_M model (`python -m train --merged`)
@@ -301,14 +309,45 @@ def job_startup_hours(prefs: Preferences, work: Workload) -> float:
 
 def plan_overheads(plan: Plan) -> Overheads:
     """The overheads `plan` was priced with (for `meetara plan`'s caption). A local plan's per-job
-    figure is its start-up allowance (`LOCAL_STARTUP_MINUTES` or MEETARA_LOCAL_STARTUP_S)."""
+    figure is its start-up (`local_startup_s`, or MEETARA_LOCAL_STARTUP_S)."""
     if plan.backend != "local":
         return overheads(plan.workload.base_model, CLOUD_VCPUS, plan.workload.merged)
     o = overheads(plan.workload.base_model, _local_vcpus(), plan.workload.merged)
-    env = os.environ.get("MEETARA_LOCAL_STARTUP_S")
-    startup_s = float(env) if env else LOCAL_STARTUP_MINUTES * 60
-    job_source = "MEETARA_LOCAL_STARTUP_S" if env else "local start-up allowance"
+    startup_s, job_source = local_startup_s(plan.workload)
     return Overheads(o.per_domain_s, startup_s, o.vcpus, o.source, job_source)
+
+
+def local_slowdown(vcpus: int | None = None) -> float:
+    """How many times longer than on an idle machine a local job takes now: its threads share this
+    machine's cores with what already runs there (the 1-minute load average), so 1 + load / cores
+    (bench/RESULTS.md, "Local jobs: start-up and load", checks the rule against measured jobs)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this system: price it as idle
+        load = 0.0
+    return 1.0 + max(load, 0.0) / (vcpus or _local_vcpus())
+
+
+def local_startup_s(work: Workload, slowdown: float | None = None) -> tuple[float, str]:
+    """A local job's start-up in seconds and where the figure comes from: MEETARA_LOCAL_STARTUP_S as
+    given, else the measured `LOCAL_STARTUP_S` (+ `TINY_BUILD_S` when the tiny base model is not cached
+    yet) x the machine's slowdown now (`local_slowdown`)."""
+    env = os.environ.get("MEETARA_LOCAL_STARTUP_S")
+    if env:
+        return float(env), "MEETARA_LOCAL_STARTUP_S"
+    slow = local_slowdown() if slowdown is None else slowdown
+    seconds = LOCAL_STARTUP_S + (0.0 if _tiny_cached(work) else TINY_BUILD_S)
+    return round(seconds * slow, 2), f"measured start-up (bench/local_startup.py) x {slow:.2f} for the load"
+
+
+def _tiny_cached(work: Workload) -> bool:
+    """Whether the job finds its base model built (only the tiny one is built by the job itself)."""
+    if work.base_model != "tiny":
+        return True
+    from train.domains import load_registry
+    from train.model import cache_dir, tiny_key
+
+    return (cache_dir() / f"tiny-{tiny_key(load_registry())}" / "model.safetensors").exists()
 
 
 def _local_vcpus() -> int:
@@ -433,15 +472,16 @@ def plan_local(domains: Sequence[str], prefs: Preferences, work: Workload, run_i
     domains = order(domains, work)
     gpu = _local_gpu()
     vcpus = _local_vcpus()
+    # the measured figures are an idle machine's: a loaded one shares its cores with the job
+    slow = local_slowdown(vcpus)
     h, source = domain_hours("cpu" if gpu == "cpu" else "A10", work, vcpus)
-    startup_h = LOCAL_STARTUP_MINUTES / 60
+    h *= slow
     # calibration for a machine unlike the one the table was measured on (bench/train_throughput.py)
     if os.environ.get("MEETARA_LOCAL_TOKENS_S"):
         overhead_s = overheads(work.base_model, vcpus, work.merged).per_domain_s
         h = (work.domain_tokens() / float(os.environ["MEETARA_LOCAL_TOKENS_S"]) + overhead_s) / 3600
         source = "MEETARA_LOCAL_TOKENS_S"
-    if os.environ.get("MEETARA_LOCAL_STARTUP_S"):
-        startup_h = float(os.environ["MEETARA_LOCAL_STARTUP_S"]) / 3600
+    startup_h = local_startup_s(work, slow)[0] / 3600
     ref = OfferRef(
         provider="local",
         instance_type=platform.node() or "localhost",

@@ -42,6 +42,9 @@ class JobRecord(BaseModel):
     state: str = "planned"
     launches: int = 0
     preemptions: int = 0  # relaunches by the conductor after a preemption
+    # preemptions of this job in the run's earlier records (a recover plans the run anew; its cap on
+    # recoveries starts again, its history stays)
+    earlier_preemptions: int = 0
     backend_recoveries: int = 0  # recoveries the backend made itself (SkyPilot), earlier launches
     launch_recoveries: int = 0  # ... and the current launch (the highest it reported)
     status_errors: int = 0
@@ -52,6 +55,7 @@ class JobRecord(BaseModel):
     exit_code: int | None = None
     reservation_id: int | None = None
     stop_at: float | None = None  # Unix time the current launch must stop by (in-job budget guard)
+    stop_hard_at: float | None = None  # ... and the time it is ended at whatever it is doing
     first_launched_at: datetime | None = None  # the job's first launch (status: start, elapsed)
     billed_usd: float = 0.0  # earlier launches: their seconds at their offers' $/h
     history: list[str] = []

@@ -100,9 +100,14 @@ def test_cloud_jobs_add_the_measured_per_job_overhead_to_the_users_start_up():
 def test_local_plans_scale_to_this_machines_cores(monkeypatch):
     monkeypatch.setattr(P, "_local_vcpus", lambda: 16)
     monkeypatch.delenv("MEETARA_LOCAL_TOKENS_S", raising=False)
+    monkeypatch.delenv("MEETARA_LOCAL_STARTUP_S", raising=False)
+    monkeypatch.setattr(P, "local_slowdown", lambda vcpus=None: 1.5)  # the load, as the plan sees it
     plan = plan_local(NAMES[:2], Preferences(), Workload(), "r")
     h = domain_hours("cpu", Workload(), vcpus=16)[0]
-    assert plan.jobs[0].hours == pytest.approx(P.LOCAL_STARTUP_MINUTES / 60 + 2 * h, abs=1e-4)
+    startup_s = P.local_startup_s(Workload(), 1.5)[0]
+    # the measured start-up and the table's time per domain, both 1.5 x longer on this loaded machine
+    assert startup_s >= P.LOCAL_STARTUP_S * 1.5
+    assert plan.jobs[0].hours == pytest.approx(startup_s / 3600 + 2 * h * 1.5, abs=1e-4)
     assert P.plan_overheads(plan).per_domain_s == overheads("tiny", 16).per_domain_s
 
 

@@ -159,7 +159,8 @@ def random_base(name: str) -> tuple[Any, Any]:
     return model, tok
 
 
-def _tiny_key(registry: Registry) -> str:
+def tiny_key(registry: Registry) -> str:
+    """The cache key of the tiny base model built for this registry."""
     blob = json.dumps(
         {
             "config": TINY_CONFIG,
@@ -174,7 +175,7 @@ def _tiny_key(registry: Registry) -> str:
 
 def ensure_tiny(registry: Registry) -> Path:
     """Build the tiny base model into the cache unless it is there; returns its folder."""
-    final = cache_dir() / f"tiny-{_tiny_key(registry)}"
+    final = cache_dir() / f"tiny-{tiny_key(registry)}"
     if (final / "model.safetensors").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

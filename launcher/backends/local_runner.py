@@ -11,9 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
+
+EXIT_BUDGET = 77  # train.cli's: the job stopped at its budget reservation's end
 
 
 def main(job_dir: str) -> int:
@@ -28,13 +31,25 @@ def main(job_dir: str) -> int:
     # stays to record that exit code
     # (a handler, not SIG_IGN: an ignored signal would stay ignored in the children)
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # the reservation's end (MEETARA_STOP_HARD_AT, from the launcher): the job is ended then whatever
+    # it does, so it never runs past the money reserved for it (python -m train stops itself earlier)
+    hard = env.get("MEETARA_STOP_HARD_AT")
+    hard_at = float(hard) if hard else None
     rc = 0
     for phase in ("setup", "run"):
         script = task.get(phase)
         if not script:
             continue
         print(f"[meetara local] {phase}", flush=True)
-        rc = subprocess.call(["bash", "-c", script], env=env, cwd=task.get("workdir") or None)
+        proc = subprocess.Popen(["bash", "-c", script], env=env, cwd=task.get("workdir") or None)
+        try:
+            rc = proc.wait(None if hard_at is None else max(hard_at - time.time(), 0.0))
+        except subprocess.TimeoutExpired:
+            print("[meetara local] stopped: budget (the job's reservation ends now)", flush=True)
+            # the exit code first (the budget stop's, 77): the backend reads this job as stopped at its
+            # reservation's end, not as vanished; then the whole process group, this runner included
+            write_private(d / "rc", str(EXIT_BUDGET))
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         if rc != 0:
             break
     write_private(d / "rc", str(rc))
