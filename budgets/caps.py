@@ -1,7 +1,8 @@
 """Budget configuration (caps, time zone, ledger location) and the calendar windows caps apply to.
 
 Layering: the config file's top-level `budgets:` mapping, then environment variables, then overrides
-(flags). A cap of None (YAML `null`, or `none` / `off` in the environment) means no cap.
+(flags). A cap of None means no cap: YAML `null` or `off` / `no` / `false` in the file, `none`, `off`,
+`no`, `false` or `unlimited` in the environment; YAML's `on` / `yes` / `true` is refused (not $1).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ENV = {
     "MEETARA_BUDGET_TZ": "timezone",
     "MEETARA_LEDGER_URL": "ledger_url",
 }
-NO_CAP = {"none", "off", "null", "unlimited"}
+NO_CAP = {"none", "off", "no", "false", "null", "unlimited"}  # as YAML's null and off/no/false
 
 
 class BudgetConfig(BaseModel):
@@ -44,7 +45,11 @@ class BudgetConfig(BaseModel):
     @field_validator("daily", "weekly", "monthly", mode="before")
     @classmethod
     def _no_cap(cls, v: object) -> object:
-        return None if isinstance(v, str) and v.strip().lower() in NO_CAP else v
+        from train.configfile import yaml_number
+
+        if isinstance(v, str) and v.strip().lower() in NO_CAP:
+            return None
+        return yaml_number(v, none_means="no cap")
 
     @field_validator("timezone")
     @classmethod

@@ -4,7 +4,7 @@ read a period, query the cost report. No printing here."""
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -20,6 +20,10 @@ def open_ledger(config: Path | None = None):
     return Ledger(config=load_budget_config(config_path(config)))
 
 
+# a report's bounds (UTC, with room for a day either side in every time zone)
+EARLIEST, LATEST = datetime(2, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC)
+
+
 def parse_when(text: str, zone: ZoneInfo, *, end: bool = False, flag: str = "--since") -> datetime:
     """YYYY-MM-DD (local midnight in `zone`; with end=True the midnight after, so the day is included),
     an ISO time (naive = in `zone`), 'today', 'yesterday', or Nd (N x 24 hours ago)."""
@@ -28,18 +32,26 @@ def parse_when(text: str, zone: ZoneInfo, *, end: bool = False, flag: str = "--s
     if text in ("today", "yesterday"):
         day = now.astimezone(zone).date() - timedelta(days=text == "yesterday")
         return midnight(day + timedelta(days=1) if end else day, zone)
-    if m := re.fullmatch(r"(\d+)d", text):
-        return now - timedelta(days=int(m.group(1)))
     try:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        if m := re.fullmatch(r"(\d+)d", text):
+            t = now - timedelta(days=int(m.group(1)))
+        elif re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
             day = date.fromisoformat(text)
-            return midnight(day + timedelta(days=1) if end else day, zone)
-        t = datetime.fromisoformat(text)
+            t = midnight(day + timedelta(days=1) if end else day, zone)
+        else:
+            t = datetime.fromisoformat(text)
+            t = t if t.tzinfo else t.replace(tzinfo=zone)
+        if not EARLIEST <= t <= LATEST:
+            raise OverflowError
+    except OverflowError:
+        raise BadInput(
+            f"{flag}: {text!r} is out of range (0002-01-01 to 9998-12-31); omit {flag} for no bound"
+        ) from None
     except ValueError:
         raise BadInput(
             f"{flag}: cannot read {text!r} (YYYY-MM-DD, an ISO time, today, yesterday or Nd)"
         ) from None
-    return t if t.tzinfo else t.replace(tzinfo=zone)
+    return t
 
 
 def query_report(

@@ -83,7 +83,6 @@ def resolve(
     """The front half of plan and launch: (preferences, domain names, backend, workload). Unknown
     domains, backends, models and bad run ids raise BadInput here, before anything is planned."""
     from launcher.launch import resolve_backend, select
-    from launcher.plan import Workload
     from launcher.preferences import load_preferences
     from launcher.throughput import model_params
     from train.names import check_run_id
@@ -94,8 +93,23 @@ def resolve(
     backend = resolve_backend(prefs, backend)
     model = base_model or ("tiny" if backend == "local" else "microsoft/DialoGPT-medium")
     model_params(model)  # unknown models fail here, before anything is planned
-    work = Workload(base_model=model, samples=samples, epochs=epochs, warm_start=warm_start, merged=merged)
+    work = workload(base_model=model, samples=samples, epochs=epochs, warm_start=warm_start, merged=merged)
     return prefs, names, backend, work
+
+
+def workload(**fields: Any):
+    """A `launcher.plan.Workload`, its numbers checked against `train.bounds` (samples, epochs: finite,
+    at most their maximum); a bad one is BadInput in the CLI's words, one line, whichever face asked."""
+    from pydantic import ValidationError
+
+    from launcher.plan import Workload
+
+    try:
+        return Workload(**fields)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        name = str(err["loc"][0]).replace("_", "-") if err["loc"] else "value"
+        raise BadInput(f"Invalid value for '--{name}': {err['msg']}") from None
 
 
 def deadline_and_policy(deadline: str | None, policy: str | None) -> tuple[float | None, str | None]:
@@ -108,12 +122,19 @@ def deadline_and_policy(deadline: str | None, policy: str | None) -> tuple[float
     return deadline_s, policy or ("meetara" if deadline_s else None)
 
 
+MAX_DEADLINE_DAYS = 365  # a run is planned, priced and replayed within this; past it, it is a typo
+
+
 def duration_s(text: str) -> float:
-    """'12h', '90m', '2d', '3600s' (or plain seconds) in seconds; BadInput otherwise."""
+    """'12h', '90m', '2d', '3600s' (or plain seconds) in seconds, at most MAX_DEADLINE_DAYS; BadInput
+    otherwise (launch, plan, recover and simulate all read --deadline here)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not m or float(m.group(1)) <= 0:
         raise BadInput(f"--deadline {text!r}: write a duration such as 12h, 90m or 2d")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if seconds > MAX_DEADLINE_DAYS * 86400:
+        raise BadInput(f"--deadline {text!r}: at most {MAX_DEADLINE_DAYS}d")
+    return seconds
 
 
 def check_deadline(plan, deadline_s: float | None) -> None:
@@ -169,6 +190,8 @@ def offers(
     config: Path | None = None,
 ) -> OffersView:
     """The price table across providers, ranked by expected $/h under the preferences."""
+    if limit < 1:
+        raise BadInput(f"Invalid value for '--limit': {limit} is not at least 1")
     from launcher.offers import gather_offers
     from launcher.preferences import Preferences, load_preferences
     from launcher.select import emptied_providers, rank
@@ -1087,7 +1110,6 @@ def simulate(
     from budgets.caps import load_budget_config
     from launcher.launch import select
     from launcher.market import market_from
-    from launcher.plan import Workload
     from launcher.policies import NAMES
     from launcher.preferences import config_path, load_preferences
     from launcher.simulate import make_setup
@@ -1105,7 +1127,7 @@ def simulate(
         chosen,
         prefs=prefs,
         caps=load_budget_config(config_path(config)),
-        work=Workload(base_model=base_model, samples=samples, epochs=epochs),
+        work=workload(base_model=base_model, samples=samples, epochs=epochs),
         budget=budget,
         deadline_s=duration_s(deadline) if deadline else None,
         checkpoint_s=checkpoint_minutes * 60,

@@ -13,6 +13,7 @@ import typer
 from budgets import usd
 from launcher import api
 from launcher.console import EXIT_DECLINED, escape, fail, print_whole, say
+from train.bounds import MAX_EPOCHS, MAX_SAMPLES, MIN_EPOCHS, MIN_SAMPLES
 from train.cli import train_command
 
 HELP_OPTIONS = ["-h", "--help"]
@@ -334,7 +335,7 @@ def providers_set(
 
 # ---- plan / launch / status / pull / doctor ------------------------------------------------------
 
-DOMAINS_HELP = "'all', a category, or comma-separated domain names"
+DOMAINS_HELP = "'all', a category, or comma-separated domain names (repeatable: -d a -d b is -d a,b)"
 WARM_START = typer.Option(
     False,
     "--warm-start/--no-warm-start",
@@ -396,12 +397,12 @@ def _plan_table(plan) -> object:
 
 @app.command("plan")
 def plan_command(
-    domains: str = typer.Option(..., "--domains", "-d", help=DOMAINS_HELP),
+    domain_args: list[str] = typer.Option(..., "--domains", "-d", metavar="<str>", help=DOMAINS_HELP),
     backend: str = typer.Option(None, help="local, skypilot or auto (default from preferences: auto)"),
     run_id: str = typer.Option("default", "--run-id", envvar="MEETARA_RUN_ID"),
     base_model: str = typer.Option(None, help="default: tiny (local), microsoft/DialoGPT-medium (cloud)"),
-    samples: int = typer.Option(200, min=16, help="conversations per domain"),
-    epochs: float = typer.Option(2.0, min=0.01),
+    samples: int = typer.Option(200, min=MIN_SAMPLES, max=MAX_SAMPLES, help="conversations per domain"),
+    epochs: float = typer.Option(2.0, min=MIN_EPOCHS, max=MAX_EPOCHS),
     live: bool = typer.Option(False, help="price from the providers' live APIs"),
     provider: list[str] = typer.Option(None, "--provider", "-p"),
     store: str = typer.Option(
@@ -416,6 +417,7 @@ def plan_command(
 ) -> None:
     """Dry run: what `launch` with the same arguments would run (domains already done are skipped), the
     offer, the jobs and their projected cost. Launches nothing."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
 
     from train import BadInput
 
@@ -461,7 +463,7 @@ def plan_command(
 
 @app.command("launch")
 def launch_command(
-    domains: str = typer.Option(..., "--domains", "-d", help=DOMAINS_HELP),
+    domain_args: list[str] = typer.Option(..., "--domains", "-d", metavar="<str>", help=DOMAINS_HELP),
     budget: float = typer.Option(..., min=0, help="most this launch may cost, USD"),
     backend: str = typer.Option(None, help="local, skypilot or auto (default from preferences: auto)"),
     run_id: str = typer.Option(
@@ -470,8 +472,8 @@ def launch_command(
     store: str = typer.Option(None, help="file://DIR or s3://BUCKET/PREFIX (env MEETARA_STORE)"),
     endpoint_url: str = typer.Option(None, "--endpoint-url", envvar="MEETARA_S3_ENDPOINT_URL"),
     base_model: str = typer.Option(None, help="default: tiny (local), microsoft/DialoGPT-medium (cloud)"),
-    samples: int = typer.Option(200, min=16, help="conversations per domain"),
-    epochs: float = typer.Option(2.0, min=0.01),
+    samples: int = typer.Option(200, min=MIN_SAMPLES, max=MAX_SAMPLES, help="conversations per domain"),
+    epochs: float = typer.Option(2.0, min=MIN_EPOCHS, max=MAX_EPOCHS),
     live: bool = typer.Option(False, help="price from the providers' live APIs"),
     provider: list[str] = typer.Option(None, "--provider", "-p"),
     models_dir: Path = typer.Option(Path("models"), help="where validated GGUFs land"),
@@ -498,6 +500,7 @@ def launch_command(
     merged: bool = MERGED,
 ) -> None:
     """Plan, check the budget, launch, follow the jobs, pull validated GGUFs into ./models."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
     from train import BadInput
 
     try:
@@ -817,12 +820,13 @@ def _report_pulled(view: api.PullView, rec=None) -> None:
 @app.command("pull")
 def pull_command(
     run_id: str = typer.Option("default", "--run-id", envvar="MEETARA_RUN_ID"),
-    domains: str = typer.Option("all", "--domains", "-d", help=DOMAINS_HELP),
+    domain_args: list[str] = typer.Option(["all"], "--domains", "-d", metavar="<str>", help=DOMAINS_HELP),
     store: str = typer.Option(None, help="default: the run's store, else MEETARA_STORE or ./store"),
     endpoint_url: str = typer.Option(None, "--endpoint-url", envvar="MEETARA_S3_ENDPOINT_URL"),
     models_dir: Path = typer.Option(Path("models")),
 ) -> None:
     """Download a run's validated GGUFs (sha256-checked, atomic, resumable) into ./models."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
     from train import BadInput
     from train.store import StoreError
 
@@ -907,7 +911,7 @@ def _duration(seconds: float) -> str:
 
 @app.command("simulate")
 def simulate_command(
-    domains: str = typer.Option(..., "--domains", "-d", help=DOMAINS_HELP),
+    domain_args: list[str] = typer.Option(..., "--domains", "-d", metavar="<str>", help=DOMAINS_HELP),
     market: str = typer.Option(
         ..., help="a spot trace file or folder (../shared/data/spot-traces/...), or synthetic:HOURS"
     ),
@@ -918,8 +922,8 @@ def simulate_command(
         None, "--policy", help="on-demand, greedy, uniform-progress, meetara (repeatable; default all)"
     ),
     base_model: str = typer.Option("microsoft/DialoGPT-medium", help="the model the plan is priced for"),
-    samples: int = typer.Option(200, min=16),
-    epochs: float = typer.Option(2.0, min=0.01),
+    samples: int = typer.Option(200, min=MIN_SAMPLES, max=MAX_SAMPLES),
+    epochs: float = typer.Option(2.0, min=MIN_EPOCHS, max=MAX_EPOCHS),
     checkpoint_minutes: float = typer.Option(10.0, min=0.1, help="training between checkpoints"),
     seed: int = typer.Option(0, help="first replay's seed"),
     config: Path = typer.Option(None, help="preferences file (its caps apply)"),
@@ -928,6 +932,7 @@ def simulate_command(
 ) -> None:
     """Replay a spot market under the real conductor and money code on a virtual clock: per policy,
     cost, hours, deadlines missed and preemptions, beside the omniscient optimum."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
     from rich.progress import Progress
 
     from train import BadInput

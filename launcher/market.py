@@ -21,6 +21,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from train import BadInput
 
@@ -36,8 +39,22 @@ class Trace:
         return self.gap_s * len(self.up)
 
 
+class _Meta(BaseModel):
+    gap_seconds: float = Field(ge=1, allow_inf_nan=False)  # real traces tick every 32 to 300 s
+
+
+class _TraceFile(BaseModel):
+    """A trace file as read: strict, so "0" (a string), true, a dict or NaN is not a tick."""
+
+    model_config = ConfigDict(strict=True)
+
+    metadata: _Meta
+    data: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(min_length=1)
+
+
 def load_traces(path: str | Path) -> list[Trace]:
-    """The traces in a trace file or a folder of them (sorted by name); BadInput if there are none."""
+    """The traces in a trace file or a folder of them (sorted by name); BadInput if there are none, or
+    if one is not a trace (one line naming the file and the first bad field)."""
     p = Path(path)
     files = sorted(p.glob("*.json")) if p.is_dir() else [p]
     if not p.exists() or not files:
@@ -45,13 +62,12 @@ def load_traces(path: str | Path) -> list[Trace]:
     out = []
     for f in files:
         try:
-            doc = json.loads(f.read_text())
-            gap, data = float(doc["metadata"]["gap_seconds"]), doc["data"]
-            if gap <= 0 or not data:
-                raise ValueError("empty")
-            out.append(Trace(f.stem, gap, tuple(bool(x) for x in data)))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            doc = _TraceFile.model_validate(json.loads(f.read_text()))
+        except ValidationError as e:
+            raise BadInput.from_validation(e, f"--market {f}: not a spot trace: ") from None
+        except (OSError, ValueError) as e:
             raise BadInput(f"--market {f}: not a spot trace ({type(e).__name__}: {e})") from None
+        out.append(Trace(f.stem, doc.metadata.gap_seconds, tuple(x > 0 for x in doc.data)))
     return out
 
 
@@ -64,7 +80,8 @@ def synthetic_traces(mean_up_h: float, n: int = 8, days: float = 30, gap_s: floa
         up, state = [], True
         while len(up) < ticks:
             mean_s = mean_up_h * 3600 * (1 if state else 0.1)
-            up += [state] * max(1, round(rng.expovariate(1 / mean_s) / gap_s))
+            spell = rng.expovariate(1 / mean_s) / gap_s  # a spell past the trace's end ends with it
+            up += [state] * max(1, round(min(spell, ticks - len(up))))
             state = not state
         out.append(Trace(f"synthetic-{i}", gap_s, tuple(up[:ticks])))
     return out
@@ -77,8 +94,8 @@ def market_from(spec: str) -> list[Trace]:
             hours = float(spec.split(":", 1)[1])
         except ValueError:
             hours = -1
-        if not hours > 0:
-            raise BadInput(f"--market {spec}: synthetic:HOURS needs a mean up-time in hours > 0")
+        if not 0 < hours < math.inf:
+            raise BadInput(f"--market {spec}: synthetic:HOURS needs a finite mean up-time in hours > 0")
         return synthetic_traces(hours)
     return load_traces(spec)
 

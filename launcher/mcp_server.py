@@ -40,6 +40,7 @@ from mcp.server.mcpserver import Context
 from pydantic import Field
 
 from launcher import api
+from train import bounds
 from train.names import RunId as JobRunId
 
 # Argument types: the SDK builds each tool's argument model (and its JSON schema) from them; the server
@@ -52,8 +53,8 @@ OptionalBudget = Annotated[
     Annotated[float, Field(ge=0)] | None,
     Field(description="most the relaunch may cost, USD (needed to relaunch)"),
 ]
-Samples = Annotated[int, Field(ge=16, description="conversations per domain")]
-Epochs = Annotated[float, Field(ge=0.01, description="epochs")]
+Samples = Annotated[bounds.Samples, Field(description="conversations per domain")]
+Epochs = Annotated[bounds.Epochs, Field(description="epochs")]
 Limit = Annotated[int, Field(ge=1, description="rows at most")]
 Domains = Annotated[str, Field(description="'all', a category, or comma-separated domain names")]
 Backend = Annotated[str | None, Field(description="local, skypilot or auto (default from preferences: auto)")]
@@ -135,6 +136,18 @@ def _confine_store(url: str | None, workdir: Path | None) -> None:
     path = None if url is None else file_root(url)
     if path is not None:
         _confine(url, "store", workdir, path)
+
+
+def _sdk_log_level() -> str:
+    """MEETARA_LOG (read as the CLI reads it: `train.cli.log_level`) as one of the level names the SDK
+    takes: 10 is DEBUG, WARN is WARNING, 25 is INFO (the named level at or below it)."""
+    import logging
+
+    from train.cli import log_level
+
+    level = log_level()
+    named = [n for n in ("CRITICAL", "ERROR", "WARNING", "INFO") if logging.getLevelName(n) <= level]
+    return named[0] if named else "DEBUG"
 
 
 def _tool_error(message: str):
@@ -220,7 +233,7 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
             "(progress notifications) or read meetara://runs/{run_id} for progress, meetara://budget for "
             "what is left."
         ),
-        log_level=os.environ.get("MEETARA_LOG", "WARNING").upper(),  # type: ignore[arg-type]
+        log_level=_sdk_log_level(),  # type: ignore[arg-type]
     )
 
     def progress(ctx: Any):

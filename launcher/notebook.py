@@ -301,8 +301,12 @@ def write_notebook(nb: nbformat.NotebookNode, path: Path) -> Path:
 
 
 def notebook_command(
-    domains: str = typer.Option(
-        ..., "--domains", "-d", help="'all', a category, or comma-separated domain names"
+    domain_args: list[str] = typer.Option(
+        ...,
+        "--domains",
+        "-d",
+        metavar="<str>",
+        help="'all', a category, or comma-separated domain names (repeatable: -d a -d b is -d a,b)",
     ),
     store: str = typer.Option(
         ...,
@@ -322,6 +326,7 @@ def notebook_command(
     force: bool = typer.Option(False, "--force", "-f", help="overwrite the notebook file if it exists"),
 ) -> None:
     """Write a Colab notebook that trains these domains into the store and validates the GGUF files."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
     from launcher.console import fail
 
     try:

@@ -23,6 +23,7 @@ from launcher.offers import Offer
 from launcher.preferences import Preferences
 from launcher.select import Choice, Needs, rank
 from launcher.throughput import model_params, speed
+from train.bounds import Epochs, Samples
 
 KEPT_SHARE = 0.9  # share of generated samples the quality filter keeps (measured 85-95 %, bench/RESULTS.md)
 # A local job's start-up, from its launch to its first training step: the runner, setup's `import train`,
@@ -136,8 +137,8 @@ class Workload(BaseModel):
     """What each domain's training amounts to (the fields `python -m train` gets)."""
 
     base_model: str = "tiny"
-    samples: int = Field(200, ge=16)
-    epochs: float = Field(2, gt=0)
+    samples: Samples = 200
+    epochs: Epochs = 2
     max_len: int = Field(128, ge=8)
     warm_start: bool = False  # plan the domains in similarity-chain order; the jobs warm-start them
     merged: bool = False  # also ship each domain's merged Q4_K_M model (`python -m train --merged`)

@@ -16,24 +16,32 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from train import BadInput
-from train.configfile import load_yaml, read_text, yaml_error
+from train.configfile import load_yaml, read_text, yaml_error, yaml_number
 
 PROVIDERS = ("lambda", "runpod", "vast")
 Provider = Literal["lambda", "runpod", "vast"]
 SpotPolicy = Literal["spot", "on-demand", "auto"]
 
 
+def _numbers(cls: type[BaseModel], v: object, info) -> object:
+    """A number setting: YAML's on/off are not 1 and 0 (`max_price_per_gpu_hour: off` is no limit)."""
+    field = cls.model_fields[info.field_name]
+    return yaml_number(v, none_means="no limit" if field.default is None else None)
+
+
 class ProviderPrefs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = True
     weight: float = Field(1.0, gt=0, description="ranking multiplier on price: 1.2 = 20% less preferred")
     max_price_per_gpu_hour: float | None = Field(None, gt=0)
     regions: list[str] = Field(default_factory=list, description="allowed regions; empty = any")
 
+    _numbers = field_validator("weight", "max_price_per_gpu_hour", mode="before")(classmethod(_numbers))
+
 
 class Preferences(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     providers: dict[Provider, ProviderPrefs] = Field(
         default_factory=lambda: {p: ProviderPrefs() for p in PROVIDERS}
@@ -65,6 +73,20 @@ class Preferences(BaseModel):
         "auto", description="auto: skypilot when it is installed and a provider has credentials, else local"
     )
     local_price_hour: float = Field(0.0, ge=0, description="$/h charged for jobs on the local backend")
+
+    _numbers = field_validator(
+        "min_gpu_mem_gb",
+        "max_price_per_gpu_hour",
+        "preemption_overhead",
+        "max_recoveries",
+        "max_domains_per_job",
+        "max_hours_per_job",
+        "job_startup_minutes",
+        "start_timeout_minutes",
+        "fallbacks",
+        "local_price_hour",
+        mode="before",
+    )(classmethod(_numbers))
 
     @field_validator("providers")
     @classmethod
@@ -103,15 +125,19 @@ def load_preferences(
     one line on bad input (the file's size, encoding, YAML or values)."""
     path = config_path(path)
     raw = file_settings(path)
+    origin = dict.fromkeys(raw, f"{path}: ")  # where each setting came from: a bad one names it
     if env:
         for var, field in ENV.items():
             if os.environ.get(var):
-                raw[field] = os.environ[var]
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+                raw[field], origin[field] = os.environ[var], f"{var}: "
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key], origin[key] = value, ""
     try:
         return Preferences.model_validate(raw)
     except ValidationError as e:
-        raise BadInput.from_validation(e, f"{path}: ") from None
+        loc = e.errors()[0]["loc"]
+        raise BadInput.from_validation(e, origin.get(str(loc[0]) if loc else "", f"{path}: ")) from None
 
 
 def file_settings(path: Path) -> dict:

@@ -75,6 +75,30 @@ def test_the_commands_say_it_in_one_line(tmp_path, case):
     assert path.read_bytes() == data  # a file it cannot read is never rewritten
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("max_price_per_gpu_hour: off\n", None),  # None means no limit: off is none, as for the caps
+        ("providers:\n  vast:\n    max_price_per_gpu_hour: no\n", None),
+        ("local_price_hour: on\n", "invalid local_price_hour: Value error, on/yes/true is not a number"),
+        ("min_gpu_mem_gb: off\n", "invalid min_gpu_mem_gb: Value error, off/no/false is not a number"),
+        ("max_recoveries: yes\n", "invalid max_recoveries: Value error, on/yes/true is not a number"),
+        ("providers:\n  vast:\n    weight: yes\n", "invalid providers.vast.weight: Value error, on/yes/true"),
+        ("local_price_hour: .inf\n", "invalid local_price_hour: Input should be a finite number"),
+    ],
+)
+def test_yaml_booleans_in_number_settings_are_not_0_and_1(tmp_path, text, expected):
+    path = tmp_path / "meetara.yaml"
+    path.write_text(text)
+    if expected is None:
+        prefs = load_preferences(path, env=False)
+        assert prefs.max_price_per_gpu_hour is None and prefs.provider("vast").max_price_per_gpu_hour is None
+        return
+    with pytest.raises(BadInput) as e:
+        load_preferences(path, env=False)
+    assert str(e.value).startswith(f"{path}: {expected}") and "\n" not in str(e.value), str(e.value)
+
+
 def test_a_utf8_bom_and_crlf_line_ends_are_fine(tmp_path):
     path = tmp_path / "meetara.yaml"
     path.write_bytes("\ufeffpreferences:\r\n  spot_policy: spot\r\n".encode())

@@ -512,6 +512,22 @@ def test_plan_and_launch_agree_on_domains_already_done(tmp_path):
     assert ledger.open_reservations() == [] and ledger.spent("monthly") == 0
 
 
+def test_repeated_domains_add_up(tmp_path):
+    """`-d nutrition -d legal` is `-d nutrition,legal` (before: only the last, legal, was planned)."""
+    for argv, domains in (
+        (["-d", "nutrition", "-d", "legal"], ["nutrition", "legal"]),
+        (["-d", "nutrition,legal", "-d", "legal", "-d", "fitness"], ["nutrition", "legal", "fitness"]),
+    ):
+        r = meetara("plan", *argv, "--backend", "local", "--json", tmp_path=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert [d for j in json.loads(r.stdout)["jobs"] for d in j["domains"]] == domains
+    argv = ["-d", "nutrition", "-d", "legal", "--store", "s3://b/p", "-o", "nb.ipynb"]
+    r = meetara("notebook", *argv, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cells = json.loads((tmp_path / "nb.ipynb").read_text())["cells"]
+    assert "DOMAINS = 'nutrition,legal'" in "".join(cells[1]["source"])
+
+
 RUN_ID_COMMANDS = [
     ("status", "nosuch"),
     ("recover", "nosuch"),

@@ -280,6 +280,30 @@ def test_a_bad_url_gets_a_404_page_not_a_traceback(browser, site):
     assert status == 400 and "--by: 'colour' is not one of" in unescape(body) and "Traceback" not in body
 
 
+def test_bad_numbers_dates_and_missing_fields_are_one_line_400s(site):
+    for path, says in (
+        ("/api/plan", "name the domains to plan"),
+        ("/api/plan?domains=legal&epochs=nan", "epochs must be a finite number, not nan"),
+        ("/api/plan?domains=legal&epochs=inf", "epochs must be a finite number, not inf"),
+        ("/api/plan?domains=legal&epochs=1000", "Invalid value for '--epochs': Input should be less than"),
+        ("/api/plan?domains=legal&samples=1000000000000", "Invalid value for '--samples': Input should be"),
+        ("/api/offers?limit=-1", "Invalid value for '--limit': -1 is not at least 1"),
+        ("/api/report?since=99999999d", "--since: '99999999d' is out of range"),
+        ("/api/report?until=9999-12-31", "--until: '9999-12-31' is out of range"),
+    ):
+        status, _, body = get(site + path)
+        assert status == 400, (path, status, body)
+        message = json.loads(body)["error"]
+        assert says in message and "\n" not in message, (path, message)
+    for path, says in (
+        ("/report?until=9999-12-31", "is out of range"),
+        ("/plan?domains=legal&epochs=nan", "nan"),
+    ):
+        status, _, body = get(site + path)
+        assert status in (200, 400) and says in unescape(body) and "Traceback" not in body, (path, status)
+        assert "Something went wrong" not in body, path
+
+
 # ---- who may use it ------------------------------------------------------------------------------
 
 

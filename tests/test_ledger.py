@@ -378,6 +378,29 @@ def test_config_layers_file_env_overrides(tmp_path, monkeypatch):
         load_budget_config(path)
 
 
+@pytest.mark.parametrize("word", ["off", "no", "false", "Off", "NO", "null"])
+def test_a_cap_written_off_in_the_file_is_no_cap_as_in_the_environment(tmp_path, monkeypatch, word):
+    """YAML 1.1 reads off/no/false as false, which pydantic took for $0 (before: `daily: off` was a $0
+    cap, while MEETARA_DAILY_CAP=off is none)."""
+    path = tmp_path / "meetara.yaml"
+    path.write_text(f"budgets:\n  daily: {word}\n")
+    assert load_budget_config(path).daily is None
+    path.write_text("budgets:\n  daily: 3\n")
+    monkeypatch.setenv("MEETARA_DAILY_CAP", word)
+    assert load_budget_config(path).daily is None
+
+
+@pytest.mark.parametrize("word", ["on", "yes", "true", "On", "YES"])
+def test_a_cap_written_on_is_refused_not_a_dollar(tmp_path, word):
+    path = tmp_path / "meetara.yaml"
+    path.write_text(f"budgets:\n  weekly: {word}\n")
+    with pytest.raises(BadInput) as e:
+        load_budget_config(path)
+    assert str(e.value) == (
+        f"{path}: invalid weekly: Value error, on/yes/true is not a number: write one, or off for no cap"
+    )
+
+
 def test_ledger_url_forms(tmp_path, monkeypatch):
     from budgets.ledger import sqlite_path
 

@@ -262,6 +262,32 @@ def test_mcp_arguments_are_strict_one_line_and_checked_before_money_moves(tmp_pa
             "Invalid value for '--budget': Input should be a valid number",
         ),
         ("launch", dict(budget=5), "Missing option '--domains'."),
+        # the bounds every face shares (train.bounds): a plan of 10**12 samples is refused even at $0/h
+        (
+            "plan",
+            dict(domains="legal", backend="local", samples=10**12),
+            "Invalid value for '--samples': Input should be less than or equal to 100000",
+        ),
+        (
+            "launch",
+            dict(domains="legal", budget=5, backend="local", samples=10**12),
+            "Invalid value for '--samples': Input should be less than or equal to 100000",
+        ),
+        (
+            "plan",
+            dict(domains="legal", epochs=1e300),
+            "Invalid value for '--epochs': Input should be less than or equal to 100",
+        ),
+        (
+            "report",
+            dict(since="99999999d"),
+            "--since: '99999999d' is out of range (0002-01-01 to 9998-12-31); omit --since for no bound",
+        ),
+        (
+            "report",
+            dict(until="9999-12-31"),
+            "--until: '9999-12-31' is out of range (0002-01-01 to 9998-12-31); omit --until for no bound",
+        ),
         ("pull", dict(models="x"), "No such option: models (pull takes run_id, domains, store, models_dir)"),
     ]
     bad_ids = ["a/b", "a b", "caf\u00e9", "x" * 300, "../x", "", 7]
@@ -297,6 +323,15 @@ def test_mcp_arguments_are_strict_one_line_and_checked_before_money_moves(tmp_pa
     assert all(w["spent"] == 0 and w["reserved"] == 0 for w in seen["ledger"]["windows"]), seen["ledger"]
     assert seen["runs"]["runs"] == []
     assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_mcp_starts_at_every_log_level_the_cli_takes(tmp_path):
+    async def main(level: str) -> dict:
+        async with server(tmp_path, sandbox(tmp_path, MEETARA_LOG=level)) as s:
+            return await call(s, "status")
+
+    for level in ("WARN", "10", "25", "info", "fatal"):  # the SDK takes only DEBUG ... CRITICAL
+        assert anyio.run(main, level) == {"jobs": []}, level
 
 
 def test_mcp_pull_outside_the_workdir_is_refused(tmp_path):

@@ -13,12 +13,16 @@ cap holds even when the launcher's machine sleeps or crashes and nobody cancels 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from train import BadInput
+from train.bounds import MAX_EPOCHS, MAX_SAMPLES, MIN_EPOCHS, MIN_SAMPLES
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BUDGET = 1, 2, 75, 77
 err = Console(stderr=True)
@@ -42,8 +47,12 @@ def fail(message: object, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 
 
 def train_command(
-    domains: str = typer.Option(
-        ..., "--domains", "-d", help="'all', a category, or comma-separated domain names"
+    domain_args: list[str] = typer.Option(
+        ...,
+        "--domains",
+        "-d",
+        metavar="<str>",
+        help="'all', a category, or comma-separated domain names (repeatable: -d a -d b is -d a,b)",
     ),
     store: str = typer.Option(
         "file://./store", envvar="MEETARA_STORE", help="file://DIR or s3://BUCKET/PREFIX"
@@ -64,8 +73,10 @@ def train_command(
         help="S3-compatible endpoint (AWS_ENDPOINT_URL also works)",
     ),
     data_dir: Path = typer.Option(None, help="folder of <domain>.jsonl files that replace generated data"),
-    samples: int = typer.Option(200, help="generated conversations per domain"),
-    epochs: float = typer.Option(2.0),
+    samples: int = typer.Option(
+        200, min=MIN_SAMPLES, max=MAX_SAMPLES, help="generated conversations per domain"
+    ),
+    epochs: float = typer.Option(2.0, min=MIN_EPOCHS, max=MAX_EPOCHS),
     lr: float = typer.Option(2e-3),
     r: int = typer.Option(8, "--lora-r"),
     alpha: float = typer.Option(16.0, "--lora-alpha"),
@@ -128,6 +139,7 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Train one LoRA adapter per domain and export validated GGUF files to the store."""
+    domains = ",".join(domain_args)  # -d a -d b adds up
     from train.lora import Interrupted, LoraParams, StopFlag
     from train.pipeline import JobSpec
     from train.store import StoreError
@@ -297,17 +309,25 @@ def run_with_progress(spec, stop, quiet: bool) -> dict:
         return run_job(spec, events=Events(start, step, end), stop=stop)
 
 
+def log_level() -> int:
+    """MEETARA_LOG as a logging level (default WARNING): a level's name in any case (WARN and FATAL
+    too) or a number from 0 to 50; anything else is BadInput naming the variable."""
+    raw = os.environ.get("MEETARA_LOG", "").strip().upper() or "WARNING"
+    level = int(raw) if raw.isdigit() else logging.getLevelNamesMapping().get(raw)
+    if level is None or not 0 <= level <= logging.CRITICAL:
+        raise BadInput(f"MEETARA_LOG={raw!r}: use DEBUG, INFO, WARNING, ERROR, CRITICAL or a number 0-50")
+    return level
+
+
 def setup_logging() -> None:
     """Log to stderr at MEETARA_LOG (default WARNING) through handlers that redact credentials
     (`train.redact`): botocore, boto3 and urllib3 log through the root logger, so DEBUG holds no secret."""
     from train.redact import install
 
-    raw = os.environ.get("MEETARA_LOG", "").strip().upper() or "WARNING"
-    level = logging.getLevelName(raw) if not raw.isdigit() else int(raw)
-    if not isinstance(level, int):
-        err.print(
-            f"error: MEETARA_LOG={raw!r}: use DEBUG, INFO, WARNING or ERROR", highlight=False, markup=False
-        )
+    try:
+        level = log_level()
+    except BadInput as e:
+        err.print(f"error: {e}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(EXIT_BAD_INPUT)
     logging.basicConfig(level=level, stream=sys.stderr)
     logging.getLogger().setLevel(level)
@@ -326,6 +346,25 @@ def tidy_help(command: Any, help_names: list[str]) -> None:
         tidy_help(sub, help_names)
 
 
+def refuse_non_finite(command: Any) -> None:
+    """Every float option of `command` and its subcommands refuses inf and nan in one line naming the
+    option (pydantic, which parses typer's options, takes "inf" and "nan" for numbers)."""
+
+    def process_value(ctx: Any, value: Any, *, param: Any, parse: Callable[..., Any]) -> Any:
+        for v in value if isinstance(value, list | tuple) else [value]:
+            with contextlib.suppress(TypeError, ValueError):  # not a number: the parser says so
+                if not math.isfinite(float(v)):  # before the range check, which would call nan too big
+                    raise typer.BadParameter(f"{v} is not a finite number", ctx=ctx, param=param)
+        return parse(ctx, value)
+
+    for param in getattr(command, "params", []):
+        desc = getattr(param, "type_descriptor", None)
+        if desc is not None and desc.annotation is float:
+            param.process_value = functools.partial(process_value, param=param, parse=param.process_value)
+    for sub in getattr(command, "commands", {}).values():
+        refuse_non_finite(sub)
+
+
 def run_app(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> None:
     """Run a typer app: usage errors are one line on stderr with exit code 2 (click draws a box), printed
     verbatim; a group named alone prints its help (exit 0); a bug is one line too (exit 1)."""
@@ -334,6 +373,7 @@ def run_app(app: typer.Typer, prog_name: str, argv: list[str] | None = None) -> 
     setup_logging()
     command = typer.main.get_command(app)
     tidy_help(command, (app.info.context_settings or {}).get("help_option_names") or ["--help"])
+    refuse_non_finite(command)
     try:
         rc = command.main(argv, prog_name=prog_name, standalone_mode=False)
     except typer.Exit as e:

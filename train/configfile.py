@@ -126,3 +126,18 @@ def parse_json(text: str | bytes, where: str) -> Any:
 def load_json(path: Path, *, limit: int = MAX_CONFIG_BYTES) -> Any:
     """A JSON file, read and parsed; `BadInput` (one line) for anything wrong with it."""
     return parse_json(read_text(path, limit=limit), str(path))
+
+
+def yaml_number(value: Any, *, none_means: str | None = None) -> Any:
+    """A number setting as YAML 1.1 gave it, for a pydantic `mode="before"` validator: YAML reads
+    off/no/false as False and on/yes/true as True, which pydantic would take for 0 and 1 (`daily: off`,
+    a $0 cap). In a setting where None means no limit (`none_means`, e.g. "no cap"), off is None, as
+    the environment's `off` is; anything else a bool is, is refused."""
+    if not isinstance(value, bool):
+        return value
+    if none_means and value is False:
+        return None
+    word = "on/yes/true" if value else "off/no/false"
+    raise ValueError(
+        f"{word} is not a number: write one" + (f", or off for {none_means}" if none_means else "")
+    )

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from train import checkpoint
+from train.bounds import Epochs
 from train.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class LoraParams(BaseModel):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = ["c_attn"]
     lr: float = Field(2e-3, gt=0)
-    epochs: float = Field(2, gt=0)
+    epochs: Epochs = 2
     batch_size: int | None = Field(8, ge=1, description="None: automatic on GPU (largest that fits)")
     max_len: int = Field(128, ge=8)
     warmup_steps: int = Field(5, ge=0)

@@ -44,6 +44,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from train import BadInput, checkpoint
+from train.bounds import Samples
 from train.data import domain_data
 from train.domains import Domain, load_registry, select_domains
 from train.lora import Interrupted, LoraParams, StopFlag, attach_lora, heldout_loss, resume_params
@@ -105,7 +106,7 @@ class JobSpec(BaseModel):
     store: str = "file://./store"
     run_id: RunId = "default"
     base_model: str = "tiny"
-    samples: int = Field(200, ge=16, description="generated conversations per domain")
+    samples: Samples = Field(200, description="generated conversations per domain")
     noise: float = Field(0.1, ge=0, le=1)
     data_dir: Path | None = None
     params: LoraParams = LoraParams()

@@ -129,10 +129,13 @@ def _int(query: dict[str, str], name: str, default: int) -> int:
 
 
 def _float(query: dict[str, str], name: str, default: float) -> float:
+    from train.bounds import finite
+
     try:
-        return float(query.get(name) or default)
+        value = float(query.get(name) or default)
     except ValueError:
         raise api.BadInput(f"{name} must be a number, not {query.get(name)!r}") from None
+    return finite(value, name)
 
 
 def build_app(
@@ -174,6 +177,8 @@ def build_app(
         return view.model_dump(mode="json")
 
     def plan_doc(query: dict[str, str]) -> dict[str, Any]:
+        if not query.get("domains"):
+            raise api.BadInput("name the domains to plan (domains=all, a category, or names)")
         p = api.plan(
             query["domains"],
             backend=query.get("backend") or None,
