@@ -141,6 +141,10 @@ def test_snapshot_loads_and_is_dated() -> None:
         if o.provider == "vast":
             assert o.disk_price_hour > 0
             assert o.spot_price_hour is not None and o.spot_price_hour < o.price_hour
+        elif o.provider == "runpod":  # on-demand only; its container disk billed on top
+            from launcher.providers.runpod import container_disk_hour
+
+            assert o.spot_price_hour is None and o.disk_price_hour == container_disk_hour() > 0
         else:
             assert o.spot_price_hour is None and o.disk_price_hour == 0
     meta = json.loads((Path(__file__).parents[1] / "launcher/data/offers_snapshot.meta.json").read_text())
@@ -288,7 +292,7 @@ def test_runpod_offers(live: FakeProviders) -> None:
         "region": "US",
         "price_hour": 0.74,
         "spot_price_hour": None,
-        "disk_price_hour": 0.0,
+        "disk_price_hour": 0.006944,  # the container disk: 50 GB at $0.10/GB-month
         "source": "live",
     }
     assert offers["NVIDIA A100 80GB PCIe"].gpu == "A100-80GB"
@@ -296,8 +300,9 @@ def test_runpod_offers(live: FakeProviders) -> None:
     assert (offers["NVIDIA H100 NVL"].gpu, offers["NVIDIA H100 NVL"].gpu_mem_gb) == ("H100-NVL", 94)
     assert offers["NVIDIA H100 80GB HBM3"].gpu == "H100"
     assert offers["NVIDIA GeForce RTX 3090 Ti"].gpu == "RTX3090Ti"
-    # A positive spot price is still read (spot pods ended in 2026; zeros mean none).
-    assert offers["NVIDIA H100 NVL"].spot_price_hour == 1.59
+    # A positive spot price the API still sends is not offered: RunPod retired interruptible pods and the
+    # mutation SkyPilot would rent one with (launcher/providers/runpod.py, SPOT_RETIRED).
+    assert offers["NVIDIA H100 NVL"].spot_price_hour is None
     (request,) = live.hits("runpod")
     assert request["body"]["variables"] == {"lowestPriceInput": {"gpuCount": 1, "secureCloud": True}}
     assert "gpuTypes" in request["body"]["query"]

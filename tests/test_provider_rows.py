@@ -566,3 +566,19 @@ def test_lambda_offers_launch_as_planned(launch_path, monkeypatch, tmp_path) -> 
         assert ids == ["i-0001"]
         ((sent),) = posted
         assert (sent["instance_type_name"], sent["region_name"]) == (ref.instance_type, ref.region)
+
+
+def test_runpod_spot_is_never_offered_while_retired_and_its_container_disk_is_priced() -> None:
+    """RunPod retired interruptible pods (and `podRentInterruptable`, which SkyPilot 0.14.1 would send): a
+    spot price the API still sends is dropped, so no plan rents one; every pod carries its container disk
+    ($0.10/GB-month for the task's 50 GB) as Vast's offers carry their storage."""
+    raw = body("runpod_gpu_types.json")
+    with_spot = copy.deepcopy(raw)
+    for g in with_spot["data"]["gpuTypes"]:
+        g["secureSpotPrice"] = 0.31
+        if g.get("lowestPrice"):
+            g["lowestPrice"]["minimumBidPrice"] = 0.29
+    offers = runpod.parse_response(with_spot).offers
+    assert offers and all(o.spot_price_hour is None for o in offers)
+    assert all(o.disk_price_hour == pytest.approx(50 * 0.10 / 720, abs=1e-6) for o in offers)
+    assert [o.price_hour for o in offers] == [o.price_hour for o in runpod.parse_response(raw).offers]

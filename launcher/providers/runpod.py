@@ -1,7 +1,11 @@
 """RunPod: GraphQL `POST /graphql`, `gpuTypes` with the secure cloud's lowest 1-GPU price.
 
-RunPod ended spot (interruptible) pods in September 2026: offers are on-demand, but spot prices
-are still read when the API sends a positive one.
+RunPod ended spot (interruptible) pods in September 2026 and retired the `podRentInterruptable`
+mutation that SkyPilot 0.14.1's RunPod provisioner still sends for a spot pod: a spot price the API
+still sends is not offered (`SPOT_RETIRED`), so no plan ever rents one.
+
+Every pod is priced with its container disk: RunPod bills `CONTAINER_DISK_USD_GB_MONTH` per GB-month
+for the `DISK_GB` a meetara task asks for (launcher/task.py), kept in `disk_price_hour` as for Vast.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ if TYPE_CHECKING:
     import requests
 
 NAME = "runpod"
+SPOT_RETIRED = True  # RunPod's interruptible pods and their mutation are gone (see the module doc)
+CONTAINER_DISK_USD_GB_MONTH = 0.10  # RunPod's container disk price (https://www.runpod.io/pricing)
+HOURS_PER_MONTH = 30 * 24
 DEFAULT_URL = "https://api.runpod.io"
 URL_ENV = "MEETARA_RUNPOD_API_URL"
 KEY_ENV = "RUNPOD_API_KEY"
@@ -55,6 +62,8 @@ def _parse(gpu: Any, fetched_at: datetime) -> list[Offer]:
         return []  # the training image is CUDA-only
     price = positive(gpu.get("securePrice")) or positive(lowest.get("uninterruptablePrice"))
     spot = positive(gpu.get("secureSpotPrice")) or positive(lowest.get("minimumBidPrice"))
+    if SPOT_RETIRED:
+        spot = None
     if price is None and spot is None:
         return []
     return [
@@ -72,6 +81,7 @@ def _parse(gpu: Any, fetched_at: datetime) -> list[Offer]:
             region=lowest.get("countryCode") or "any",
             price_hour=None if price is None else price * GPU_COUNT,
             spot_price_hour=None if spot is None else spot * GPU_COUNT,
+            disk_price_hour=container_disk_hour(),
             fetched_at=fetched_at,
             source="live",
         )
@@ -111,3 +121,10 @@ def fetch(
         secret=api_key,
     )
     return parse_response(body)
+
+
+def container_disk_hour(disk_gb: int | None = None) -> float:
+    """What RunPod bills per hour for a pod's container disk of `disk_gb` (default: the task's DISK_GB)."""
+    from launcher.providers.vast import DISK_GB
+
+    return round((DISK_GB if disk_gb is None else disk_gb) * CONTAINER_DISK_USD_GB_MONTH / HOURS_PER_MONTH, 6)
