@@ -36,7 +36,7 @@ from budgets.lease import LeaseLost
 from launcher.backends.base import Backend, JobState, JobStatus
 from launcher.crash import crash_point
 from launcher.pull import PullResult, pull_domain
-from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
+from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord, cancel_requested
 from train import first_line
 from train.cli import EXIT_BUDGET
 from train.pipeline import MANIFEST
@@ -407,6 +407,11 @@ class Conductor:
         if st.exit_code == EXIT_BUDGET:
             job.state = "STOPPED-BUDGET"
             job.note("stopped itself: its reservation ran out (checkpoints kept; a new launch resumes)")
+            return
+        if st.state is JobState.PREEMPTED and job.handle in cancel_requested(self.rec.run_id):
+            # a user's cancel, however the backend ended it (SkyPilot: FAILED_CONTROLLER): never relaunched
+            job.state = JobState.CANCELLED.value
+            job.note(f"cancelled by a user ({st.detail or 'ended'}): not relaunched")
             return
         if st.state is not JobState.PREEMPTED:
             job.state = st.state.value

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.backends.base import BackendError
-from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord, list_runs, load_run
+from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord, list_runs, load_run, request_cancel
 from train import BadInput
 
 
@@ -100,6 +100,7 @@ def cancel(target: str, *, config: Path | None = None, backend=None) -> CancelRe
                     if handle is None or be.status(handle).state.finished:
                         report.not_running.append(job.name)
                         continue
+                    request_cancel(rec.run_id, handle)  # before the backend hears of it: never relaunched
                     be.cancel(handle)
                 except BackendError as e:
                     report.failed[job.name] = str(e)

@@ -348,6 +348,12 @@ def prepare(
         raise BadInput("cloud jobs cannot write to a local folder: pass --store s3://BUCKET/PREFIX")
     st = open_store(store_url, endpoint_url=endpoint_url)
     be = make_backend(backend)
+    if backend == "skypilot":  # SkyPilot's controller would refuse it only after the money is reserved
+        from launcher.backends.skypilot import cluster_name_problem
+
+        problem = cluster_name_problem(f"{run_id}-j1")
+        if problem:
+            raise BadInput(problem)
     ledger = open_ledger(config)
     holder = Holder(ledger, run_id, ttl_s=lease_ttl_s or DEFAULT_TTL_S).acquire()
     prep = Prepared(list(names), store_url, st, be, ledger, lease=holder)

@@ -196,3 +196,32 @@ def list_runs() -> list[RunRecord]:
         if rec is not None:
             out.append(rec)
     return sorted(out, key=lambda r: r.created_at)
+
+
+def _cancels_path(run_id: str) -> Path:
+    return runs_dir() / "cancels" / f"{run_id}.json"
+
+
+def request_cancel(run_id: str, handle: str) -> None:
+    """Note that a user cancelled the launch `handle` of the run (`meetara cancel`, before it asks the
+    backend): whoever follows the run ends that launch CANCELLED whatever the backend reports after it
+    (SkyPilot may report FAILED_CONTROLLER, which otherwise means "relaunch")."""
+    import fcntl
+
+    from budgets import private_dir, write_private
+
+    path = _cancels_path(run_id)
+    private_dir(path.parent)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        handles = sorted(cancel_requested(run_id) | {str(handle)})
+        write_private(path, json.dumps(handles) + "\n")
+
+
+def cancel_requested(run_id: str) -> set[str]:
+    """The launches of the run a user cancelled (see `request_cancel`)."""
+    try:
+        data = json.loads(_cancels_path(run_id).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {str(h) for h in data} if isinstance(data, list) else set()

@@ -1,4 +1,5 @@
-"""meetara's SkyPilot plugin: Vast rented as planned. Loaded by meetara's own SkyPilot API server
+"""meetara's SkyPilot plugin: Vast rented as planned, and a network check that works behind a proxy.
+Loaded by meetara's own SkyPilot API server
 (`launcher/skyserver.py` lists it in that server's plugins.yaml), in its request executors and its
 jobs controller, where SkyPilot provisions (sky/server/plugins.py, `PluginContext`).
 
@@ -28,6 +29,26 @@ meetara's Vast instance types (`<n>x-<gpu>-m<offer id>-0`, `launcher/skycatalog.
   to meetara's next ordered offer;
 - the key is left out of `onstart`.
 Everything else is SkyPilot's own `launch`; any other instance type goes to SkyPilot's code unchanged.
+
+The network check: before every status check of a running managed job, SkyPilot's jobs controller
+(sky/jobs/controller.py) calls `backend_utils.async_check_network_connection()`, which HEADs
+https://8.8.8.8 and https://1.1.1.1 directly (aiohttp, ignoring the proxy variables), and while that fails
+it logs "Network is not available" and skips the check, forever: a job whose controller runs where those
+addresses cannot be reached (behind a corporate proxy, on a network that allows only what it needs) stays
+RUNNING after it ended, its machine up and billed. meetara's controller runs on the user's machine
+(consolidation mode), so this plugin replaces the check (and its synchronous twin, which the cluster
+status refresh calls): the network is up when any of the providers' APIs (what the controller must reach to
+manage the machines) or SkyPilot's two addresses answers anything over HTTP, through the proxy the
+environment names. A network that reaches none of them is still "not available", as before.
+
+Recovery to the next offer: SkyPilot's EAGER_NEXT_REGION (`EagerFailoverStrategyExecutor.recover`,
+sky/jobs/recovery_strategy.py) is meant to relaunch a preempted job anywhere but where it was preempted
+first, but it blocks that place only when the launched resources have neither region nor zone, which
+launched resources always have (skypilot-org/skypilot#10021), and the block (`Task.blocked_resources`) never
+leaves the controller anyway: it launches through `sdk.launch`, which sends the task as YAML. The relaunch
+goes to the cheapest offer again, the one just preempted. For that first relaunch this plugin sends the task
+without the preempted offer (cloud, region, zone, instance type, market), so it goes to meetara's next
+ordered offer; if none has a machine, SkyPilot's own unconstrained retries follow, as before.
 """
 
 from __future__ import annotations
@@ -47,6 +68,16 @@ from launcher.providers.vast import DISK_GB as PRICED_DISK_GB  # the disk meetar
 VAST_TYPE = re.compile(r"^(\d+)x-(.+)-m(\d+)-0$")
 HOURS_PER_MONTH = 30 * 24  # Vast prices storage per GB-month (launcher/providers/vast.py)
 _KEY_LINE = re.compile(r'echo "[^"]*" > ~/\.vast_api_key;?')
+# what the jobs controller must reach to manage meetara's machines (the hosts SkyPilot's provisioners and the
+# providers' SDKs call), then SkyPilot's own probes; any HTTP answer from one means the network is up
+NETWORK_PROBES = (
+    "https://console.vast.ai",
+    "https://api.runpod.io",
+    "https://cloud.lambdalabs.com",
+    "https://8.8.8.8",
+    "https://1.1.1.1",
+)
+PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -178,6 +209,105 @@ def _with_use_spot(original):
     return make_deploy_resources_variables
 
 
+def network_available(probes: tuple[str, ...] | None = None, timeout: float | None = None) -> bool:
+    """Whether any probe (default NETWORK_PROBES) answers over HTTP (any status), through the environment's
+    proxy settings."""
+    import requests
+
+    probes, timeout = probes or NETWORK_PROBES, timeout or PROBE_TIMEOUT_S
+    with requests.Session() as http:  # trust_env: HTTPS_PROXY / NO_PROXY / REQUESTS_CA_BUNDLE apply
+        for url in probes:
+            try:
+                http.head(url, timeout=timeout, allow_redirects=False)
+                return True
+            except requests.RequestException:
+                continue
+    return False
+
+
+async def async_network_available(
+    probes: tuple[str, ...] | None = None, timeout: float | None = None
+) -> bool:
+    """`network_available` for the controller's event loop (aiohttp, honouring the proxy variables)."""
+    import ssl
+
+    import aiohttp
+
+    probes, timeout = probes or NETWORK_PROBES, timeout or PROBE_TIMEOUT_S
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
+    context = ssl.create_default_context(cafile=bundle) if bundle else ssl.create_default_context()
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(timeout=client_timeout, trust_env=True) as session:
+        for url in probes:
+            try:
+                async with session.head(url, ssl=context, allow_redirects=False):
+                    return True
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                continue
+    return False
+
+
+def install_network_check_fix() -> None:
+    """Replace SkyPilot's network checks in this process as the module docstring says. Idempotent."""
+    from sky import exceptions
+    from sky.backends import backend_utils
+
+    if getattr(backend_utils.async_check_network_connection, "__meetara__", False):
+        return
+    down = "Could not refresh the cluster. Network seems down (no provider API or probe answered)."
+
+    def check_network_connection() -> None:
+        if not network_available():
+            raise exceptions.NetworkError(down)
+
+    async def async_check_network_connection() -> None:
+        if not await async_network_available():
+            raise exceptions.NetworkError(down)
+
+    check_network_connection.__meetara__ = True  # type: ignore[attr-defined]
+    async_check_network_connection.__meetara__ = True  # type: ignore[attr-defined]
+    backend_utils.check_network_connection = check_network_connection
+    backend_utils.async_check_network_connection = async_check_network_connection
+
+
+def _recover_elsewhere(original):
+    @functools.wraps(original)
+    async def recover(self) -> float:
+        launched = getattr(self, "_launched_resources", None)
+        task = self.dag.tasks[0]
+        before = task.resources
+        if launched is None:
+            return await original(self)
+        rest = [r for r in before if r.cloud is None or not r.should_be_blocked_by(launched)]
+        if not rest or len(rest) == len(before):
+            return await original(self)
+        import asyncio
+
+        await asyncio.to_thread(self._cleanup_cluster)
+        # the task as the controller sends it to the API server, less the preempted offer (SkyPilot's own
+        # `blocked_resources` stays on this Task object: `sdk.launch` never sends it)
+        task.set_resources(type(before)(rest))
+        try:
+            submitted_at = await self._launch(raise_on_failure=False, recovery=True)
+        finally:
+            task.set_resources(before)
+        if submitted_at is not None:
+            return submitted_at
+        self._launched_resources = None  # SkyPilot's own retries, anywhere (its first step is then a no-op)
+        return await original(self)
+
+    recover.__meetara__ = True  # type: ignore[attr-defined]
+    return recover
+
+
+def install_recovery_fix() -> None:
+    """Make EAGER_NEXT_REGION relaunch a preempted job elsewhere first (module docstring). Idempotent."""
+    from sky.jobs.recovery_strategy import EagerFailoverStrategyExecutor
+
+    if not getattr(EagerFailoverStrategyExecutor.recover, "__meetara__", False):
+        EagerFailoverStrategyExecutor.recover = _recover_elsewhere(EagerFailoverStrategyExecutor.recover)
+
+
 def install_vast_fix() -> None:
     """Patch SkyPilot's Vast provisioner in this process as the module docstring says. Idempotent."""
     from sky.clouds.vast import Vast
@@ -201,7 +331,8 @@ def install_vast_fix() -> None:
 
 
 class MeetaraPlugin(plugins.BasePlugin):
-    """Installs meetara's Vast fix where SkyPilot provisions: request executors and jobs controllers."""
+    """Installs meetara's Vast fix, network check and recovery order where SkyPilot provisions and follows
+    jobs: request executors and jobs controllers."""
 
     load_contexts = frozenset({plugins.PluginContext.EXECUTOR, plugins.PluginContext.CONTROLLER})
 
@@ -216,3 +347,5 @@ class MeetaraPlugin(plugins.BasePlugin):
     def install(self, extension_context: plugins.ExtensionContext) -> None:
         del extension_context
         install_vast_fix()
+        install_network_check_fix()
+        install_recovery_fix()

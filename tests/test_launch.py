@@ -102,3 +102,23 @@ def test_plan_json_for_the_cloud(tmp_path):
     assert plan["workload"]["base_model"] == "microsoft/DialoGPT-medium"
     assert plan["total_cost"] == pytest.approx(sum(j["cost"] for j in plan["jobs"]), abs=1e-3)
     assert all(j["offer"]["provider"] in ("lambda", "runpod", "vast") for j in plan["jobs"])
+
+
+def test_a_cloud_run_id_skypilot_cannot_name_a_cluster_after_is_refused_before_money(tmp_path):
+    """SkyPilot's jobs controller names a job's cluster after it and refuses a name that starts with a digit
+    (`check_cluster_name_is_valid`), but only once the job runs and its money is reserved: meetara asks
+    SkyPilot's own two functions first and refuses in one line, exit 2, nothing reserved or recorded."""
+    from budgets.ledger import Ledger
+
+    state = tmp_path / "state"
+    args = ["launch", "-d", "nutrition", "--budget", "1", "-y", "--backend", "skypilot", "--run-id",
+            "2026-12-03", "--store", "s3://bucket/x", "--endpoint-url", "http://127.0.0.1:9"]  # fmt: skip
+    r = meetara(*args, cwd=tmp_path, env={"MEETARA_STATE_DIR": str(state)})
+    line = one_line_error(r)
+    assert "must start with a letter" in line and "--run-id run-2026-12-03" in line, line
+    ledger = state / "ledger.sqlite"
+    assert not ledger.exists() or Ledger(ledger).reservations() == []
+    assert not (state / "runs" / "2026-12-03.json").exists()
+    from launcher.backends.skypilot import cluster_name_problem
+
+    assert cluster_name_problem("run-2026-12-03-j1") is None  # the id it suggests is one SkyPilot takes

@@ -483,3 +483,99 @@ def test_a_job_placed_on_a_fallback_is_recorded_and_billed_at_that_offer(
     conductor._follow_placement(job, ("lambda", "gpu_8x_h100_sxm5", "us-east-3", None, False))
     assert job.offer_index == k and "outside its offers" in job.history[-1]
     assert JobStatus.__dataclass_fields__["placed"].default is None
+
+
+# (6) a user's cancel, and the machine time SkyPilot's cluster history shows
+
+
+@pytest.mark.parametrize("cancelled_by_user", [True, False])
+def test_failed_controller_after_a_users_cancel_is_never_relaunched(tmp_path, monkeypatch, cancelled_by_user):
+    """SkyPilot ends a job FAILED_CONTROLLER when its controller dies, which meetara relaunches (the work is
+    safe in the store); after `meetara cancel` (which notes the cancel before asking SkyPilot) the same
+    status ends the job CANCELLED."""
+    from sky.jobs import state as sky_state
+
+    from launcher.backends.skypilot import job_status
+    from launcher.conductor import Conductor
+    from launcher.launch import new_run
+    from launcher.runs import request_cancel
+
+    monkeypatch.setenv("MEETARA_STATE_DIR", str(tmp_path / "state"))
+    job_id = _new_job("cancelled-j1")
+    sky_state.set_failed(job_id, 0, sky_state.ManagedJobStatus.FAILED_CONTROLLER, "controller process died")
+    st = job_status(_records(job_id))
+    assert st.state is JobState.PREEMPTED
+
+    prefs = Preferences(fallbacks=2)
+    plan = _plan(load_snapshot(), prefs)
+    rec = new_run(plan, store=STORE, endpoint_url=None, models_dir=tmp_path / "models", budget=5.0)
+    (job,) = rec.jobs.values()
+    job.handle, job.state = str(job_id), "RUNNING"
+    if cancelled_by_user:
+        request_cancel(rec.run_id, job.handle)
+    request_cancel(rec.run_id, "999")  # another launch's cancel changes nothing for this one
+    Conductor(rec, backend=None, store=None, task_for=lambda j: {})._finish(job, st)
+    if cancelled_by_user:
+        assert job.state == "CANCELLED" and "not relaunched" in job.history[-1]
+    else:
+        assert job.state == "planned" and job.preemptions == 1
+
+
+def test_the_job_is_billed_for_its_machine_from_creation_to_teardown() -> None:
+    """job_status with the cluster's usage intervals (SkyPilot's cluster history): a failed create's closed
+    record does not start a job that never got a machine; an open one (a machine being set up) does; a job
+    SkyPilot finished keeps running, for the money, until its machine is torn down."""
+    from sky.jobs import state
+
+    from launcher.backends.skypilot import job_status
+
+    async def scenario():
+        job_id = _new_job("billed-j1")
+        out = [job_status(_records(job_id), machine=[(100.0, 101.0)])]  # create refused, failover
+        out.append(job_status(_records(job_id), machine=[(100.0, 101.0), (200.0, None)]))  # set-up
+        await state.set_starting_async(job_id, 0, "ts", time.time(), "resources", {}, _noop)
+        await state.set_started_async(job_id, 0, 300.0, _noop)
+        out.append(job_status(_records(job_id), machine=[(100.0, 101.0), (200.0, None)]))
+        await state.set_succeeded_async(job_id, 0, 500.0, _noop)
+        out.append(job_status(_records(job_id), machine=[(100.0, 101.0), (200.0, None)]))  # tearing down
+        out.append(job_status(_records(job_id), machine=[(100.0, 101.0), (200.0, 530.0)]))
+        return out
+
+    pending, setting_up, running, tearing_down, done = asyncio.run(scenario())
+    assert pending.state is JobState.PENDING and pending.started_at is None
+    assert setting_up.state is JobState.PENDING and setting_up.started_at.timestamp() == 200.0
+    assert running.state is JobState.RUNNING and running.started_at.timestamp() == 200.0
+    assert tearing_down.state is JobState.RUNNING and tearing_down.ended_at is None
+    assert "torn down" in tearing_down.detail and tearing_down.exit_code is None
+    assert done.state is JobState.SUCCEEDED and done.exit_code == 0
+    assert (done.started_at.timestamp(), done.ended_at.timestamp()) == (200.0, 530.0)
+
+
+def test_eager_next_region_relaunches_a_preempted_job_on_the_next_offer(offers, tmp_path) -> None:
+    """SkyPilot's EAGER_NEXT_REGION, with meetara's plugin installed, on a rendered task: the first relaunch
+    after a preemption is sent (the task the controller passes to `sdk.launch`) without the preempted
+    offer, so the optimizer's first pick is the plan's next offer; the task is whole again afterwards.
+    (The launch itself is replaced here by a recorder: tests/test_cloud_nodes.py runs it for real.)"""
+    from launcher.skyplugin import install_recovery_fix
+
+    install_recovery_fix()
+    prefs = Preferences(providers={p: {"enabled": p == "vast"} for p in PROVIDERS}, fallbacks=4)
+    plan = _plan(offers, prefs)
+    write_catalogs(offers_from_refs(_refs(plan)), tmp_path)
+    with offline_sky(tmp_path, PROVIDERS):
+        ex = _executor(_as_launched(_render(plan, prefs), "default-j1"))
+        task = ex.dag.tasks[0]
+        ordered = list(task.resources)
+        assert isinstance(task.resources, list) and len(ordered) >= 2
+        ex._launched_resources = ordered[0].copy()  # launched where the plan put it first, then preempted
+        sent: list[list] = []
+
+        async def launch(**kwargs):
+            sent.append(list(task.resources))
+            return 123.0
+
+        ex._launch = launch
+        ex._cleanup_cluster = lambda: None
+        assert asyncio.run(ex.recover()) == 123.0
+    assert sent == [ordered[1:]]  # the preempted offer left out, the rest in the plan's order
+    assert list(task.resources) == ordered

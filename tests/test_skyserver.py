@@ -251,3 +251,58 @@ def test_why_a_server_did_not_start_comes_from_its_log(tmp_path: Path, monkeypat
     )
     why = skyserver.why_not_started()
     assert why.startswith("OSError: [Errno 98]") and "address already in use" in why and "\n" not in why
+
+
+@pytest.fixture
+def http_500():
+    """A real HTTP server on 127.0.0.1 that answers every request with 500 (an answer is an answer)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802 (http.server's name)
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_controllers_network_check_is_meetaras_and_counts_any_answer(http_500, monkeypatch) -> None:
+    """SkyPilot's jobs controller calls `backend_utils.async_check_network_connection()` before each status
+    check (8.8.8.8 and 1.1.1.1 only, no proxy) and skips the check while it fails: offline or behind a
+    proxy a finished job stays RUNNING. meetara's plugin puts its own check there: any HTTP answer from
+    a provider's API or a probe means the network is up; nothing answering still means down."""
+    import asyncio
+
+    from sky import exceptions
+    from sky.backends import backend_utils
+
+    from launcher import skyplugin
+
+    dead = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(backend_utils, "check_network_connection", backend_utils.check_network_connection)
+    monkeypatch.setattr(
+        backend_utils, "async_check_network_connection", backend_utils.async_check_network_connection
+    )
+    skyplugin.install_network_check_fix()
+    assert getattr(backend_utils.async_check_network_connection, "__meetara__", False)
+    for probes, up in (((dead, http_500), True), ((dead,), False)):
+        monkeypatch.setattr(skyplugin, "NETWORK_PROBES", probes)
+        monkeypatch.setattr(skyplugin, "PROBE_TIMEOUT_S", 2.0)
+        assert skyplugin.network_available() is up
+        if up:
+            backend_utils.check_network_connection()
+            asyncio.run(backend_utils.async_check_network_connection())
+        else:
+            with pytest.raises(exceptions.NetworkError, match="no provider API or probe answered"):
+                asyncio.run(backend_utils.async_check_network_connection())
+            with pytest.raises(exceptions.NetworkError):
+                backend_utils.check_network_connection()

@@ -255,6 +255,25 @@ def validate_task(task: dict[str, Any]):
     return _import_sky().Task.from_yaml_config(copy.deepcopy(task))
 
 
+def cluster_name_problem(job_name: str) -> str | None:
+    """Why SkyPilot's jobs controller would refuse the cluster it names after a launch of `job_name` (the
+    conductor launches `<job>-<8 hex>`; the controller makes `<name cut to 30>-<job id>` and checks it with
+    `check_cluster_name_is_valid`, after the money is reserved), in one line; None if it takes it. Uses
+    SkyPilot's own two functions."""
+    from sky.jobs import utils as managed_job_utils
+    from sky.utils import common_utils
+
+    cluster = managed_job_utils.generate_managed_job_cluster_name(f"{job_name}-0123abcd", 1)
+    try:
+        common_utils.check_cluster_name_is_valid(cluster)
+    except Exception:  # InvalidClusterNameError: its text names SkyPilot's regex, not the fix
+        return (
+            f"SkyPilot cannot name a cluster after job {job_name!r} (it would be {cluster!r}): "
+            "a cloud run id must start with a letter, e.g. --run-id run-" + job_name.rsplit("-j", 1)[0]
+        )
+    return None
+
+
 def _when(ts: float | None) -> datetime | None:
     return datetime.fromtimestamp(ts, UTC) if ts else None
 
@@ -406,7 +425,34 @@ class SkyPilotBackend:
         mine = [r for r in records if r.job_id == job_id]
         if not mine:
             raise BackendError(f"no SkyPilot managed job {job_id}")
-        return job_status(mine)
+        return job_status(mine, machine=self._machine_time(mine[-1]))
+
+    def _machine_time(self, rec: Any) -> list[tuple[float, float | None]] | None:
+        """When the job's cluster was up, from SkyPilot's own cluster history (its usage intervals: from the
+        cluster's creation, before provisioning, to its teardown; None end: still up), which is what the
+        provider bills; None where the history cannot be read (the job's own times then stand)."""
+        from sky.jobs import utils as managed_job_utils
+        from sky.server import common as server_common
+        from sky.server.requests import payloads
+
+        sky = self._server()
+        name = managed_job_utils.generate_managed_job_cluster_name(str(rec.job_name), int(rec.job_id))
+        try:
+            body = payloads.CostReportBody(days=30, cluster_names=[name])
+            response = server_common.make_authenticated_request(
+                "POST", "/cost_report", json=json.loads(body.model_dump_json())
+            )
+            reports = sky.get(server_common.get_request_id(response))
+        except Exception:  # an older server without the filter, or a hiccup: the job's times stand
+            return None
+        out: list[tuple[float, float | None]] = []
+        for report in reports or []:
+            if report.get("name") != name:
+                continue
+            for start, end in report.get("usage_intervals") or []:
+                if start is not None:
+                    out.append((float(start), None if end is None else float(end)))
+        return sorted(out, key=lambda iv: iv[0])
 
     def cancel(self, handle: str) -> None:
         sky = self._server()
@@ -487,12 +533,19 @@ def _explain(reason: str) -> str:
     return reason
 
 
-def job_status(records: Sequence[Any]) -> SkyJobStatus:
+def job_status(
+    records: Sequence[Any], machine: Sequence[tuple[float, float | None]] | None = None
+) -> SkyJobStatus:
     """One status from a managed job's queue records (one per task; meetara's jobs have one).
 
     FAILED with exit code 75 is PREEMPTED: the job checkpointed on SIGTERM and SkyPilot (told to rerun
     nothing) ended it; the conductor relaunches it within its recovery cap. `recoveries` counts
-    SkyPilot's own preemption recoveries (see the module docstring)."""
+    SkyPilot's own preemption recoveries (see the module docstring).
+
+    `machine`: the job's cluster's usage intervals (SkyPilot's cluster history). Providers bill from the
+    machine's creation to its teardown, so the job starts when its first cluster was created (provisioning
+    and runtime set-up are paid for), and a job SkyPilot has finished is still running, for the money,
+    until its cluster is torn down (the controller does that after it records the end)."""
     rec = records[-1]
     status = str(getattr(rec.status, "value", rec.status))
     state = _STATES.get(status)
@@ -514,8 +567,20 @@ def job_status(records: Sequence[Any]) -> SkyJobStatus:
     if reason:
         detail += f": {_explain(first_line(Exception(reason)))}"
     started = min((r.start_at for r in records if r.start_at), default=None)
-    placed = placement(rec)
     ended = rec.end_at if state.finished else None
+    # the machines that count: up now, or up while the job ran (a failed create's short record before a
+    # failover had no machine to bill, and must not make a job that never got one look started)
+    billed = [(b, e) for b, e in machine or () if e is None or (started is not None and e >= started)]
+    if billed:
+        started = min(b for b, _e in billed) if started is None else min(started, *(b for b, _e in billed))
+        if state.finished:
+            if any(e is None for _b, e in billed):
+                # finished for SkyPilot, but its machine is still up (and billed) until the teardown
+                detail += "; its machine is being torn down"
+                state, exit_code, ended = JobState.RUNNING, None, None
+            else:
+                ended = max([e for _b, e in billed if e is not None] + ([ended] if ended else []))
+    placed = placement(rec)
     return SkyJobStatus(
         state=state,
         started_at=_when(started),
