@@ -158,14 +158,15 @@ class OfferRow(BaseModel):
     region: str
     spot: bool
     price_hour: float
-    expected_hour: float
+    expected_hour: float  # price_hour with the expected preemption overhead (spot)
+    weighted_hour: float  # expected_hour x the provider's weight: what the order (and a plan) ranks by
     detail: dict[str, Any] = {}  # the offer's other fields, as the provider gave them
 
 
 class OffersView(BaseModel):
     source: str  # "snapshot" or "live"
     snapshot_date: str | None
-    offers: list[OfferRow]  # cheapest expected $/h first, at most `limit`
+    offers: list[OfferRow]  # cheapest weighted $/h first (expected x provider weight), at most `limit`
     gathered: int  # offers the providers (or the snapshot) gave, before preferences and filters
     matching: int  # how many passed the preferences and filters
     matching_providers: list[str]  # the providers of those
@@ -207,7 +208,14 @@ def offers(
         o = c.offer.model_dump(mode="json")
         keep = {k: o.pop(k) for k in ("provider", "gpu", "gpu_count", "gpu_mem_gb", "region")}
         rows.append(
-            OfferRow(**keep, spot=c.spot, price_hour=c.price_hour, expected_hour=c.expected_hour, detail=o)
+            OfferRow(
+                **keep,
+                spot=c.spot,
+                price_hour=c.price_hour,
+                expected_hour=c.expected_hour,
+                weighted_hour=c.score,
+                detail=o,
+            )
         )
     return OffersView(
         source=table.source,
@@ -218,7 +226,11 @@ def offers(
         matching_providers=sorted({c.offer.provider for c in ranked}),
         skipped=table.skipped,
         errors=table.errors,
-        excluded=emptied_providers(table.offers, prefs),
+        excluded=emptied_providers(
+            table.offers,
+            prefs,
+            flags={"spot_policy": "--spot" if spot else "--on-demand"} if spot is not None else None,
+        ),
     )
 
 

@@ -95,7 +95,8 @@ def offers_command(
     limit: int = typer.Option(25, min=1),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Price table across providers, cheapest expected $/h first (your provider preferences applied)."""
+    """Price table across providers, cheapest expected $/h x provider weight first (your provider
+    preferences applied; a weighted $/h column shows when a weight is not 1)."""
     import json
 
     from rich.console import Console
@@ -132,13 +133,16 @@ def offers_command(
     when = f"snapshot of {view.snapshot_date}" if view.source == "snapshot" else "live"
     shown = f"{len(rows)} of {view.matching}" if view.matching > len(rows) else f"{view.matching}"
     out = Table(title=f"{shown} offer{'' if view.matching == 1 else 's'} ({when})")
+    # the order is by expected $/h x the provider's weight: shown when a weight makes them differ
+    weighted = any(abs(o.weighted_hour - o.expected_hour) > 1e-12 for o in rows)
     hidden = sorted(set(view.matching_providers) - {o.provider for o in rows})
     if view.matching > len(rows):
         out.caption = escape(
-            f"cheapest first; --limit {view.matching} shows all"
+            f"cheapest {'weighted $/h ' if weighted else ''}first; --limit {view.matching} shows all"
             + (f", -p {hidden[0]} one provider (not shown: {', '.join(hidden)})" if hidden else "")
         )
-    for header in ("provider", "GPU", "n", "GB", "region", "market", "$/h", "$/GPU-h", "exp. $/h"):
+    headers = ["provider", "GPU", "n", "GB", "region", "market", "$/h", "$/GPU-h", "exp. $/h"]
+    for header in headers + ["weighted $/h"] * weighted:
         numeric = "$" in header or header in ("n", "GB")
         out.add_column(
             header,
@@ -158,6 +162,7 @@ def offers_command(
             usd(o.price_hour, symbol=False),
             usd(o.price_hour / o.gpu_count, symbol=False),
             usd(o.expected_hour, symbol=False),
+            *[usd(o.weighted_hour, symbol=False)] * weighted,
         )
     print_whole(out)
 
@@ -856,6 +861,9 @@ def status_command(
 
         typer.echo(json.dumps(rows, indent=1))
         return
+    if not rows:  # a run id that is unknown was refused above: this is a machine with no runs
+        say("no runs yet on this machine: `meetara launch` starts one")
+        return
     t = Table(title="runs")
     for h in (
         "run",
@@ -913,7 +921,7 @@ def _duration(seconds: float) -> str:
 def simulate_command(
     domain_args: list[str] = typer.Option(..., "--domains", "-d", metavar="<str>", help=DOMAINS_HELP),
     market: str = typer.Option(
-        ..., help="a spot trace file or folder (../shared/data/spot-traces/...), or synthetic:HOURS"
+        ..., help="synthetic:HOURS (mean hours a spot machine stays up), or a spot trace file or folder"
     ),
     budget: float = typer.Option(None, min=0, help="the launch's --budget, USD"),
     deadline: str = typer.Option(None, help="e.g. 12h, 90m, 2d: the run must be done by then"),

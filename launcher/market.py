@@ -1,9 +1,10 @@
 """A spot market to replay: when each spot offer can be had, over time.
 
-From real traces (`../shared/data/spot-traces/`: `{"metadata": {"gap_seconds": N}, "data": [...]}`, one
-number per tick: spot instances obtainable, 0 = none; a file or a folder of them, one zone each) or a
-synthetic model (`synthetic:HOURS`: each spot offer is up for exponentially distributed spells of mean
-HOURS and down for spells a tenth as long).
+From real traces (e.g. skypilot-org/spot-traces, copied to `../shared/data/spot-traces/` beside this
+repository: `{"metadata": {"gap_seconds": N}, "data": [...]}`, one number per tick: spot instances
+obtainable, 0 = none; a file or a folder of them, one zone each) or a synthetic model
+(`synthetic:HOURS`: each spot offer is up for exponentially distributed spells of mean HOURS and down
+for spells a tenth as long).
 
 Replay `seed` maps the traces onto a plan's spot offers in a stated, seeded way: the offers, sorted by
 (provider, instance type, region), take the traces in a seeded random order (cycling when there are

@@ -261,7 +261,8 @@ def build_server(config: Path | None = None, workdir: Path | None = None, allow_
         live: Annotated[bool, Field(description="ask the providers' APIs (keys from env)")] = False,
         limit: Limit = 25,
     ) -> dict[str, Any]:
-        """Price table across providers, cheapest expected $/h first (your provider preferences applied)."""
+        """Price table across providers, cheapest weighted_hour (expected $/h x provider weight) first
+        (your provider preferences applied)."""
         view = api.offers(gpu=gpu, spot=spot, providers=providers, live=live, limit=limit, config=config)
         return {
             "source": view.source,

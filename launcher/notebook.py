@@ -345,7 +345,7 @@ def notebook_command(
         )
         target = out or Path(f"meetara-{run_id}.ipynb")
         if target.exists() and not force:
-            raise BadInput(f"{target} exists: pass --force to overwrite it, or --out another file")
+            raise BadInput(f"{target} exists: pass --force to overwrite it, or --out/-o another file")
         path = write_notebook(nb, target)
     except (BadInput, ValueError, OSError) as e:
         raise fail(str(e)) from None

@@ -83,10 +83,15 @@ def rank(offers: Iterable[Offer], prefs: Preferences, needs: Needs | None = None
 
 
 def emptied_providers(
-    offers: Iterable[Offer], prefs: Preferences, needs: Needs | None = None
+    offers: Iterable[Offer],
+    prefs: Preferences,
+    needs: Needs | None = None,
+    flags: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Enabled providers with offers of which the preferences (and `needs`) allow none, each with why
-    in one line: a preference that silently drops a whole provider changes every plan."""
+    in one line: a preference that silently drops a whole provider changes every plan. `flags`: the
+    settings of `prefs` a command-line flag set (e.g. {"spot_policy": "--spot"}): the line names the
+    flag, not the preferences, when it is what excludes them."""
     needs = needs or Needs()
     by_provider: dict[str, list[Offer]] = {}
     for o in offers:
@@ -97,27 +102,35 @@ def emptied_providers(
         if not pp.enabled or rank(group, prefs, needs):
             continue
         kinds: dict[str, int] = {}
+        sources: set[str] = set()
         for o in group:
-            kind = _exclusion(o, prefs, needs)
+            kind, setting = _exclusion(o, prefs, needs)
             kinds[kind] = kinds.get(kind, 0) + 1
+            sources.add((flags or {}).get(setting) or ("the job's needs" if setting == "needs" else "prefs"))
         why = "; ".join(sorted(kinds, key=lambda k: -kinds[k]))
-        out[provider] = f"your preferences exclude all {len(group)} of its offers ({why})"
+        said = ["your preferences"] * ("prefs" in sources) + sorted(sources - {"prefs"})
+        verb = "excludes" if len(said) == 1 and said[0] != "your preferences" else "exclude"
+        out[provider] = f"{' and '.join(said)} {verb} all {len(group)} of its offers ({why})"
     return out
 
 
-def _exclusion(offer: Offer, prefs: Preferences, needs: Needs) -> str:
-    """What keeps `offer` out, said of the preference (not of the offer), for `emptied_providers`."""
+def _exclusion(offer: Offer, prefs: Preferences, needs: Needs) -> tuple[str, str]:
+    """What keeps `offer` out, said of the preference (not of the offer), and the setting it is (or
+    "needs": the job's), for `emptied_providers`."""
     pp = prefs.provider(offer.provider)
     if not regions.allowed(pp.regions, offer.provider, offer.region):
-        return f"no region matches --regions {','.join(pp.regions)}"
+        return f"no region matches --regions {','.join(pp.regions)}", "regions"
     reason = why_excluded(offer, prefs, needs)
     if reason is None:
         caps = [c for c in (pp.max_price_per_gpu_hour, prefs.max_price_per_gpu_hour) if c is not None]
-        return f"over the max {usd(min(caps))}/GPU-h" if caps else "no price for the spot policy"
+        if caps:
+            return f"over the max {usd(min(caps))}/GPU-h", "max_price_per_gpu_hour"
+        return f"no {prefs.spot_policy} price" if prefs.spot_policy != "auto" else "no price", "spot_policy"
     if "allowed GPUs" in reason:
-        return f"no GPU in the allowed GPUs ({','.join(prefs.allowed_gpus)})"
+        return f"no GPU in the allowed GPUs ({','.join(prefs.allowed_gpus)})", "allowed_gpus"
     if "blocked" in reason:
-        return "its GPUs are blocked"
+        return "its GPUs are blocked", "blocked_gpus"
     if "GPU memory" in reason:
-        return f"less than {max(needs.gpu_mem_gb, prefs.min_gpu_mem_gb):g} GB of GPU memory"
-    return reason
+        setting = "needs" if needs.gpu_mem_gb > prefs.min_gpu_mem_gb else "min_gpu_mem_gb"
+        return f"less than {max(needs.gpu_mem_gb, prefs.min_gpu_mem_gb):g} GB of GPU memory", setting
+    return reason, "needs" if "needed" in reason else "providers"

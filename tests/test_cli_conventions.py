@@ -655,6 +655,69 @@ def test_a_preference_that_excludes_all_of_a_provider_is_reported_everywhere(tmp
     assert "44 offers" in everything.stdout  # 22 machines x spot and on-demand
 
 
+def test_a_flag_that_excludes_all_of_a_provider_is_named_not_the_preferences(tmp_path):
+    r = meetara("offers", "--spot", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    # the snapshot has no spot prices for lambda and runpod: it is --spot that leaves them out
+    assert "lambda: --spot excludes all 19 of its offers (no spot price)" in r.stderr, r.stderr
+    assert "preferences" not in r.stderr
+    (tmp_path / "prefs.yaml").write_text("providers:\n  lambda:\n    regions: [us-east-1]\n")
+    mixed = meetara("offers", "--spot", tmp_path=tmp_path, MEETARA_CONFIG=str(tmp_path / "prefs.yaml"))
+    assert "lambda: your preferences and --spot exclude all 19 of its offers (" in mixed.stderr, mixed.stderr
+
+
+def test_offers_order_and_columns_agree_on_the_provider_weights(tmp_path):
+    """The table is ranked by expected $/h x the provider's weight; with a weight that is not 1 it
+    shows that product (before: "exp. $/h" ignored the weight its order used)."""
+    (tmp_path / "prefs.yaml").write_text("providers:\n  vast:\n    weight: 3\n")
+    env = {"MEETARA_CONFIG": str(tmp_path / "prefs.yaml")}
+    doc = json.loads(meetara("offers", "--json", "--limit", "500", tmp_path=tmp_path, **env).stdout)
+    weights = {"vast": 3.0, "lambda": 1.0, "runpod": 1.0}
+    for o in doc:
+        assert o["weighted_hour"] == pytest.approx(o["expected_hour"] * weights[o["provider"]])
+    assert [o["weighted_hour"] for o in doc] == sorted(o["weighted_hour"] for o in doc)
+    assert [o["expected_hour"] for o in doc] != sorted(o["expected_hour"] for o in doc)  # the weight counts
+    table = meetara("offers", "--limit", "500", tmp_path=tmp_path, **env).stdout
+    header = next(line for line in table.splitlines() if "provider" in line)
+    assert [h.strip() for h in header.split("┃")[-3:-1]] == ["exp. $/h", "weighted $/h"], header
+    plain = meetara("offers", tmp_path=tmp_path).stdout  # every weight 1: the two columns would agree
+    assert "weighted" not in plain
+
+
+def test_status_with_no_runs_is_one_line(tmp_path):
+    r = meetara("status", tmp_path=tmp_path)
+    assert r.returncode == 0 and r.stdout == "", r.stdout
+    assert r.stderr.strip() == "no runs yet on this machine: `meetara launch` starts one"
+    assert json.loads(meetara("status", "--json", tmp_path=tmp_path).stdout) == []
+
+
+def test_the_readme_simulate_example_runs_from_a_clone(tmp_path):
+    """Its --market is a synthetic market or a path inside the repository (it pointed at a folder that
+    exists only beside this checkout); the example runs as written, with fewer replays."""
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Replaying a spot market", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    argv = block.replace("\\\n", " ").split()
+    assert argv[:2] == ["meetara", "simulate"], argv
+    market = argv[argv.index("--market") + 1]
+    assert market.startswith("synthetic:") or (ROOT / market).resolve().is_relative_to(ROOT), market
+    argv[argv.index("--replays") + 1] = "2"
+    r = meetara(*argv[1:], tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(json.loads(r.stdout)["policies"]) == {"on-demand", "greedy", "uniform-progress", "meetara"}
+
+
+def test_notebook_takes_the_output_option_the_readme_and_its_refusal_name(tmp_path):
+    from conftest import ROOT
+
+    assert "`--out FILE` / `-o FILE`" in (ROOT / "README.md").read_text()
+    args = ("notebook", "-d", "nutrition", "--store", "s3://bucket/meetara")
+    assert meetara(*args, "--out", "a.ipynb", tmp_path=tmp_path).returncode == 0
+    again = meetara(*args, "-o", "a.ipynb", tmp_path=tmp_path)
+    assert "a.ipynb exists: pass --force to overwrite it, or --out/-o another file" in one_error_line(again)
+
+
 def test_offers_title_says_how_many_are_hidden_and_how_to_see_them(tmp_path):
     from launcher.offers import load_snapshot
     from launcher.preferences import Preferences

@@ -399,7 +399,8 @@ def report_page(rep: dict[str, Any], query: dict[str, str]) -> str:
 
 
 def offers_page(view: dict[str, Any], query: dict[str, str]) -> str:
-    """Offers: a filter form and the table, cheapest expected $/h first (as the api ranks them)."""
+    """Offers: a filter form and the table, cheapest expected $/h x provider weight first (as the api
+    ranks them; the last column is that product)."""
     form = (
         '<form class="filters" method="get" action="/offers">'
         f'<label>GPU <input name="gpu" value="{escape(query.get("gpu", ""))}" placeholder="A100"></label>'
@@ -419,6 +420,7 @@ def offers_page(view: dict[str, Any], query: dict[str, str]) -> str:
             "spot" if o.get("spot") else "on-demand",
             usd(o.get("price_hour")),
             usd(o.get("expected_hour")),
+            usd(o.get("weighted_hour", o.get("expected_hour"))),
         )
         for o in view.get("offers", [])
     ]
@@ -433,7 +435,7 @@ def offers_page(view: dict[str, Any], query: dict[str, str]) -> str:
         f'<p class="muted">{len(rows)} of {view.get("matching", 0)} matching offers · prices: '
         f"{escape(source)}</p>"
         + table(
-            ("provider", "gpus", "gpu memory", "region", "market", "$/h", "expected $/h"),
+            ("provider", "gpus", "gpu memory", "region", "market", "$/h", "expected $/h", "x weight $/h"),
             rows,
             cls="offers",
             empty="no offer matches",
