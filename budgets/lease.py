@@ -21,7 +21,7 @@ A lease is never taken from a live owner; "dead" is proven, never guessed from a
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import socket
 import threading
@@ -140,10 +140,23 @@ class Holder:
             self._thread.join()
 
     def release(self) -> None:
+        """Give the run up. A ledger that is gone (a lost PostgreSQL) cannot be told: the lease then
+        expires by itself after `ttl_s` (one warning line; the money was handled before this)."""
+        from budgets import LedgerError
+
         self.stop_renewing()
         if not self.lost.is_set():
-            with contextlib.suppress(LeaseLost):
+            try:
                 self.ledger.release_lease(self.run_id, self.token)
+            except LeaseLost:
+                pass
+            except LedgerError as e:
+                logging.getLogger("meetara").warning(
+                    "run %s: its lease could not be released (%s); it expires by itself in %.0f s",
+                    self.run_id,
+                    e,
+                    self.ttl_s,
+                )
 
     def __enter__(self) -> Holder:
         return self.acquire()

@@ -99,3 +99,35 @@ def test_a_follower_that_dies_before_taking_over_calls_the_launch_off(tmp_path):
         assert ledger.lease("dead") is None
     assert [j["state"] for j in record(tmp_path, "dead")["jobs"].values()] == ["planned"]
     assert not (tmp_path / "store" / "runs" / "dead").exists()  # no job ever ran
+
+
+def test_a_follower_that_loses_its_postgresql_ledger_stops_the_jobs_and_ends_in_one_line(tmp_path):
+    """The shared ledger goes away while the follower follows (PostgreSQL stopped): it cannot record
+    money any more, so it stops the jobs (they checkpoint), records how it ended and says why in one
+    line; the money is left to `recover` (the reservation bounds it). Before: a LedgerError traceback
+    and a run record that still said "following"."""
+    import psycopg
+    from pg import pg_server
+
+    with pg_server() as server:
+        with psycopg.connect(server, autocommit=True) as con:
+            con.execute("CREATE DATABASE lost")
+        url = server.rsplit("/", 1)[0] + "/lost"
+        slow = ("--samples", "64", "--epochs", "20")  # trains long enough to be running when it goes
+        r = meetara(
+            *LAUNCH[:-4], *slow, "--budget", "5", "--yes", "--detach", "--run-id", "pg", tmp_path=tmp_path,
+            MEETARA_LEDGER_URL=url,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        until = time.monotonic() + 300
+        while not any(j["state"] == "RUNNING" for j in record(tmp_path, "pg")["jobs"].values()):
+            assert time.monotonic() < until, record(tmp_path, "pg")
+            time.sleep(0.5)  # polling another process's file
+    # the server is stopped (pg_ctl stop -m immediate): the follower's next ledger call fails
+    ended = until_ended(tmp_path, "pg")
+    log = (tmp_path / "state" / "runs" / "pg.follower.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert ended["exit_code"] == 1 and "ledger" in ended["message"], ended
+    assert "meetara recover pg" in ended["message"] and "\n" not in ended["message"], ended
+    rec = record(tmp_path, "pg")
+    assert all(j["state"] not in ("RUNNING", "PENDING", "LAUNCHING") for j in rec["jobs"].values()), rec
