@@ -18,6 +18,7 @@ SkyPilot backend calls it first. Importing this module is cheap; `state()` does 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -111,8 +112,8 @@ def _health(p: int, timeout: float = 2.0) -> dict | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{p}/api/health", timeout=timeout) as r:
             body = json.loads(r.read(65536) or b"null")
-    except (OSError, ValueError, urllib.error.URLError):
-        return None
+    except (OSError, ValueError, urllib.error.URLError, http.client.HTTPException):
+        return None  # nothing, or not SkyPilot (an SSH server answers "SSH-2.0-...": BadStatusLine)
     return body if isinstance(body, dict) else None
 
 

@@ -800,3 +800,28 @@ def test_a_preemption_on_a_terminal_says_preempted_and_relaunching(tmp_path):
     assert re.search(r"nutrition: step \d+/\d+ loss", text), text[-3000:]
     status = json.loads(meetara("status", "pt", "--json", tmp_path=tmp_path).stdout)
     assert [(j["state"], j["preemptions"]) for j in status] == [("SUCCEEDED", 1)]
+
+
+def test_doctor_with_something_else_on_the_skypilot_port_says_so(tmp_path):
+    """A process that is not an HTTP server on meetara's SkyPilot port (an SSH server answers
+    "SSH-2.0-..."): doctor's row says what holds the port (before: an internal error, BadStatusLine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        threading.Thread(target=serve, daemon=True).start()
+        r = meetara("doctor", tmp_path=tmp_path, MEETARA_SKY_PORT=str(s.getsockname()[1]))
+    assert r.returncode == 0 and "internal error" not in r.stderr, r.stderr
+    row = next(line for line in r.stdout.splitlines() if "SkyPilot API server" in line)
+    assert "no" in row, row
