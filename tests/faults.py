@@ -5,7 +5,8 @@ reset, an outage that starts after a given number of HTTP requests (open connect
 ones refused) and ends after some refused connections, or a response cut off mid-body.
 
 `ChecksumRefusingS3` (HTTP) is an S3-compatible server as several are: it answers 501 NotImplemented
-to any request that carries boto3's flexible-checksum headers, and forwards the rest to a real one."""
+to any request that carries boto3's flexible-checksum headers, and forwards the rest to a real one.
+`FailingS3` (HTTP) answers 500 to the requests that name a given key and counts them."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class FlakyProxy:
         self._outage_at: int | None = None
         self._outage_refuse: float = 0
         self._cut_left: int | None = None
+        self._cut_every, self._cuts_left = 0, 0
         self.cut = 0
         self._open: set[socket.socket] = set()
         self.sock = socket.socket()
@@ -48,11 +50,12 @@ class FlakyProxy:
             self._outage_at = self.requests + after_requests
             self._outage_refuse = float("inf") if refuse is None else refuse
 
-    def cut_next_response(self, after_bytes: int) -> None:
+    def cut_next_response(self, after_bytes: int, times: int = 1) -> None:
         """Reset the connection once `after_bytes` more bytes went back to the client: the next
-        response (headers and the start of its body) arrives cut off, as when a link drops mid-read."""
+        response (headers and the start of its body) arrives cut off, as when a link drops mid-read;
+        `times` such cuts in a row (each after `after_bytes` more)."""
         with self._lock:
-            self._cut_left = after_bytes
+            self._cut_left, self._cut_every, self._cuts_left = after_bytes, after_bytes, times - 1
 
     def _cut(self, data: bytes) -> bytes | None:
         """The part of a downstream chunk to pass on before the cut, or None when there is no cut."""
@@ -64,6 +67,8 @@ class FlakyProxy:
                 return None
             head, self._cut_left = data[: self._cut_left], None
             self.cut += 1
+            if self._cuts_left > 0:
+                self._cut_left, self._cuts_left = self._cut_every, self._cuts_left - 1
             return head
 
     def heal(self) -> None:
@@ -139,9 +144,9 @@ NOT_IMPLEMENTED = (
 )
 
 
-class ChecksumRefusingS3:
-    """An HTTP proxy in front of a real S3 server that refuses checksum headers with a 501, counting
-    the requests it refused and forwarded."""
+class _AnsweringS3:
+    """An HTTP proxy in front of a real S3 server that answers some requests itself (`_answer`: a status
+    and an XML error body, or None to forward), counting the requests it answered and forwarded."""
 
     def __init__(self, target: str) -> None:
         host, port = target.removeprefix("http://").split(":")
@@ -158,18 +163,22 @@ class ChecksumRefusingS3:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                names = [k.lower() for k in self.headers]
-                if any(n.startswith(CHECKSUM_HEADERS) for n in names):
-                    proxy.refused.append(f"{self.command} {self.path}")
-                    self.send_response(501)
+                answer = proxy._answer(self)
+                if answer is not None:
+                    status, error = answer
+                    with proxy._lock:
+                        proxy.refused.append(f"{self.command} {self.path}")
+                    self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(NOT_IMPLEMENTED)))
+                    self.send_header("Content-Length", str(len(error)))
                     self.send_header("Connection", "close")
                     self.end_headers()
-                    self.wfile.write(NOT_IMPLEMENTED)
+                    if self.command != "HEAD":
+                        self.wfile.write(error)
                     self.close_connection = True
                     return
-                proxy.forwarded += 1
+                with proxy._lock:
+                    proxy.forwarded += 1
                 conn = http.client.HTTPConnection(host, int(port), timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
@@ -189,10 +198,40 @@ class ChecksumRefusingS3:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
+        self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def _answer(self, request: BaseHTTPRequestHandler) -> tuple[int, bytes] | None:
+        raise NotImplementedError
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class ChecksumRefusingS3(_AnsweringS3):
+    """Refuses checksum headers with a 501, as several S3-compatible servers do."""
+
+    def _answer(self, request: BaseHTTPRequestHandler) -> tuple[int, bytes] | None:
+        names = [k.lower() for k in request.headers]
+        return (501, NOT_IMPLEMENTED) if any(n.startswith(CHECKSUM_HEADERS) for n in names) else None
+
+
+INTERNAL_ERROR = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code><Message>We encountered an'
+    b" internal error. Please try again.</Message></Error>"
+)
+
+
+class FailingS3(_AnsweringS3):
+    """Answers 500 InternalError (a transient error, to be retried) to every request whose path or query
+    contains `marker`, and counts them in `refused`; forwards the rest."""
+
+    def __init__(self, target: str, marker: str) -> None:
+        self.marker = marker
+        super().__init__(target)
+
+    def _answer(self, request: BaseHTTPRequestHandler) -> tuple[int, bytes] | None:
+        return (500, INTERNAL_ERROR) if self.marker in request.path else None

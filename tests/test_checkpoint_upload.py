@@ -73,7 +73,9 @@ def test_training_runs_ahead_of_a_slow_upload_and_ends_the_same(bucket, s3_serve
     assert checkpoint.steps(s3, "c") == checkpoint.steps(ref_store, "c")  # pruned alike
 
 
-def test_an_outage_during_a_background_upload_is_retried_through(bucket, s3_server, reference):
+def test_an_outage_during_a_background_upload_is_retried_through(bucket, s3_server, reference, monkeypatch):
+    # the request cut by the outage and two refused connections fail: the fourth attempt goes through
+    monkeypatch.setenv("MEETARA_STORE_RETRIES", "4")
     host, port = s3_server.removeprefix("http://").split(":")
     proxy = FlakyProxy(host, int(port))
     try:

@@ -113,6 +113,55 @@ def test_transient_errors_are_retried(bucket, s3_server):
         proxy.close()
 
 
+def test_a_failing_request_is_sent_as_often_as_the_store_retries_say(
+    bucket, s3_server, tmp_path, monkeypatch
+):
+    """MEETARA_STORE_RETRIES=3: a request the server keeps answering with a 500 reaches it 3 times,
+    whatever the call (one retry layer: not botocore's on top of meetara's), and ends in one line."""
+    from faults import FailingS3
+
+    monkeypatch.setenv("MEETARA_STORE_RETRIES", "3")
+    server = FailingS3(s3_server, "broken")
+    try:
+        store = open_store(f"s3://{bucket}/p", endpoint_url=server.url)
+        store.put("fine", b"v")  # the rest goes through
+        assert store.get("fine") == b"v" and server.refused == []
+        (tmp_path / "f").write_bytes(b"x")
+        calls = {
+            "put": lambda: store.put("broken/k", b"v"),
+            "get": lambda: store.get("broken/k"),
+            "exists": lambda: store.exists("broken/k"),
+            "list": lambda: store.list("broken"),
+            "put_file": lambda: store.put_file("broken/f", tmp_path / "f"),
+            "get_file": lambda: store.get_file("broken/f", tmp_path / "got"),
+        }
+        for what, call in calls.items():
+            before = len(server.refused)
+            with pytest.raises(StoreError, match="InternalError|500") as e:
+                call()
+            assert len(server.refused) - before == 3, (what, server.refused[before:])
+            assert "\n" not in str(e.value)
+    finally:
+        server.close()
+
+
+def test_a_download_cut_off_each_time_is_read_as_often_as_the_store_retries_say(
+    bucket, s3_server, tmp_path, monkeypatch
+):
+    """A body cut off on every read: downloaded 3 times with MEETARA_STORE_RETRIES=3 (not boto3's 5
+    reads per try on top of meetara's retries), then one line."""
+    monkeypatch.setenv("MEETARA_STORE_RETRIES", "3")
+    proxy, store = _proxied_store(bucket, s3_server)
+    try:
+        store.put("big", os.urandom(1 << 20))
+        proxy.cut_next_response(64 << 10, times=100)
+        with pytest.raises(StoreError, match="failed") as e:
+            store.get_file("big", tmp_path / "got")
+        assert proxy.cut == 3 and "\n" not in str(e.value)
+    finally:
+        proxy.close()
+
+
 def test_checkpoints_commit_atomically_and_skip_bad_ones(store):
     prefix = "run/dom/checkpoints"
     for step in (10, 20, 30):
@@ -161,9 +210,11 @@ def _proxied_store(bucket: str, s3_server: str):
     return proxy, open_store(f"s3://{bucket}/p", endpoint_url=proxy.url)
 
 
-def test_an_outage_mid_checkpoint_is_retried_through(bucket, s3_server):
+def test_an_outage_mid_checkpoint_is_retried_through(bucket, s3_server, monkeypatch):
     """The server goes away after the first part of a checkpoint is uploaded and comes back after two
     refused connections: the upload retries and the checkpoint commits."""
+    # the request cut by the outage and two refused connections fail: the fourth attempt goes through
+    monkeypatch.setenv("MEETARA_STORE_RETRIES", "4")
     proxy, store = _proxied_store(bucket, s3_server)
     try:
         proxy.outage(after_requests=1, refuse=2)

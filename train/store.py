@@ -214,8 +214,23 @@ def _pseudo_fs(path: Path) -> str | None:
     return fstype if fstype in PSEUDO_FS else None
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """What a transfer (upload_file, download_file) failed of: boto3 wraps a failed upload's ClientError
+    in S3UploadFailedError (raised while handling it) and a download's last streaming error in
+    RetriesExceededError."""
+    from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+
+    if isinstance(exc, RetriesExceededError):
+        return exc.last_exception or exc
+    if isinstance(exc, S3UploadFailedError):
+        return exc.__cause__ or exc.__context__ or exc
+    return exc
+
+
 def _transient(exc: BaseException) -> bool:
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, IncompleteReadError
+
+    exc = _cause(exc)
 
     # HTTPClientError covers ResponseStreamingError (a body cut off mid-read) and read timeouts;
     # IncompleteReadError is a body shorter than its Content-Length
@@ -252,6 +267,8 @@ def checksum_envs() -> dict[str, str]:
 
 
 def _attempts() -> int:
+    """How many times an S3 request is sent at most, the first included (tenacity's is the only retry
+    layer: botocore's and s3transfer's own are set to one attempt)."""
     return int(os.environ.get("MEETARA_STORE_RETRIES", "5"))
 
 
@@ -274,16 +291,21 @@ class S3Store:
 
         self.bucket, self.prefix = bucket, prefix
         self.url = f"s3://{bucket}/{prefix}".rstrip("/")
-        # botocore's own retries are off so that tenacity alone decides (one policy, one place).
+        from boto3.s3.transfer import TransferConfig
+
+        # botocore's own retries are off so that tenacity alone decides (one policy, one place):
+        # one attempt in all (botocore's `max_attempts` counts retries, 1 would send each request twice)
         checksums = checksum_envs()
         cfg = Config(
-            retries={"max_attempts": 1, "mode": "standard"},
+            retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=float(os.environ.get("MEETARA_STORE_TIMEOUT", "5")),
             read_timeout=60,
             s3={"addressing_style": "path"},
             **{name: checksums[env] for name, env in CHECKSUM_SETTINGS.items()},
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=cfg)
+        # ... and s3transfer's: a download reads a cut-off body again up to 5 times by default
+        self._transfer = TransferConfig(num_download_attempts=1)
 
     def _key(self, key: str) -> str:
         _check_key(key)
@@ -295,9 +317,10 @@ class S3Store:
     def _call(self, what: str, fn, *args, **kwargs):
         try:
             return _retry(fn)(*args, **kwargs)
-        except Exception as e:
+        except Exception as exc:
             from botocore.exceptions import BotoCoreError, ClientError
 
+            e = _cause(exc)
             if isinstance(e, ClientError):
                 code = e.response.get("Error", {}).get("Code", "")
                 if code in ("NoSuchKey", "404"):
@@ -318,7 +341,9 @@ class S3Store:
 
     def put_file(self, key: str, path: Path) -> None:
         # upload_file does multipart for big files; a multipart upload is invisible until completed.
-        self._call(key, self.client.upload_file, str(path), self.bucket, self._key(key))
+        self._call(
+            key, self.client.upload_file, str(path), self.bucket, self._key(key), Config=self._transfer
+        )
 
     def get(self, key: str) -> bytes:
         def fetch() -> bytes:  # the body is read inside the retry: a cut-off read is fetched again
@@ -327,7 +352,9 @@ class S3Store:
         return self._call(key, fetch)
 
     def get_file(self, key: str, path: Path) -> None:
-        self._call(key, self.client.download_file, self.bucket, self._key(key), str(path))
+        self._call(
+            key, self.client.download_file, self.bucket, self._key(key), str(path), Config=self._transfer
+        )
 
     def resume_file(self, key: str, path: Path) -> None:
         """Download the rest of the object into `path`, which holds a prefix of it (HTTP range requests;
