@@ -109,7 +109,11 @@ class Money:
             self._reserve(job)
         res = self.ledger.reservation(job.reservation_id)
         dearer = job.offer.price_hour > res.rate_per_hour + 1e-12
-        if (dearer or job.launches > 0) and not self._cover(job, res):  # a relaunch: after a preemption
+        # a relaunch (after a preemption) runs on what an earlier launch left of its reservation; one
+        # no launch used yet is the plan's whole cost (a recovered job's: its record keeps the earlier
+        # launches), which `_cover`'s rounder figure could find short and replace
+        relaunch = job.launches > 0 and (res.started_at is not None or res.accrued > 0)
+        if (dearer or relaunch) and not self._cover(job, res):
             return
         res = self.ledger.reservation(job.reservation_id)
         left = res.amount - res.accrued

@@ -15,6 +15,7 @@ from pathlib import Path
 from conftest import local_env, run_cli
 from test_local_backend import wait_for
 
+from budgets.caps import BudgetConfig
 from budgets.ledger import Ledger
 from launcher.backends.local import LocalBackend
 
@@ -144,3 +145,36 @@ def test_domains_a_cancelled_job_finished_count_in_the_report(tmp_path):
     assert sum(r["domains_done"] for r in rows) == 3
     assert abs(sum(r["cost_so_far"] for r in rows) - sum(e.amount for e in ledger.entries())) <= 1e-6
     assert abs(row["cost"] - sum(e.amount for e in ledger.entries())) <= 1e-6
+
+
+def test_a_recovered_job_launches_on_the_reservation_made_for_it(tmp_path, monkeypatch):
+    """`recover`'s record keeps a job's earlier launches (launch.carry_over), so its first launch has
+    launches > 0: it is no relaunch, and the reservation made for it is kept (it was replaced by a
+    third one whenever the plan's hours rounded up past its cost: the ledger then held 3)."""
+    from launcher.launch import new_run
+    from launcher.money import RESERVE_MARGIN, Money
+    from launcher.plan import Workload, plan_local
+    from launcher.preferences import Preferences
+
+    monkeypatch.setenv("MEETARA_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("MEETARA_LOCAL_TOKENS_S", "1e4")  # no load in the figures: the same plan each time
+    prefs = Preferences(local_price_hour=RATE_H)
+    for tenth in range(6000, 6100):  # a start-up whose job's hours round up at the plan's 4 digits
+        monkeypatch.setenv("MEETARA_LOCAL_STARTUP_S", str(tenth / 10))
+        plan = plan_local(["legal"], prefs, Workload(), "again")
+        (pj,) = plan.jobs
+        if round(pj.hours * RATE_H * RESERVE_MARGIN, 6) > round(pj.cost * RESERVE_MARGIN, 6):
+            break
+    else:
+        raise AssertionError("no start-up in the range rounds up")
+    ledger = Ledger(tmp_path / "ledger.sqlite", config=BudgetConfig(daily=100, weekly=100, monthly=100))
+    rec = new_run(plan, store=f"file://{tmp_path}/store", endpoint_url=None, models_dir=tmp_path, budget=20)
+    money = Money(ledger, rec, LocalBackend(root=tmp_path / "jobs"), poll_s=0.2)
+    money.reserve_plan()
+    (job,) = rec.jobs.values()
+    made = job.reservation_id
+    job.launches = 1  # what carry_over keeps of the unwatched launch
+    money.before_launch(job)
+    assert job.state == "planned" and job.reservation_id == made and job.stop_hard_at is not None
+    (res,) = ledger.reservations("again")
+    assert res.state == "open" and res.amount == round(pj.cost * RESERVE_MARGIN, 6)
