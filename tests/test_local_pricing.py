@@ -1,10 +1,18 @@
-"""Priced local runs (issue 27, item 3): a job never runs past its reservation, even one that ignores
-its in-job guard (the runner ends it at MEETARA_STOP_HARD_AT), so the ledger settles no more than was
+"""Priced local runs (issue 27, item 3): on a loaded machine a run priced by the planner trains to the
+end within what it reserved, and a job never runs past its reservation, even one that ignores its
+in-job guard (the runner ends it at MEETARA_STOP_HARD_AT), so the ledger settles no more than was
 reserved."""
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
+import subprocess
+import sys
+
+from conftest import local_env, run_cli
+from test_local_backend import wait_for
 
 from budgets.ledger import Ledger
 from launcher.backends.local import LocalBackend
@@ -55,3 +63,28 @@ def test_a_job_that_ignores_its_guard_is_ended_at_its_reservation(tmp_path, monk
     assert ran * RATE_H / 3600 <= res.amount + 1e-9  # never past what was reserved ...
     assert res.accrued <= res.amount + 1e-9  # ... and the ledger settled no more
     assert res.accrued >= 0.5 * res.amount  # ... and it did run on what was reserved
+
+
+def test_a_priced_run_on_a_loaded_machine_trains_to_the_end_within_its_reservation(tmp_path):
+    """Four busy processes beside whatever else runs (a 1-minute load of 5 at least on this 2-core
+    machine): a two-domain run priced by the planner (no start-up override) trains both domains,
+    validated, and each job's ledger settles within what it reserved. Before, torch's two spinning
+    threads trained 16-80x slower under such load and every job stopped at its reservation."""
+    env = {**os.environ, **local_env(tmp_path, RATE_H)}
+    env.pop("MEETARA_LOCAL_STARTUP_S")  # the planner's own price: measured start-up x the load
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+    try:
+        wait_for(lambda: os.getloadavg()[0] >= 5, timeout=180, what="a 1-minute load of 5")
+        args = ["launch", "-d", "nutrition,legal", "--budget", "20", "--yes", "--run-id", "loaded"]
+        r = run_cli(*args, "--models-dir", str(tmp_path / "models"), module="launcher", cwd=tmp_path, env=env)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert r.returncode == 0, r.stderr[-3000:]
+    for d in ("nutrition", "legal"):
+        manifest = tmp_path / "store" / "runs" / "loaded" / "domains" / d / "manifest.json"
+        assert json.loads(manifest.read_text())["validation"]["passed"], d
+    reservations = Ledger(tmp_path / "ledger.sqlite").reservations("loaded")
+    assert reservations and all(res.state == "settled" for res in reservations)
+    assert all(0 < res.accrued <= res.amount + 1e-9 for res in reservations)

@@ -261,28 +261,40 @@ def run_job(spec: JobSpec, *, events: Events | None = None, stop: StopFlag | Non
         return summary
     check_resumes(store, spec, todo)
 
+    from train.cpu import job_threads, passive_wait
+
+    passive_wait()
     import torch
 
     from train.model import load_base
 
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = load_base(
-        spec.base_model, registry, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32
-    )
-    summary["base_load_seconds"] = round(time.perf_counter() - t0, 3)
-    from train.llama_check import LlamaWorker
-
-    # a warm start reads the domains done so far, so it waits for them
-    overlap = (device == "cuda" if spec.overlap is None else spec.overlap) and not spec.warm_start
     threads, finish_threads = torch.get_num_threads(), None
-    if overlap and device == "cpu":  # asked for on a CPU: training and finishing get cores of their own
-        import os
-
-        cores = len(os.sched_getaffinity(0))
-        finish_threads = max(1, cores // 4)
-        torch.set_num_threads(max(1, cores - finish_threads))
     try:
+        # on a CPU, the cores the machine's load leaves free (train.cpu: oversubscribed, it crawls),
+        # from the base model's load on (the tiny model is trained when it is not cached)
+        free = job_threads() if device == "cpu" else None
+        if free is not None:
+            finish_threads = free
+            torch.set_num_threads(free)
+        base = load_base(
+            spec.base_model,
+            registry,
+            device=device,
+            dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        )
+        summary["base_load_seconds"] = round(time.perf_counter() - t0, 3)
+        from train.llama_check import LlamaWorker
+
+        # a warm start reads the domains done so far, so it waits for them
+        overlap = (device == "cuda" if spec.overlap is None else spec.overlap) and not spec.warm_start
+        if overlap and device == "cpu":  # asked for on a CPU: training and finishing get cores of their own
+            import os
+
+            cores = free or len(os.sched_getaffinity(0))
+            finish_threads = max(1, cores // 4)
+            torch.set_num_threads(max(1, cores - finish_threads))
         with (
             tempfile.TemporaryDirectory(prefix="meetara-") as tmp,
             LlamaWorker(threads=finish_threads) as worker,
