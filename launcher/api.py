@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -332,13 +334,18 @@ class ReportView(BaseModel):
 
 
 def report(
-    by: str = "provider", since: str | None = None, until: str | None = None, config: Path | None = None
+    by: str = "provider",
+    since: str | None = None,
+    until: str | None = None,
+    config: Path | None = None,
+    max_age_s: float = 0.0,
 ) -> ReportView:
-    """Cost per provider, domain, day or run from the ledger over [since, until] (`meetara report`)."""
+    """Cost per provider, domain, day or run from the ledger over [since, until] (`meetara report`);
+    `max_age_s`: the stores' listings may be that old (`_domains_in_store`)."""
     from budgets import report as rep
     from budgets.query import query_report
 
-    rows, total, start, stop = query_report(config, by, since, until, finished_in_stores())
+    rows, total, start, stop = query_report(config, by, since, until, finished_in_stores(max_age_s))
     doc = json.loads(rep.to_json(rows, by=by, since=start, until=stop, total=total))
     return ReportView(
         by=by,
@@ -356,7 +363,7 @@ def report_rows(by: str, since: str | None, until: str | None, config: Path | No
     return query_report(config, by, since, until, finished_in_stores())
 
 
-def finished_in_stores() -> dict[str, dict[str, Any]]:
+def finished_in_stores(max_age_s: float = 0.0) -> dict[str, dict[str, Any]]:
     """Per run this machine launched whose store can be read: its domains with a manifest there, and
     when each was written (the report counts domains done from this, not from how jobs ended)."""
     from datetime import UTC, datetime
@@ -365,7 +372,7 @@ def finished_in_stores() -> dict[str, dict[str, Any]]:
 
     out: dict[str, dict[str, Any]] = {}
     for rec in list_runs():
-        found, error = _domains_in_store(rec)
+        found, error = _domains_in_store(rec, max_age_s)
         if error is not None:
             continue  # the ledger's rule for this run
         out[rec.run_id] = {  # every domain of the run's store: a recover's plan names only the rest
@@ -435,14 +442,19 @@ def _run_state(rows: list[dict]) -> str:
     return ", ".join(sorted(s.lower() for s in states))
 
 
-def runs() -> RunsView:
-    """Every run this machine launched, newest first, with its jobs' rows."""
+def runs(max_age_s: float = 0.0) -> RunsView:
+    """Every run this machine launched, newest first, with its jobs' rows (`max_age_s`: the stores'
+    listings may be that old, `_domains_in_store`)."""
     from launcher.launch import job_rows
     from launcher.runs import list_runs
 
     out = []
     for rec in sorted(list_runs(), key=lambda r: r.created_at, reverse=True):
-        rows = job_rows([rec])
+        if max_age_s > 0:  # the dashboard's: one reading of the store shared by its pages
+            found, error = _domains_in_store(rec, max_age_s)
+            rows = job_rows([rec], None if error else _done(found))
+        else:
+            rows = job_rows([rec])
         out.append(
             RunSummary(
                 run_id=rec.run_id,
@@ -462,9 +474,37 @@ def runs() -> RunsView:
     return RunsView(runs=out)
 
 
-def _domains_in_store(rec) -> tuple[dict[str, dict], str | None]:
+# the dashboard's live pages poll about once a second each: what they read of a run's store (one LIST
+# on S3, and its manifests) is shared between them for this long (keyed by store and run)
+LISTING_MAX_AGE_S = 5.0
+_listings: dict[tuple[str, str | None, str], tuple[float, dict[str, dict], str | None]] = {}
+_listings_lock = threading.Lock()
+
+
+def _done(found: dict[str, dict]) -> set[str]:
+    return {d for d, f in found.items() if f["manifest"] is not None}
+
+
+def _domains_in_store(rec, max_age_s: float = 0.0) -> tuple[dict[str, dict], str | None]:
     """Per domain of the run: its manifest.json / failed.json, checkpoint steps and file sizes in the
-    store. One listing of the run's folder; ({}, error) where the store cannot be read."""
+    store. One listing of the run's folder; ({}, error) where the store cannot be read. With
+    `max_age_s`, a reading of the same store and run at most that old is reused (the dashboard's)."""
+    key = (rec.store, rec.endpoint_url, rec.run_id)
+    if max_age_s <= 0:
+        found, error = _read_domains(rec)
+        with _listings_lock:
+            _listings[key] = (time.monotonic(), found, error)
+        return found, error
+    with _listings_lock:  # held while reading: pages asking at once share one listing
+        hit = _listings.get(key)
+        if hit is not None and time.monotonic() - hit[0] < max_age_s:
+            return hit[1], hit[2]
+        found, error = _read_domains(rec)
+        _listings[key] = (time.monotonic(), found, error)
+        return found, error
+
+
+def _read_domains(rec) -> tuple[dict[str, dict], str | None]:
     from train.store import StoreError, open_store
 
     prefix = f"runs/{rec.run_id}/domains/"
@@ -571,17 +611,18 @@ def _timeline(rec) -> list[dict[str, Any]]:
     return sorted(out, key=lambda e: e["at"])
 
 
-def run_detail(run_id: str, *, curves: bool = True) -> RunDetail:
+def run_detail(run_id: str, *, curves: bool = True, max_age_s: float = 0.0) -> RunDetail:
     """One run: its jobs and, per domain, where it stands (store first, then the job's state), the
-    files it produced and their sizes, its training curves and its time line."""
+    files it produced and their sizes, its training curves and its time line (`max_age_s`: the
+    store's listing may be that old, `_domains_in_store`)."""
     from launcher.launch import job_rows
     from launcher.runs import ACTIVE
     from train.metrics import read_metrics
     from train.store import StoreError, open_store
 
     rec = load(run_id)
-    found, error = _domains_in_store(rec)  # one listing of the store serves the job rows too
-    rows = job_rows([rec], None if error else {d for d, f in found.items() if f["manifest"] is not None})
+    found, error = _domains_in_store(rec, max_age_s)  # one listing of the store serves the job rows too
+    rows = job_rows([rec], None if error else _done(found))
     state_of = {r["job"]: r["state"] for r in rows}
     models = Path(rec.models_dir)
     domains = []

@@ -6,7 +6,8 @@ ones refused) and ends after some refused connections, or a response cut off mid
 
 `ChecksumRefusingS3` (HTTP) is an S3-compatible server as several are: it answers 501 NotImplemented
 to any request that carries boto3's flexible-checksum headers, and forwards the rest to a real one.
-`FailingS3` (HTTP) answers 500 to the requests that name a given key and counts them."""
+`FailingS3` (HTTP) answers 500 to the requests that name a given key and counts them; `S3Proxy` only
+counts what goes through."""
 
 from __future__ import annotations
 
@@ -144,13 +145,15 @@ NOT_IMPLEMENTED = (
 )
 
 
-class _AnsweringS3:
-    """An HTTP proxy in front of a real S3 server that answers some requests itself (`_answer`: a status
-    and an XML error body, or None to forward), counting the requests it answered and forwarded."""
+class S3Proxy:
+    """An HTTP proxy in front of a real S3 server, recording every request ("METHOD /path?query") in
+    `requests`; a subclass answers some itself (`_answer`: a status and an XML error body, or None to
+    forward), counted in `refused`, the rest in `forwarded`."""
 
     def __init__(self, target: str) -> None:
         host, port = target.removeprefix("http://").split(":")
         proxy = self
+        self.requests: list[str] = []
         self.refused: list[str] = []
         self.forwarded = 0
 
@@ -163,6 +166,8 @@ class _AnsweringS3:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                with proxy._lock:
+                    proxy.requests.append(f"{self.command} {self.path}")
                 answer = proxy._answer(self)
                 if answer is not None:
                     status, error = answer
@@ -204,14 +209,19 @@ class _AnsweringS3:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def _answer(self, request: BaseHTTPRequestHandler) -> tuple[int, bytes] | None:
-        raise NotImplementedError
+        return None
+
+    def lists(self) -> int:
+        """ListObjectsV2 requests so far."""
+        with self._lock:
+            return sum(r.startswith("GET ") and "list-type=2" in r for r in self.requests)
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
-class ChecksumRefusingS3(_AnsweringS3):
+class ChecksumRefusingS3(S3Proxy):
     """Refuses checksum headers with a 501, as several S3-compatible servers do."""
 
     def _answer(self, request: BaseHTTPRequestHandler) -> tuple[int, bytes] | None:
@@ -225,7 +235,7 @@ INTERNAL_ERROR = (
 )
 
 
-class FailingS3(_AnsweringS3):
+class FailingS3(S3Proxy):
     """Answers 500 InternalError (a transient error, to be retried) to every request whose path or query
     contains `marker`, and counts them in `refused`; forwards the rest."""
 

@@ -155,13 +155,20 @@ def build_app(
     # ---- what each page shows: api calls (blocking: run in the thread pool) and rendering ----
 
     def overview_fragment(query: dict[str, str]) -> str:
-        return views.overview(api.budget(config).model_dump(mode="json"), api.runs().model_dump(mode="json"))
+        runs = api.runs(max_age_s=api.LISTING_MAX_AGE_S)  # the stores' listings shared by open pages
+        return views.overview(api.budget(config).model_dump(mode="json"), runs.model_dump(mode="json"))
 
     def run_fragment(query: dict[str, str], run_id: str) -> str:
-        return views.run_page(api.run_detail(run_id).model_dump(mode="json"))
+        return views.run_page(api.run_detail(run_id, max_age_s=api.LISTING_MAX_AGE_S).model_dump(mode="json"))
 
     def report_fragment(query: dict[str, str]) -> str:
-        rep = api.report(query.get("by") or "provider", query.get("since"), query.get("until"), config=config)
+        rep = api.report(
+            query.get("by") or "provider",
+            query.get("since"),
+            query.get("until"),
+            config=config,
+            max_age_s=api.LISTING_MAX_AGE_S,
+        )
         return views.report_page(rep.model_dump(mode="json"), query)
 
     def offers_doc(query: dict[str, str]) -> dict[str, Any]:
