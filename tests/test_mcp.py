@@ -190,8 +190,12 @@ async def until_pulled(tmp_path: Path, run_id: str, domain: str, timeout_s: floa
 
 
 def test_mcp_refusals_are_the_cli_messages(tmp_path):
-    # at $1000/h the local plan for one domain costs ~$10: over a $0.50 budget, and over the $5 daily cap
-    env = sandbox(tmp_path, MEETARA_LOCAL_PRICE_HOUR="1000")
+    # at $1000/h the local plan for one domain costs ~$10: over a $0.50 budget, and over the $5 daily cap;
+    # its start-up and speed given, so that the machine's load (which local plans are priced by) cannot
+    # change the figure between the MCP's launch and the CLI's
+    env = sandbox(
+        tmp_path, MEETARA_LOCAL_PRICE_HOUR="1000", MEETARA_LOCAL_STARTUP_S="30", MEETARA_LOCAL_TOKENS_S="1e4"
+    )
     cases = [
         (dict(domains="legal", budget=0.5), ["-d", "legal", "--budget", "0.5"]),
         (dict(domains="legal", budget=50), ["-d", "legal", "--budget", "50"]),
