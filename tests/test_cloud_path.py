@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import closed_port, run_cli
-from harness.proxy import ProviderProxy, provider_proxy
+from harness.proxy import ProviderProxy, fake_credentials, provider_proxy
 
 from budgets.ledger import Ledger
 
@@ -129,12 +129,7 @@ def cloud(tmp_path_factory: pytest.TempPathFactory, s3_server: str):
 
     work = tmp_path_factory.mktemp("cloud")
     home = work / "home"
-    (home / ".config" / "vastai").mkdir(parents=True)
-    (home / ".config" / "vastai" / "vast_api_key").write_text("fake-vast-key\n")
-    (home / ".lambda_cloud").mkdir()
-    (home / ".lambda_cloud" / "lambda_keys").write_text("api_key = fake-lambda-key\n")
-    (home / ".runpod").mkdir()
-    (home / ".runpod" / "config.toml").write_text('[default]\napi_key = "fake-runpod-key"\n')
+    fake_credentials(home)
     (work / "prefs.yaml").write_text(f"start_timeout_minutes: {START_TIMEOUT_MIN}\n")
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="cloud")
     with provider_proxy(work) as proxy:
@@ -154,25 +149,33 @@ def cloud(tmp_path_factory: pytest.TempPathFactory, s3_server: str):
 
 
 def _vast_offers(planned: list[dict], template: dict) -> list[dict]:
-    """Vast search rows for the planned offers (their ids, GPU, prices), shaped like a recorded row."""
+    """Vast search rows for the planned offers (their ids, GPU, prices), shaped like a recorded row: one row
+    per machine, its on-demand price and its minimum bid as meetara priced them (less the disk, which Vast
+    bills on top at storage_cost)."""
     from launcher.skycatalog import VAST_GPU_NAMES, _vast_name
 
-    rows = []
+    disk_hour = DISK_GB * 0.15 / 720
+    rows: dict[int, dict] = {}
     for o in planned:
-        row = copy.deepcopy(template)
         vid = int(o["instance_type"])
-        row.update(
-            id=vid,
-            ask_contract_id=vid,
-            gpu_name=VAST_GPU_NAMES.get(o["gpu"]) or _vast_name(o["gpu"]),
-            num_gpus=o["gpu_count"],
-            storage_cost=0.15,
-            min_bid=round(o["price_hour"] - DISK_GB * 0.15 / 720, 4) if o["spot"] else 0.05,
-            dph_base=o["price_hour"],
-            dph_total=o["price_hour"],
-        )
-        rows.append(row)
-    return rows
+        row = rows.get(vid)
+        if row is None:
+            row = rows[vid] = copy.deepcopy(template)
+            row.update(
+                id=vid,
+                ask_contract_id=vid,
+                gpu_name=VAST_GPU_NAMES.get(o["gpu"]) or _vast_name(o["gpu"]),
+                num_gpus=o["gpu_count"],
+                storage_cost=0.15,
+                min_bid=0.05,
+                dph_base=o["price_hour"],
+                dph_total=o["price_hour"],
+            )
+        if o["spot"]:
+            row["min_bid"] = round(o["price_hour"] - disk_hour, 4)
+        else:
+            row["dph_base"] = row["dph_total"] = round(o["price_hour"] - disk_hour, 6)
+    return list(rows.values())
 
 
 def _template() -> dict:

@@ -523,7 +523,7 @@ def test_failed_controller_after_a_users_cancel_is_never_relaunched(tmp_path, mo
 
 def test_the_job_is_billed_for_its_machine_from_creation_to_teardown() -> None:
     """job_status with the cluster's usage intervals (SkyPilot's cluster history): a failed create's closed
-    record does not start a job that never got a machine; an open one (a machine being set up) does; a job
+    record, or an open one with no machine yet, does not start a job; a machine being set up does; a job
     SkyPilot finished keeps running, for the money, until its machine is torn down."""
     from sky.jobs import state
 
@@ -531,8 +531,10 @@ def test_the_job_is_billed_for_its_machine_from_creation_to_teardown() -> None:
 
     async def scenario():
         job_id = _new_job("billed-j1")
-        out = [job_status(_records(job_id), machine=[(100.0, 101.0)])]  # create refused, failover
-        out.append(job_status(_records(job_id), machine=[(100.0, 101.0), (200.0, None)]))  # set-up
+        out = [job_status(_records(job_id), machine=[(100.0, 101.0)], machine_up=False)]  # refused
+        # failing over, no machine yet; then the provider created one, which SkyPilot is setting up
+        out.append(job_status(_records(job_id), machine=[(100.0, 101.0), (200.0, None)], machine_up=False))
+        out.append(job_status(_records(job_id), machine=[(100.0, 101.0), (200.0, None)], machine_up=True))
         await state.set_starting_async(job_id, 0, "ts", time.time(), "resources", {}, _noop)
         await state.set_started_async(job_id, 0, 300.0, _noop)
         out.append(job_status(_records(job_id), machine=[(100.0, 101.0), (200.0, None)]))
@@ -541,8 +543,9 @@ def test_the_job_is_billed_for_its_machine_from_creation_to_teardown() -> None:
         out.append(job_status(_records(job_id), machine=[(100.0, 101.0), (200.0, 530.0)]))
         return out
 
-    pending, setting_up, running, tearing_down, done = asyncio.run(scenario())
+    pending, creating, setting_up, running, tearing_down, done = asyncio.run(scenario())
     assert pending.state is JobState.PENDING and pending.started_at is None
+    assert creating.state is JobState.PENDING and creating.started_at is None
     assert setting_up.state is JobState.PENDING and setting_up.started_at.timestamp() == 200.0
     assert running.state is JobState.RUNNING and running.started_at.timestamp() == 200.0
     assert tearing_down.state is JobState.RUNNING and tearing_down.ended_at is None

@@ -296,6 +296,7 @@ class SkyPilotBackend:
         self.sky_home = sky_home
         self.max_parallel = max_parallel or int(os.environ.get("MEETARA_CLOUD_PARALLEL", "64"))
         self.log_poll_s = 30.0  # each read is an API call to the jobs controller
+        self._machine_start: dict[int, float] = {}  # job id -> when its first machine was created
         self._server_ok = False
 
     def check(self) -> None:
@@ -417,6 +418,8 @@ class SkyPilotBackend:
         fields = [
             "job_id", "task_id", "job_name", "status", "submitted_at", "start_at", "end_at",
             "recovery_count", "failure_reason", "details", "last_recovered_at",
+            # where SkyPilot placed it (`placement`): read from the cluster's handle
+            "cloud", "region", "zone", "cluster_resources_full",
         ]  # fmt: skip
         try:
             records, *_ = sky.get(sky.jobs.queue_v2(refresh=False, job_ids=[job_id], fields=fields))
@@ -425,18 +428,47 @@ class SkyPilotBackend:
         mine = [r for r in records if r.job_id == job_id]
         if not mine:
             raise BackendError(f"no SkyPilot managed job {job_id}")
-        return job_status(mine, machine=self._machine_time(mine[-1]))
+        rec = mine[-1]
+        status = str(getattr(rec.status, "value", rec.status))
+        state = _STATES.get(status)
+        # SkyPilot's cluster records, asked for only where they change the answer (each is an API call, at
+        # every poll): a machine being provisioned, the first poll of a running job, a finished job
+        machine_up, machine = None, None
+        if status == "STARTING":
+            machine_up = self._machine_up(rec)
+            machine = self._machine_time(rec) if machine_up else None
+        elif state is JobState.RUNNING and job_id in self._machine_start:
+            machine = [(self._machine_start[job_id], None)]
+        elif state is not JobState.PENDING:
+            machine = self._machine_time(rec)
+        if machine and state is not JobState.PENDING:
+            self._machine_start.setdefault(job_id, machine[0][0])
+        return job_status(mine, machine=machine, machine_up=machine_up)
+
+    def _cluster_name(self, rec: Any) -> str:
+        from sky.jobs import utils as managed_job_utils
+
+        return managed_job_utils.generate_managed_job_cluster_name(str(rec.job_name), int(rec.job_id))
+
+    def _machine_up(self, rec: Any) -> bool:
+        """Whether the job's cluster has a machine now (its handle knows the head's address: the provider
+        created it), while SkyPilot is still provisioning or setting it up."""
+        sky = self._server()
+        try:
+            clusters = sky.get(sky.status(cluster_names=[self._cluster_name(rec)], all_users=True))
+        except Exception:
+            return False
+        return any(getattr(getattr(c, "handle", None), "head_ip", None) for c in clusters or [])
 
     def _machine_time(self, rec: Any) -> list[tuple[float, float | None]] | None:
         """When the job's cluster was up, from SkyPilot's own cluster history (its usage intervals: from the
         cluster's creation, before provisioning, to its teardown; None end: still up), which is what the
         provider bills; None where the history cannot be read (the job's own times then stand)."""
-        from sky.jobs import utils as managed_job_utils
         from sky.server import common as server_common
         from sky.server.requests import payloads
 
         sky = self._server()
-        name = managed_job_utils.generate_managed_job_cluster_name(str(rec.job_name), int(rec.job_id))
+        name = self._cluster_name(rec)
         try:
             body = payloads.CostReportBody(days=30, cluster_names=[name])
             response = server_common.make_authenticated_request(
@@ -451,7 +483,8 @@ class SkyPilotBackend:
                 continue
             for start, end in report.get("usage_intervals") or []:
                 if start is not None:
-                    out.append((float(start), None if end is None else float(end)))
+                    # whole seconds, truncated: the machine was up until the end of the recorded second
+                    out.append((float(start), None if end is None else float(end) + 1.0))
         return sorted(out, key=lambda iv: iv[0])
 
     def cancel(self, handle: str) -> None:
@@ -534,7 +567,9 @@ def _explain(reason: str) -> str:
 
 
 def job_status(
-    records: Sequence[Any], machine: Sequence[tuple[float, float | None]] | None = None
+    records: Sequence[Any],
+    machine: Sequence[tuple[float, float | None]] | None = None,
+    machine_up: bool | None = None,
 ) -> SkyJobStatus:
     """One status from a managed job's queue records (one per task; meetara's jobs have one).
 
@@ -545,7 +580,9 @@ def job_status(
     `machine`: the job's cluster's usage intervals (SkyPilot's cluster history). Providers bill from the
     machine's creation to its teardown, so the job starts when its first cluster was created (provisioning
     and runtime set-up are paid for), and a job SkyPilot has finished is still running, for the money,
-    until its cluster is torn down (the controller does that after it records the end)."""
+    until its cluster is torn down (the controller does that after it records the end). While SkyPilot
+    has not started the job, its cluster's record counts only once `machine_up` (the provider created a
+    machine): failing over between offers that refuse the create also keeps a record open."""
     rec = records[-1]
     status = str(getattr(rec.status, "value", rec.status))
     state = _STATES.get(status)
@@ -568,9 +605,13 @@ def job_status(
         detail += f": {_explain(first_line(Exception(reason)))}"
     started = min((r.start_at for r in records if r.start_at), default=None)
     ended = rec.end_at if state.finished else None
-    # the machines that count: up now, or up while the job ran (a failed create's short record before a
-    # failover had no machine to bill, and must not make a job that never got one look started)
-    billed = [(b, e) for b, e in machine or () if e is None or (started is not None and e >= started)]
+    # the machines that count: up while the job ran, or up now with a machine the provider created (a job
+    # that never got one must not look started: its money is released when it ends without one)
+    billed = [
+        (b, e)
+        for b, e in machine or ()
+        if (started is not None and (e is None or e >= started)) or (e is None and machine_up)
+    ]
     if billed:
         started = min(b for b, _e in billed) if started is None else min(started, *(b for b, _e in billed))
         if state.finished:

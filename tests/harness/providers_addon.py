@@ -21,6 +21,9 @@ import hashlib
 import json
 import os
 import re
+
+# tests/harness/node.py (standard library only): a created instance can be a real SSH node on this machine
+import sys  # noqa: E402
 import threading
 import time
 import traceback
@@ -30,6 +33,9 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from mitmproxy import ctx, http
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import node as nodes  # noqa: E402
 
 HOSTS = {
     "cloud.lambdalabs.com": "lambda",  # SkyPilot 0.14.1's lambda_utils.API_ENDPOINT
@@ -282,6 +288,9 @@ class ProvidersAddon:
         self.runpod_registry_auths: list[dict[str, Any]] = []
         self.vast_instances: dict[int, dict[str, Any]] = {}
         self.vast_ssh_keys: list[dict[str, Any]] = []
+        # (provider, instance id) -> the SSH node started for it (scenario option `node`)
+        self.nodes: dict[tuple[str, str], nodes.Node] = {}
+        self.billed: list[dict[str, Any]] = []  # one entry per terminated instance: what the provider bills
 
     # mitmproxy hooks
 
@@ -386,6 +395,8 @@ class ProvidersAddon:
             return _unknown(req)
         if provider is None:
             return _unknown(req, "host is not one of the faked providers")
+        if req.method == "HEAD" and req.path in ("", "/"):  # a network check (meetara's SkyPilot plugin)
+            return Reply(200, "", outcome="ok")
         if not any(re.fullmatch(m, req.method) and re.fullmatch(p, req.path) for m, p in ROUTES[provider]):
             return _unknown(req)
         cfg = self.scenario().get("providers", {}).get(provider) or {}
@@ -425,6 +436,10 @@ class ProvidersAddon:
             "lambda": list(self.lambda_instances.values()),
             "runpod": list(self.runpod_pods.values()),
             "vast": list(self.vast_instances.values()),
+            "nodes": [
+                {"provider": p, "instance": i, **json.loads(n.to_json())} for (p, i), n in self.nodes.items()
+            ],
+            "billed": self.billed,
         }
         tmp = self.dir / "state.json.tmp"
         tmp.write_text(json.dumps(_redact(state, self._marks({})), sort_keys=True))
@@ -462,6 +477,62 @@ class ProvidersAddon:
                 return True
         return False
 
+    # ------------------------------------------------------------ real SSH nodes (scenario option `node`)
+
+    def _start_node(
+        self, provider: str, instance: str, cfg: dict[str, Any], onstart: str | None = None,
+        key: str | None = None, user: str = "root", host: str = "127.0.0.1", port: int | None = None,
+    ) -> "nodes.Node | None":
+        """The node a create starts when the scenario gives `node` = {dir, registry, user_env, uv, image, env}
+        (None without it: the instance then never becomes reachable, as before)."""
+        opt = cfg.get("node")
+        if not opt:
+            return None
+        image = Path(opt["image"]) if opt.get("image") else None
+        started = nodes.start(
+            Path(opt["dir"]) / f"{provider}-{instance}",
+            f"{provider}-{instance}",
+            onstart=onstart,
+            authorized_key=key or None,
+            user=user,
+            host=host,
+            port=port,
+            user_env=Path(opt["user_env"]) if opt.get("user_env") else None,
+            image=image if image is not None and (image / ".snapshot").exists() else None,
+            env=opt.get("env") or {},
+            uv=Path(opt["uv"]) if opt.get("uv") else None,
+            registry=Path(opt["registry"]) if opt.get("registry") else None,
+        )
+        self.nodes[(provider, instance)] = started
+        return started
+
+    def _node_gone(self, provider: str, instance: str) -> bool:
+        """Whether the instance had a node that is no longer running (killed: the machine was preempted)."""
+        n = self.nodes.get((provider, instance))
+        return n is not None and not nodes.alive(n)
+
+    def _end_instance(self, provider: str, instance: str, row: dict[str, Any], price_hour: float) -> None:
+        """Terminate: stop the instance's node (its SkyPilot runtime snapshotted first into the scenario's
+        `node.image`, once) and bill it from its creation to now at its rented price."""
+        n = self.nodes.pop((provider, instance), None)
+        opt = (self.scenario().get("providers", {}).get(provider) or {}).get("node") or {}
+        if n is not None:
+            if opt.get("image") and nodes.alive(n):
+                nodes.snapshot(n, Path(opt["image"]))
+            nodes.stop(n)
+        start = float(row.get("meetara_created_at") or row.get("start_date") or time.time())
+        end = time.time()
+        self.billed.append(
+            {
+                "provider": provider,
+                "instance": instance,
+                "created_at": start,
+                "ended_at": end,
+                "price_hour": price_hour,
+                "usd": round((end - start) / 3600 * price_hour, 6),
+            }
+        )
+
     # ------------------------------------------------------------ Lambda (REST, /api/v1)
 
     def _lambda(self, req: Req, cfg: dict[str, Any]) -> Reply:
@@ -486,6 +557,8 @@ class ProvidersAddon:
             if any(i not in self.lambda_instances for i in ids):
                 return Reply(404, self.recorded("lambda_error_not_found.json"), outcome="not-found")
             gone = [dict(self.lambda_instances.pop(i), status="terminating") for i in ids]
+            for row in gone:
+                self._end_instance("lambda", row["id"], row, float(row.get("meetara_price_hour") or 0))
             self._save_state()
             return Reply(200, {"data": {"terminated_instances": gone}})
         if route == ("GET", "ssh-keys"):
@@ -540,6 +613,12 @@ class ProvidersAddon:
         for _ in range(int(body.get("quantity") or 1)):
             n = self._next()
             iid = hashlib.sha1(f"lambda-instance-{n}".encode()).hexdigest()[:32]
+            names = body.get("ssh_key_names") or []
+            keys = [k["public_key"] for k in self.lambda_ssh_keys if k.get("name") in names]
+            # Lambda's SSH is port 22 as `ubuntu`: the node gets a loopback address of its own
+            node_ = self._start_node(
+                "lambda", iid, cfg, key="\n".join(keys), user="ubuntu", host=f"127.0.0.{n % 200 + 2}", port=22
+            )
             self.lambda_instances[iid] = {
                 "id": iid,
                 "name": body.get("name"),
@@ -554,7 +633,11 @@ class ProvidersAddon:
                 "jupyter_token": None,
                 "jupyter_url": None,
                 "is_reserved": False,
+                "meetara_created_at": time.time(),
+                "meetara_price_hour": catalog[name]["instance_type"].get("price_cents_per_hour", 0) / 100,
             }
+            if node_ is not None:
+                self.lambda_instances[iid].update(status="active", ip=node_.host, private_ip=node_.host)
             ids.append(iid)
         self._save_state()
         return Reply(200, {"data": {"instance_ids": ids}}, instance_name=body.get("name"))
@@ -666,8 +749,10 @@ class ProvidersAddon:
 
         def terminate(args: dict[str, Any], cfg: dict[str, Any]) -> None:
             pod_id = (args.get("input") or {}).get("podId")
-            if self.runpod_pods.pop(pod_id, None) is None:
+            pod = self.runpod_pods.pop(pod_id, None)
+            if pod is None:
                 raise GraphQLFieldError("Pod not found.", "not-found")
+            self._end_instance("runpod", pod_id, pod, float(pod.get("meetara_price_hour") or 0))
             self._save_state()
 
         def user_settings(args: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -746,7 +831,20 @@ class ProvidersAddon:
             "uptimeSeconds": 0,
             "lastStatusChange": f"Rented by User: {time.strftime('%a %b %d %Y %H:%M:%S GMT+0000')}",
             "runtime": None,
+            "meetara_created_at": time.time(),
+            # RunPod bills the container disk on top of the pod's price
+            "meetara_price_hour": round(
+                price + float(spec.get("containerDiskInGb") or 0) * RUNPOD_DISK_USD_GB_MONTH / (30 * 24), 6
+            ),
         }
+        # the container runtime SkyPilot's docker args assume (sshd, its key): a node with the key installed
+        node_ = self._start_node("runpod", pod_id, cfg, key=_runpod_key(spec.get("dockerArgs") or ""))
+        if node_ is not None:
+            ports = [
+                {"ip": node_.host, "isIpPublic": public, "privatePort": 22, "publicPort": port, "type": "tcp"}
+                for public, port in ((True, node_.port), (False, 22))
+            ]
+            self.runpod_pods[pod_id]["runtime"] = {"uptimeInSeconds": 0, "ports": ports, "gpus": []}
         self._save_state()
         return self.runpod_pods[pod_id]
 
@@ -768,6 +866,11 @@ class ProvidersAddon:
         ask = re.fullmatch(r"asks/(\d+)", rest)
         if ask and (req.method, version) == ("PUT", "0"):
             return self._vast_create(int(ask.group(1)), body, cfg)
+        for iid_, row_ in self.vast_instances.items():
+            if self._node_gone("vast", str(iid_)) and row_["actual_status"] == "running":
+                # an interruptible instance that was outbid (its node killed): Vast stops it
+                row_.update(actual_status="exited", cur_state="stopped", status_msg="outbid")
+                self._save_state()
         if (req.method, rest) == ("GET", "instances"):
             rows = list(self.vast_instances.values())
             if version == "1":
@@ -783,7 +886,8 @@ class ProvidersAddon:
                 error["msg"] = error["msg"].format(id=iid)
                 return Reply(404, error, outcome="not-found")
             if req.method == "DELETE":
-                del self.vast_instances[iid]
+                row = self.vast_instances.pop(iid)
+                self._end_instance("vast", str(iid), row, float(row.get("meetara_price_hour") or 0))
                 self._save_state()
                 return Reply(200, {"success": True})
             if req.method == "PUT":
@@ -884,9 +988,37 @@ class ProvidersAddon:
             "ssh_idx": str(n % 9 + 1),
             "ssh_port": 20000 + n,
             "ports": {},
+            "meetara_created_at": time.time(),
+            # what Vast bills by the hour: the bid (interruptible) or the on-demand price, plus the disk
+            "meetara_price_hour": round(
+                (body["price"] if body.get("price") is not None else float(offer.get("dph_base") or 0))
+                + float(body.get("disk") or 0) * float(offer.get("storage_cost") or 0) / (30 * 24),
+                6,
+            ),
         }
+        row = self.vast_instances[iid]
+        started = self._start_node("vast", str(iid), cfg, onstart=body.get("onstart"))
+        if started is not None:  # the machine is up: SkyPilot finds it where Vast's API says
+            row.update(
+                actual_status="running", status_msg="success, running", public_ipaddr=started.host,
+                ssh_host=started.host, ssh_port=started.port, local_ipaddrs=started.host,
+                ports={"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(started.port)}]},
+            )  # fmt: skip
         self._save_state()
         return Reply(200, {"success": True, "new_contract": iid}, instance_name=body.get("label"))
+
+
+RUNPOD_DISK_USD_GB_MONTH = 0.10  # RunPod's container disk price
+
+
+def _runpod_key(docker_args: str) -> str | None:
+    """The public key SkyPilot's RunPod start script (base64 in the docker args) adds to authorized_keys."""
+    m = re.search(r"echo ([A-Za-z0-9+/=]{40,}) \| base64 --decode", docker_args)
+    if m is None:
+        return None
+    script = base64.b64decode(m.group(1)).decode(errors="replace")
+    k = re.search(r'echo "([^"]+)" >> ~/\.ssh/authorized_keys', script)
+    return k.group(1) if k else None
 
 
 def _lambda_shorthand(m: Any, attrs: dict[str, Any]) -> bool:

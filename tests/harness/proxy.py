@@ -16,11 +16,14 @@ Scenario file (`scenario.json`, re-read by the addon on every request)::
 
 A provider not named answers in mode "ok". Modes: "ok" (creates succeed; the instance is listed but never
 becomes reachable), "no-capacity" (every create fails as that provider says so), "auth-error" (every request
-fails as with a bad key). Options (`OPTIONS`): `no_capacity` (matchers: these creates fail, the rest follow
-the mode; "*", a dict of fields that must all match, or a shorthand: Lambda "type" or "type@region", RunPod a
-gpuTypeId, Vast an offer id or a gpu_name), `api_key` (the only key accepted; any other gets the auth error),
-`status` (auth-error's status: Lambda/Vast 401|403, RunPod 401|200), `instance_status` (what a created
-instance shows), Lambda `instance_types` and `stale_listing`, RunPod `gpu_types`, Vast `offers`.
+fails as with a bad key). With the option `node` ({dir, registry, user_env, uv, image, env}: see
+`providers_addon._start_node` and tests/harness/node.py) a create starts a real SSH node on this machine
+and the provider's API answers with its address; killing the node is a preemption. Options (`OPTIONS`):
+`no_capacity` (matchers: these creates fail, the rest follow the mode; "*", a dict of fields that must all
+match, or a shorthand: Lambda "type" or "type@region", RunPod a gpuTypeId, Vast an offer id or a gpu_name),
+`api_key` (the only key accepted; any other gets the auth error), `status` (auth-error's status: Lambda/Vast
+401|403, RunPod 401|200), `instance_status` (what a created instance shows), Lambda `instance_types` and
+`stale_listing`, RunPod `gpu_types`, Vast `offers`.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ RECORDED = REPO / "tests" / "recorded" / "sky"
 
 PROVIDERS = ("lambda", "runpod", "vast")
 MODES = ("ok", "no-capacity", "auth-error")
-_COMMON_OPTIONS = {"no_capacity", "api_key", "status", "instance_status"}
+_COMMON_OPTIONS = {"no_capacity", "api_key", "status", "instance_status", "node"}
 OPTIONS = {
     "lambda": _COMMON_OPTIONS | {"instance_types", "stale_listing"},
     "runpod": _COMMON_OPTIONS | {"gpu_types"},
@@ -208,10 +211,34 @@ class ProviderProxy:
         path = self.work / "state.json"
         return json.loads(path.read_text())[provider] if path.exists() else []
 
+    def nodes(self, provider: str | None = None) -> list[dict[str, Any]]:
+        """The SSH nodes running for instances now (tests/harness/node.py's Node fields, with provider and
+        instance), in creation order."""
+        path = self.work / "state.json"
+        rows = json.loads(path.read_text()).get("nodes", []) if path.exists() else []
+        return [r for r in rows if provider is None or r["provider"] == provider]
+
+    def billed(self, provider: str | None = None) -> list[dict[str, Any]]:
+        """What the fake providers bill for terminated instances: created_at, ended_at, price_hour, usd."""
+        path = self.work / "state.json"
+        rows = json.loads(path.read_text()).get("billed", []) if path.exists() else []
+        return [r for r in rows if provider is None or r["provider"] == provider]
+
     def log(self) -> str:
         """mitmdump's own output, for a failure message."""
         path = self.work / "mitmdump.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+def fake_credentials(home: Path) -> None:
+    """The three providers' credential files, where SkyPilot's checks read them, under `home` (fake keys:
+    the fakes accept any key unless a scenario names one)."""
+    (home / ".config" / "vastai").mkdir(parents=True)
+    (home / ".config" / "vastai" / "vast_api_key").write_text("fake-vast-key\n")
+    (home / ".lambda_cloud").mkdir()
+    (home / ".lambda_cloud" / "lambda_keys").write_text("api_key = fake-lambda-key\n")
+    (home / ".runpod").mkdir()
+    (home / ".runpod" / "config.toml").write_text('[default]\napi_key = "fake-runpod-key"\n')
 
 
 def _free_port() -> int:
