@@ -101,7 +101,11 @@ def cancel(target: str, *, config: Path | None = None, backend=None) -> CancelRe
                         report.not_running.append(job.name)
                         continue
                     request_cancel(rec.run_id, handle)  # before the backend hears of it: never relaunched
-                    be.cancel(handle)
+                    try:
+                        be.cancel(handle)
+                    except BackendError:
+                        request_cancel(rec.run_id, handle, withdraw=True)
+                        raise
                 except BackendError as e:
                     report.failed[job.name] = str(e)
                     continue

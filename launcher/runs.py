@@ -202,10 +202,11 @@ def _cancels_path(run_id: str) -> Path:
     return runs_dir() / "cancels" / f"{run_id}.json"
 
 
-def request_cancel(run_id: str, handle: str) -> None:
+def request_cancel(run_id: str, handle: str, withdraw: bool = False) -> None:
     """Note that a user cancelled the launch `handle` of the run (`meetara cancel`, before it asks the
     backend): whoever follows the run ends that launch CANCELLED whatever the backend reports after it
-    (SkyPilot may report FAILED_CONTROLLER, which otherwise means "relaunch")."""
+    (SkyPilot may report FAILED_CONTROLLER, which otherwise means "relaunch"). `withdraw`: the backend
+    refused the cancel, so the launch may be preempted and relaunched as any other."""
     import fcntl
 
     from budgets import private_dir, write_private
@@ -214,7 +215,8 @@ def request_cancel(run_id: str, handle: str) -> None:
     private_dir(path.parent)
     with open(path.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        handles = sorted(cancel_requested(run_id) | {str(handle)})
+        now = cancel_requested(run_id)
+        handles = sorted(now - {str(handle)} if withdraw else now | {str(handle)})
         write_private(path, json.dumps(handles) + "\n")
 
 
