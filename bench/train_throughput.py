@@ -153,8 +153,10 @@ def child(cfg: dict) -> dict:
     device = cfg["device"]
     data = json.loads(Path(cfg["data"]).read_text())
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
+    from train.bounds import MAX_EPOCHS
+
     params = LoraParams(
-        epochs=1000,  # the run ends at max_steps; enough epochs that it never ends before
+        epochs=MAX_EPOCHS,  # the run ends at max_steps; as many epochs as allowed so it never ends before
         checkpoint_every=10**9,
         batch_size=cfg["batch_size"],
         pack=cfg["pack"],
@@ -184,6 +186,8 @@ def child(cfg: dict) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         device_name = cpu_name()
+    if len(result.step_seconds) < warm + steps:
+        raise SystemExit(f"the data gave {len(result.step_seconds)} steps, fewer than {warm + steps}")
     sec = result.step_seconds[warm:]
     tok = result.step_tokens[warm:]
     lengths = [len(x) for x in data]

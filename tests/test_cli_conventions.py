@@ -214,11 +214,12 @@ def test_money_in_a_refusal_and_in_budget_round_trips_to_the_ledger(tmp_path):
     row = next(line for line in table.stdout.splitlines() if "daily" in line)
     assert re.findall(r"\$[\d.]+", row) == ["$0.05", "$0.045", "$0.00", "$0.005"], row
 
-    plan = json.loads(meetara("plan", "-d", "nutrition", "--json", tmp_path=tmp_path).stdout)
+    # a local plan scales its hours by the load now: a fixed speed makes `plan` and `launch` price alike
+    fixed = {"MEETARA_LOCAL_TOKENS_S": "1e4"}
+    plan = json.loads(meetara("plan", "-d", "nutrition", "--json", tmp_path=tmp_path, **fixed).stdout)
+    capped = {**fixed, "MEETARA_DAILY_CAP": "0.05"}
     asked = round(plan["jobs"][0]["cost"] * 1.25, 6)  # what the job reserves (launcher/money.py)
-    r = meetara(
-        "launch", "-d", "nutrition", "--budget", "5", "-y", tmp_path=tmp_path, MEETARA_DAILY_CAP="0.05"
-    )
+    r = meetara("launch", "-d", "nutrition", "--budget", "5", "-y", tmp_path=tmp_path, **capped)
     line = r.stderr.strip().splitlines()[-1]  # after the plan's table
     assert r.returncode == 2 and line.startswith("error: refused: daily cap $0.05 would be passed"), line
     assert _dollars(line, "spent") == daily["spent"]
@@ -226,7 +227,7 @@ def test_money_in_a_refusal_and_in_budget_round_trips_to_the_ledger(tmp_path):
     assert _dollars(line, "asked") == asked
     assert _dollars(line, "spent") + _dollars(line, "asked") > 0.05  # the figures shown decide it
 
-    tiny = meetara("launch", "-d", "nutrition", "--budget", "0.001", "-y", tmp_path=tmp_path)
+    tiny = meetara("launch", "-d", "nutrition", "--budget", "0.001", "-y", tmp_path=tmp_path, **fixed)
     assert tiny.returncode == 2 and "over --budget $0.001:" in one_error_line(tiny)
     assert _dollars(one_error_line(tiny), "the plan costs") == round(plan["total_cost"], 6)
 

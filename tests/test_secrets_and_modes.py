@@ -239,5 +239,5 @@ def test_the_log_level_is_case_blind_and_a_bad_one_is_one_line():
     assert run_cli("--help", env={"MEETARA_LOG": "debug"}).returncode == 0
     r = run_cli("--help", env={"MEETARA_LOG": "loud"})
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: MEETARA_LOG='LOUD': use DEBUG, INFO, WARNING or ERROR"
+        "error: MEETARA_LOG='LOUD': use DEBUG, INFO, WARNING, ERROR, CRITICAL or a number 0-50"
     ]

@@ -480,8 +480,15 @@ class ProvidersAddon:
     # ------------------------------------------------------------ real SSH nodes (scenario option `node`)
 
     def _start_node(
-        self, provider: str, instance: str, cfg: dict[str, Any], onstart: str | None = None,
-        key: str | None = None, user: str = "root", host: str = "127.0.0.1", port: int | None = None,
+        self,
+        provider: str,
+        instance: str,
+        cfg: dict[str, Any],
+        onstart: str | None = None,
+        key: str | None = None,
+        user: str = "root",
+        host: str = "127.0.0.1",
+        port: int | None = None,
     ) -> "nodes.Node | None":
         """The node a create starts when the scenario gives `node` = {dir, registry, user_env, uv, image, env}
         (None without it: the instance then never becomes reachable, as before)."""
