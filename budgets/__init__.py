@@ -99,6 +99,19 @@ def usd(x: float, symbol: bool = True) -> str:
     return f"{'-' if x < 0 else ''}{'$' if symbol else ''}{whole}.{frac}"
 
 
+def rate_change(planned: float, billed: float) -> str:
+    """How a billed $/h differs from the planned one: "+20%" ("unplanned" against a free plan)."""
+    return f"{(billed - planned) / planned:+.0%}" if planned > 0 else "unplanned"
+
+
+def usd_rate(planned: float, billed: float | None) -> str:
+    """A machine's $/h as status shows it: the planned one, or what its provider bills and how that
+    differs from the plan ("$0.30 billed (+20% on $0.25)")."""
+    if billed is None or abs(billed - planned) < 1e-9:
+        return usd(planned)
+    return f"{usd(billed)} billed ({rate_change(planned, billed)} on {usd(planned)})"
+
+
 class BudgetExceeded(Exception):
     """A reservation would pass a cap; nothing was written. The message names the cap and the sums."""
 

@@ -33,6 +33,8 @@ APP = "meetara-ledger"
 RATE_SOURCES = ("billed", "live", "snapshot", "local")
 OPEN, SETTLED, RELEASED = "open", "settled", "released"
 PREEMPTED, RECOVERED, CANCELLED = "preempted", "recovered", "cancelled"
+REPRICED = "repriced"  # accrual source: the correction when a machine's rate is learnt after it started
+BILLED_RATE = "billed-rate"  # event: the $/h a provider reports billing, beside the planned one (JSON)
 # money compares with a micro-cent of slack so that amounts that exactly fill a cap are accepted
 EPS = 1e-9
 PG_LOCK = 0x6D65657461726131  # "meetara1": the advisory lock every write transaction takes
@@ -505,17 +507,36 @@ class Ledger:
                 (_ts(started_at or utcnow()), reservation_id),
             )
 
-    def set_rate(self, reservation_id: int, rate_per_hour: float, *, owner: str | None = None) -> None:
-        """From now on the reservation accrues at `rate_per_hour`: its job runs on another machine than
-        the one reserved for (the backend placed it on a fallback offer). What was accrued stays. With
-        `owner`, only the holder of the run's lease changes it (LeaseLost otherwise)."""
+    def set_rate(
+        self,
+        reservation_id: int,
+        rate_per_hour: float,
+        *,
+        since: datetime | None = None,
+        owner: str | None = None,
+    ) -> None:
+        """The reservation accrues at `rate_per_hour`: its job runs on another machine than the one
+        reserved for (the backend placed it on a fallback offer), or the provider bills another rate.
+        From now on; with `since` (when that machine was created), what was accrued for the time after
+        it is repriced too, by one correcting accrual dated `since` (the change is often learnt a poll or
+        more after the machine started). With `owner`, only the holder of the run's lease changes it
+        (LeaseLost otherwise)."""
         rate = _money(rate_per_hour, "rate_per_hour")
         with self._tx(write=True) as q:
             row = self._row(q, reservation_id)
             if owner is not None:
                 self._check_owner(q, row.run_id, owner)
-            if row.state == OPEN:
-                q("UPDATE reservations SET rate_per_hour = ? WHERE id = ?", (rate, reservation_id))
+            if row.state != OPEN:
+                return
+            if since is not None and row.started_at is not None and rate != row.rate_per_hour:
+                (covered,) = q(
+                    "SELECT MAX(until_at) FROM accruals WHERE reservation_id = ?", (reservation_id,)
+                )[0]
+                begin = max(_ts(since), _ts(row.started_at))
+                if covered is not None and covered > begin:
+                    delta = (rate - row.rate_per_hour) * (covered - begin) / 3600
+                    self._insert_accrual(q, reservation_id, delta, _dt(begin), None, REPRICED, None)
+            q("UPDATE reservations SET rate_per_hour = ? WHERE id = ?", (rate, reservation_id))
 
     def accrue(
         self,

@@ -14,10 +14,11 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from budgets import usd
-from budgets.ledger import PREEMPTED, SETTLED, Event, Ledger, Reservation
+from budgets.ledger import BILLED_RATE, PREEMPTED, SETTLED, Entry, Event, Ledger, Reservation
 
 BY = ("provider", "domain", "day", "run")
-VALUES = ("cost", "gpu_hours", "domains_done", "dollars_per_domain", "preemptions")  # after the key column
+# after the key column
+VALUES = ("cost", "gpu_hours", "domains_done", "dollars_per_domain", "preemptions", "over_plan")
 NO_DOMAIN, UNKNOWN = "(no domain)", "(unknown)"
 SPLIT_NOTE = "a job's cost and preemptions are split evenly across the domains it trained"  # by domain
 
@@ -30,6 +31,8 @@ class Row:
     domains_done: int = 0
     dollars_per_domain: float | None = None  # cost / domains_done
     preemptions: float = 0  # a whole count, except by domain: a job's preemption is split over its domains
+    # USD of `cost` that providers billed over the planned $/h (their reported rates, 'billed-rate' events)
+    over_plan: float = 0.0
 
 
 def report(
@@ -65,10 +68,13 @@ def report(
     def row(key: str) -> Row:
         return rows.setdefault(key, Row(key))
 
+    billed = _billed_rates(ledger)
     for e in ledger.entries(since, until):
+        over = _over_plan(e, billed.get(e.reservation_id))
         for key, share in _keys(by, e.provider, e.run_id, e.domains, e.at, zone):
             r = row(key)
             r.cost += e.amount * share
+            r.over_plan += over * share
             r.gpu_hours += (e.seconds or 0.0) / 3600 * e.gpu_count * share
     reservations = ledger.reservations()
     by_id = {r.id: r for r in reservations}
@@ -102,6 +108,27 @@ def report(
     if by == "day":
         return sorted(rows.values(), key=lambda r: r.key)
     return sorted(rows.values(), key=lambda r: (-r.cost, r.key))
+
+
+def _billed_rates(ledger: Ledger) -> dict[int, list[tuple[datetime, float, float]]]:
+    """Per reservation, the rates its providers reported billing: (when, planned $/h, billed $/h)."""
+    out: dict[int, list[tuple[datetime, float, float]]] = defaultdict(list)
+    for ev in ledger.events(kind=BILLED_RATE):
+        try:
+            d = json.loads(ev.detail or "")
+            out[ev.reservation_id].append((ev.at, float(d["planned_hour"]), float(d["billed_hour"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # an unreadable note costs the comparison, never the report
+    return out
+
+
+def _over_plan(e: Entry, rates: list[tuple[datetime, float, float]] | None) -> float:
+    """What of accrual `e` was billed over the planned rate: under the rate reported last before it (the
+    first one for what accrued before any report: the machine's start)."""
+    if not rates:
+        return 0.0
+    _at, planned, billed = max((r for r in rates if r[0] <= e.at), default=rates[0], key=lambda r: r[0])
+    return e.amount * (1 - planned / billed) if billed > 0 else 0.0
 
 
 def _keys(by: str, provider: str, run_id: str, domains: Iterable[str], at: datetime, zone: ZoneInfo):
@@ -232,7 +259,9 @@ def render_table(rows: list[Row], *, by: str, title: str | None = None, total: R
 
     t = Table(title=escape(title or f"cost by {by}"))
     t.add_column(by, no_wrap=True, overflow="fold")  # a name is never cut short: folded if it must be
-    for name in ("cost", "GPU-hours", "domains done", "$ / domain", "preemptions"):
+    # billed over the plan: a column once a provider billed another rate than planned
+    over = any(abs(r.over_plan) >= 5e-7 for r in [*rows, *([total] if total else [])])
+    for name in ("cost", "GPU-hours", "domains done", "$ / domain", "preemptions", *(["over plan"] * over)):
         t.add_column(name, justify="right")
 
     def cells(r: Row) -> list[str]:
@@ -244,6 +273,7 @@ def render_table(rows: list[Row], *, by: str, title: str | None = None, total: R
             str(r.domains_done),
             per,
             count(r.preemptions),
+            *([usd(r.over_plan)] * over),
         ]
 
     for r in rows:

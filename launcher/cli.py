@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from budgets import usd
+from budgets import usd, usd_rate
 from launcher import api
 from launcher.console import EXIT_DECLINED, escape, fail, print_whole, say
 from train.bounds import MAX_EPOCHS, MAX_SAMPLES, MIN_EPOCHS, MIN_SAMPLES
@@ -871,6 +871,7 @@ def status_command(
         "state",
         "domains",
         "offer",
+        "$/h",
         "launches",
         "preempted",
         "steps redone",
@@ -889,6 +890,7 @@ def status_command(
             r["state"].lower(),
             f"{r['domains_done']}/{r['domains']}",
             r["offer"],
+            usd_rate(r["planned_hour"], r["billed_hour"]),
             str(r["launches"]),
             str(r["preemptions"]),
             str(r["recomputed_steps"]),

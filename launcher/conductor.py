@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from budgets import clock, usd
+from budgets import clock, rate_change, usd
 from budgets.lease import LeaseLost
 from launcher.backends.base import Backend, JobState, JobStatus
 from launcher.crash import crash_point
@@ -54,6 +54,7 @@ class Hooks:
     after_poll: Callable[[RunRecord], None] = lambda rec: None
     launch_failed: Callable[[JobRecord], None] = lambda job: None  # gives the job's money back
     placed: Callable[[JobRecord], None] = lambda job: None  # the backend ran it on another of its offers
+    billed: Callable[[JobRecord], None] = lambda job: None  # the provider reported the machine's $/h
 
 
 class ConductorError(RuntimeError):
@@ -206,6 +207,7 @@ class Conductor:
             job.launches += 1
             job.first_launched_at = job.first_launched_at or clock.now()
             job.started_at, job.ended_at, job.exit_code = None, None, None
+            job.billed_hour = job.machine_since = None  # a new machine: its provider reports its own rate
             job.launched_at = clock.now()
             self.rec.save()
             try:
@@ -233,10 +235,16 @@ class Conductor:
                 self._lose(job, failed)
             return
         self._status_failures.pop(job.handle, None)
+        if st.machine_since is not None:
+            job.machine_since = st.machine_since
         if st.placed is not None:
             self._follow_placement(job, st.placed)
         if st.started_at and job.started_at is None:
             job.started_at = st.started_at
+        if st.billed_hour is not None and st.billed_hour != job.billed_hour:
+            self._follow_billing(job, st.billed_hour)
+            if job.state not in ACTIVE and job.state not in ("planned", LAUNCHING):
+                return  # stopped: the provider bills past what the job may spend
         if st.recoveries > job.launch_recoveries:  # the backend recovered it itself (SkyPilot)
             job.launch_recoveries = st.recoveries
             job.note(f"the backend recovered it from a preemption ({job.recoveries}/{self.max_recoveries})")
@@ -344,22 +352,35 @@ class Conductor:
             return
         before = job.offer
         job.offer_index = idx
+        job.billed_hour = None  # another machine: its provider reports its own rate
         job.note(
             f"placed on {job.offer.label} at {usd(job.offer.price_hour)}/h (offer {idx + 1} of "
             f"{len(job.offers)}; planned {before.label} had no capacity)"
         )
         self.hooks.placed(job)
 
+    def _follow_billing(self, job: JobRecord, billed: float) -> None:
+        """The provider reports what it bills for the launch's machine: the record and the money follow
+        it (Money.billed stops the job when it is past what the job's reservation allows)."""
+        planned = job.offer.price_hour
+        job.billed_hour = billed
+        diff = rate_change(planned, billed)
+        job.note(
+            f"{job.offer.provider} bills {usd(billed)}/h for its machine (planned {usd(planned)}/h, {diff})"
+        )
+        self.hooks.billed(job)
+
     def _no_machine(self, job: JobRecord, st: JobStatus) -> bool:
         """A launch still waiting for a machine past `max_start_s` (SkyPilot retries "no capacity" on
-        every offer of the task forever): cancel it; it never ran, so its reservation is released (a
-        machine that was being provisioned meanwhile is billed by its provider for those minutes, which
-        the backend does not report: see README, "No capacity"). True if so. Under a deadline-aware
-        policy (launcher/policies.py) the wait is the policy's, and the launch goes back to it
-        ("planned") instead of ending as NO-MACHINE."""
-        waiting = st.state is JobState.PENDING and not st.started_at and job.launched_at is not None
+        every offer of the task forever), or whose machine the provider created but that never ran the
+        job: cancel it. A launch that never had a machine releases its reservation; one whose machine
+        was billed (the backend gave it a start) pays for its minutes. True if so. Under a deadline-aware
+        policy (launcher/policies.py) the wait for a machine is the policy's, and the launch goes back to
+        it ("planned") instead of ending as NO-MACHINE."""
+        billed = st.started_at is not None
+        waiting = st.state is JobState.PENDING and job.launched_at is not None
         limit = self.max_start_s
-        requeue = self.policy is not None and self.policy.requeues()
+        requeue = self.policy is not None and self.policy.requeues() and not billed
         if requeue and waiting:  # how long the policy can afford to wait for these offers
             done = sum(d in self._done for d in job.domains)
             limit = self.policy.max_wait_s(job, done, clock.now(), limit)
@@ -377,8 +398,15 @@ class Conductor:
             job.state, job.ended_at = "planned", None  # the policy chooses again (on-demand, say)
             job.note(f"no machine after {waited / 60:.1f} min: policy {self.policy.name} chooses again")
             return True
-        job.state, job.ended_at = "NO-MACHINE", None
         offers = len(job.offers) - job.offer_index
+        if billed:  # its minutes are paid up to the cancel (Money.after_poll)
+            job.state, job.ended_at = "NO-MACHINE", clock.now()
+            job.note(
+                f"no machine after {waited / 60:.1f} min: {job.offer.provider} created one that never ran "
+                f"the job ({st.detail or 'pending'}); cancelled, its minutes paid"
+            )
+            return True
+        job.state, job.ended_at = "NO-MACHINE", None
         job.note(
             f"no machine after {waited / 60:.1f} min on any of its {offers} offer(s) "
             f"({st.detail or 'pending'}): cancelled before it ran"

@@ -430,7 +430,7 @@ def conductor_for(
     money = Money(prep.ledger, rec, prep.backend, poll_s=poll, clock=clock or utcnow, owner=prep.owner)
     policy = policy_for(rec, prefs)
     hooks.before_launch, hooks.after_poll = money.before_launch, money.after_poll
-    hooks.launch_failed, hooks.placed = money.launch_failed, money.placed
+    hooks.launch_failed, hooks.placed, hooks.billed = money.launch_failed, money.placed, money.billed
     c = Conductor(
         rec,
         prep.backend,
@@ -525,10 +525,16 @@ def follow(
     if c.money.stopped_by:
         return Outcome(1, f"stopped: budget: {c.money.stopped_by}; checkpoints are kept")
     if failed and all(j.state == "NO-MACHINE" for j in failed):
+        billed = sum(j.started_at is not None for j in failed)  # a machine created that never ran the job
+        money = (
+            "their money is released"
+            if not billed
+            else f"the minutes of {billed} machine(s) that never ran it are paid, the rest released"
+        )
         return Outcome(
             EXIT_NO_MACHINE,
             f"no machine: {len(failed)} job(s) found no capacity on any offer within "
-            f"{prefs.start_timeout_minutes:g} min, no job ran and their money is released; rerun later "
+            f"{prefs.start_timeout_minutes:g} min, no job ran and {money}; rerun later "
             "(or widen the preferences): " + "; ".join(map(_why, failed)),
         )
     if failed:
@@ -609,6 +615,9 @@ def job_rows(runs: Sequence[RunRecord], done: set[str] | None = None) -> list[di
                     "domains_done": sum(d in done for d in job.domains),
                     "domains": len(job.domains),
                     "offer": job.offer.label,
+                    # the offer's $/h as planned, what its provider reports billing (None: not reported)
+                    "planned_hour": job.offer.price_hour,
+                    "billed_hour": job.billed_hour,
                     "launches": job.launches,
                     # the conductor's relaunches and the backend's own recoveries (SkyPilot's controller)
                     "preemptions": job.recoveries + job.earlier_preemptions,

@@ -22,11 +22,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from budgets import clock, usd
-from budgets.ledger import Ledger
+from budgets.ledger import BILLED_RATE, Ledger
 from launcher.backends.base import Backend, BackendError
 from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
 from train.cli import EXIT_BUDGET
@@ -196,8 +197,35 @@ class Money:
         if not_billed and job.offer.price_hour > res.rate_per_hour + 1e-12:
             self._cover(job, res, placed=True)  # a dearer fallback before billing began: reserve for it
             return
-        self.ledger.set_rate(job.reservation_id, job.offer.price_hour, owner=self.owner)
+        # from its machine's creation: the placement is learnt a poll or more after it
+        self.ledger.set_rate(
+            job.reservation_id, job.offer.price_hour, since=job.machine_since, owner=self.owner
+        )
         self._placed_event(job)
+
+    def billed(self, job: JobRecord) -> None:
+        """The provider reports what it bills for the job's machine (`job.billed_hour`): the reservation
+        accrues at that rate from now on, the ledger records it beside the planned one, and a rate past
+        the offer's planned price x RESERVE_MARGIN (what the reservation was sized with) stops the job
+        now: its reservation could not pay for the planned hours."""
+        if job.reservation_id is None or job.billed_hour is None:
+            return
+        planned, billed = job.offer.price_hour, job.billed_hour
+        self._start_billing(job)  # (the rate is learnt with the machine's start, before after_poll)
+        self.ledger.set_rate(job.reservation_id, billed, since=job.machine_since, owner=self.owner)
+        self.ledger.record_event(
+            self.rec.run_id,
+            BILLED_RATE,
+            job=job.name,
+            reservation_id=job.reservation_id,
+            detail=json.dumps({"planned_hour": planned, "billed_hour": billed}),
+        )
+        if billed > planned * RESERVE_MARGIN + 1e-9:
+            reason = (
+                f"{job.offer.provider} bills {usd(billed)}/h for its machine, over the planned "
+                f"{usd(planned)}/h x {RESERVE_MARGIN} its reservation allows"
+            )
+            self._stop([job], reason, self.clock())
 
     def launch_failed(self, job: JobRecord) -> None:
         """The backend did not start the job: its money goes back (what earlier launches spent stays)."""
@@ -216,9 +244,7 @@ class Money:
         for job in rec.jobs.values():
             if job.reservation_id is None:
                 continue
-            if job.started_at is not None and self._billing_from.get(job.name) != job.started_at:
-                self.ledger.start(job.reservation_id, job.started_at)
-                self._billing_from[job.name] = job.started_at
+            self._start_billing(job)
             if job.state in ACTIVE and job.started_at is not None:
                 self.ledger.accrue_until(job.reservation_id, now)
             elif job.state == "planned" and job.ended_at is not None:  # preempted, waiting to relaunch
@@ -246,6 +272,12 @@ class Money:
                 self._settle(job, _note(job))
         self._watchdog(rec, now)
 
+    def _start_billing(self, job: JobRecord) -> None:
+        """Billing of the current launch starts in the ledger when the backend says the machine was up."""
+        if job.started_at is not None and self._billing_from.get(job.name) != job.started_at:
+            self.ledger.start(job.reservation_id, job.started_at)
+            self._billing_from[job.name] = job.started_at
+
     def close_unlaunched(self, rec: RunRecord, why: str) -> list[str]:
         """Following ends early (Ctrl-C, SIGTERM, a conductor that gave up): the jobs that are not
         running (never launched, or waiting to be relaunched) give their money back now, not at the
@@ -272,7 +304,7 @@ class Money:
         running = [j for j in rec.jobs.values() if j.state in ACTIVE and j.started_at and j.reservation_id]
         if not running:
             return
-        rate = sum(j.offer.price_hour for j in running)
+        rate = sum(j.rate_hour for j in running)
         ahead = rate * self.poll_s / 3600  # what the running jobs cost until the next check
         reason = None
         for w in self.ledger.window_status(now):
@@ -290,7 +322,7 @@ class Money:
         if reason is None:
             for j in running:
                 res = self.ledger.reservation(j.reservation_id)
-                if res.accrued + j.offer.price_hour * self.poll_s / 3600 > res.amount + 1e-9:
+                if res.accrued + j.rate_hour * self.poll_s / 3600 > res.amount + 1e-9:
                     self._stop([j], f"its reservation {usd(res.amount)} (spent {usd(res.accrued)})", now)
             return
         self._stop(running, reason, now)

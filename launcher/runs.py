@@ -58,6 +58,10 @@ class JobRecord(BaseModel):
     stop_hard_at: float | None = None  # ... and the time it is ended at whatever it is doing
     first_launched_at: datetime | None = None  # the job's first launch (status: start, elapsed)
     billed_usd: float = 0.0  # earlier launches: their seconds at their offers' $/h
+    # the $/h the provider reports billing for the current launch's machine (None: not reported); the
+    # money follows it, and status shows it beside the offer's planned $/h
+    billed_hour: float | None = None
+    machine_since: datetime | None = None  # when the current launch's machine was created (backend's word)
     history: list[str] = []
     activity: str = Field("", exclude=True)  # the job's last log line, for progress (never saved)
     # the offers (indices) a policy allows this launch, in its order; empty: the current one and after
@@ -82,6 +86,12 @@ class JobRecord(BaseModel):
     def offer(self) -> OfferRef:
         return self.offers[min(self.offer_index, len(self.offers) - 1)]
 
+    @property
+    def rate_hour(self) -> float:
+        """What the current launch's machine costs an hour: the provider's billed rate where it reported
+        one, else the offer's planned price."""
+        return self.offer.price_hour if self.billed_hour is None else self.billed_hour
+
     def task_offers(self) -> list[OfferRef]:
         """The offers this launch may run on, first choice first (SkyPilot's `ordered` resources)."""
         if self.allowed:
@@ -94,7 +104,7 @@ class JobRecord(BaseModel):
         if self.started_at:
             seconds = max((ended_at - self.started_at).total_seconds(), 0.0)
             self.run_seconds += seconds
-            self.billed_usd += seconds / 3600 * self.offer.price_hour
+            self.billed_usd += seconds / 3600 * self.rate_hour
 
     def machine_seconds(self, now: datetime | None = None) -> float:
         """Machine time so far: the ended launches', plus the current one's while it runs."""
@@ -105,7 +115,7 @@ class JobRecord(BaseModel):
     def cost_so_far(self, now: datetime | None = None) -> float:
         """Machine time so far at the offers' $/h (what the providers bill; the ledger settles it)."""
         earlier = self.billed_usd or self.run_seconds / 3600 * self.offer.price_hour  # older records
-        return earlier + (self.machine_seconds(now) - self.run_seconds) / 3600 * self.offer.price_hour
+        return earlier + (self.machine_seconds(now) - self.run_seconds) / 3600 * self.rate_hour
 
     def phase(self, max_recoveries: int) -> str:
         """What the job is doing, in words a progress line shows: 'preempted, relaunching (1 of 3)'."""

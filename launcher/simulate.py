@@ -191,7 +191,7 @@ def run_replay(setup: Setup, policy_name: str, seed: int) -> ReplayResult:
                 return ReplayResult(policy_name, seed, 0.0, math.inf, True, 0, 0.0, refused=str(e))
             deadline = T0 + timedelta(seconds=setup.deadline_s) if setup.deadline_s else None
             hooks = Hooks(before_launch=money.before_launch, after_poll=money.after_poll)
-            hooks.launch_failed, hooks.placed = money.launch_failed, money.placed
+            hooks.launch_failed, hooks.placed, hooks.billed = money.launch_failed, money.placed, money.billed
             conductor = Conductor(
                 rec,
                 backend,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -181,14 +182,26 @@ def test_vast_end_to_end_on_rented_nodes_with_a_real_preemption(cloud: Cloud) ->
     assert cloud.proxy.unexpected(mark) == []
 
 
+DASHBOARD_RUN_PAGE = (
+    "import sys; from launcher import api; from launcher.dashboard import views; "
+    "print(views.run_page(api.run_detail(sys.argv[1]).model_dump(mode='json')))"
+)
+# RunPod's price went up a tenth since the offers were fetched: within the reservation's margin
+PRICE_FACTOR = {"runpod": 1.1, "lambda": 1.0}
+
+
 @pytest.mark.parametrize("provider", ["runpod", "lambda"])
 def test_runpod_and_lambda_run_the_task_on_a_rented_node(cloud: Cloud, provider: str) -> None:
     """RunPod (its pod's public port 22, as root) and Lambda (port 22 of its instance's address, as
     `ubuntu`) rent a node too: SkyPilot reaches it, sets its runtime up (from the provider image made by the
-    first node), runs the task, and meetara pulls the domain and settles what the provider billed."""
+    first node), runs the task, and meetara pulls the domain and settles what the provider billed. RunPod
+    bills a tenth more than planned (its price rose since the offers were fetched): meetara reads the rate
+    from RunPod's pod listing, pays at it, and status and the report show the difference."""
     run = f"{provider}-node"
     planned = cloud.plan(provider)
-    cloud.proxy.scenario(provider, "ok", node=cloud.node_opts)
+    factor = PRICE_FACTOR[provider]
+    moved = {"price_factor": factor} if factor != 1 else {}
+    cloud.proxy.scenario(provider, "ok", node=cloud.node_opts, **moved)
     mark = cloud.proxy.mark()
     t0 = time.monotonic()
     r = cloud.run(*_launch(cloud, provider, run), timeout=1500)
@@ -199,8 +212,38 @@ def test_runpod_and_lambda_run_the_task_on_a_rented_node(cloud: Cloud, provider:
     assert _ledger(cloud).open_reservations() == []
     assert cloud.proxy.instances(provider) == [] and cloud.proxy.nodes(provider) == []
     (bill,) = cloud.proxy.billed(provider)
-    # the machine time the ledger paid for covers what the provider billed, from creation to teardown
-    paid_s = _settled(cloud, run) / planned[0]["price_hour"] * 3600
+    planned_hour = planned[0]["price_hour"]
+    if factor == 1:
+        assert bill["price_hour"] == pytest.approx(planned_hour, abs=1e-6)
+    else:  # the GPUs' price rose by the factor; the disk's did not
+        assert planned_hour < bill["price_hour"] < planned_hour * factor, (bill, planned_hour)
+    (job,) = json.loads(cloud.run("status", run, "--json").stdout)
+    assert job["planned_hour"] == pytest.approx(planned_hour) and job["billed_hour"] == pytest.approx(
+        bill["price_hour"]
+    )
+    # the machine time the ledger paid for, at the billed rate, covers what the provider billed, from
+    # creation to teardown
+    paid_s = _settled(cloud, run) / bill["price_hour"] * 3600
     billed_s = bill["ended_at"] - bill["created_at"]
     assert billed_s <= paid_s + 1 <= billed_s + 121, (bill, paid_s)
+    table = cloud.run("status", run).stdout
+    (rep,) = [
+        r for r in json.loads(cloud.run("report", "--by", "run", "--json").stdout)["rows"] if r["run"] == run
+    ]
+    # the dashboard's run page, from the same run record and ledger
+    page = subprocess.run(
+        [sys.executable, "-c", DASHBOARD_RUN_PAGE, run],
+        env=cloud.env,
+        cwd=cloud.work,
+        capture_output=True,
+        text=True,
+    )
+    assert page.returncode == 0, page.stderr[-2000:]
+    if factor == 1:
+        assert "billed (" not in table and rep["over_plan"] == 0 and "billed (" not in page.stdout
+    else:
+        shown = f"billed ({(bill['price_hour'] - planned_hour) / planned_hour:+.0%} on"
+        assert shown in table and shown in page.stdout, table
+        over = _settled(cloud, run) * (1 - planned_hour / bill["price_hour"])
+        assert rep["over_plan"] == pytest.approx(over, abs=1e-5), rep
     assert cloud.proxy.unexpected(mark) == []

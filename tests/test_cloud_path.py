@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import closed_port, run_cli
 from harness.proxy import ProviderProxy, fake_credentials, provider_proxy
+from test_local_backend import wait_for
 
 from budgets.ledger import Ledger
 
@@ -261,9 +262,67 @@ def test_vast_rents_the_planned_offer_at_the_planned_bid_and_a_cancel_settles(cl
     assert body["disk"] == DISK_GB
     assert "fake-vast-key" not in json.dumps(body) and "vast_api_key" not in body.get("onstart", "")
     assert create["outcome"] == "ok"
+    record = cloud.work / "state" / "runs" / "vast-ok.json"
 
+    def machine_seen() -> bool:  # the launcher found the instance in Vast's listing: billing started
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        jobs = json.loads(record.read_text())["jobs"].values() if record.exists() else []
+        return any(j.get("started_at") for j in jobs)
+
+    wait_for(machine_seen, timeout=60, what="the launcher to see the instance Vast created")
     cloud.interrupt_and_check(p, "vast-ok", "vast", mark)
     assert any(r["method"] == "DELETE" for r in cloud.proxy.requests("vast", mark))
+    # Vast created the instance and billed it until its delete, though it never booted: meetara saw it in
+    # Vast's instance listing and paid from SkyPilot's record of the cluster (just before the create) to
+    # the cancel, at the rate Vast bills (the planned one); SkyPilot's teardown after the cancel is not
+    # seen by a launcher that has exited
+    bill = cloud.proxy.billed("vast")[-1]
+    (res,) = Ledger(cloud.work / "state" / "ledger.sqlite").reservations("vast-ok")
+    assert res.state == "settled" and res.rate_per_hour == pytest.approx(bill["price_hour"]), (res, bill)
+    assert (
+        res.started_at.timestamp() <= bill["created_at"] + 1 and res.ended_at.timestamp() <= bill["ended_at"]
+    )
+    paid_s = res.settled_amount / res.rate_per_hour * 3600
+    assert paid_s == pytest.approx(res.ended_at.timestamp() - res.started_at.timestamp(), abs=1.5), (
+        res,
+        bill,
+    )
+    assert bill["ended_at"] - res.ended_at.timestamp() < 60, (res, bill)  # the teardown's seconds, unpaid
+
+
+def test_a_machine_billed_past_its_reservations_margin_is_stopped(cloud: Cloud) -> None:
+    """The Vast host's price rose by half since the search (past the quarter a reservation adds to the
+    plan): Vast lists the instance it created at that rate (it bills from the create, while the machine
+    boots); meetara reads it, stops the launch at once with one line naming the provider and both rates,
+    pays the instance's minutes at the billed rate and leaves nothing running or reserved."""
+    planned = cloud.plan("vast")
+    earlier = len(cloud.proxy.billed("vast"))
+    cloud.proxy.scenario("vast", "ok", offers=_vast_offers(planned, _template()), price_factor=1.5)
+    mark = cloud.proxy.mark()
+    r = cloud.run(*cloud.launch("vast", "vast-dear"), timeout=400)
+    line = _one_error_line(r.stderr)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert line.startswith("error: stopped: budget: vast bills $") and "over the planned" in line, line
+    (job,) = json.loads(cloud.run("status", "vast-dear", "--json").stdout)
+    assert job["state"] == "STOPPED-BUDGET" and job["planned_hour"] == pytest.approx(planned[0]["price_hour"])
+    assert job["billed_hour"] > job["planned_hour"] * 1.25, job
+    assert cloud.open_reservations() == []
+    assert cloud.sky_state("vast-dear") == "CANCELLED"
+    deadline = time.monotonic() + 120
+    while cloud.proxy.instances("vast") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert cloud.proxy.instances("vast") == []
+    (bill,) = cloud.proxy.billed("vast")[earlier:]
+    assert bill["price_hour"] == pytest.approx(job["billed_hour"], abs=1e-6)
+    ledger = Ledger(cloud.work / "state" / "ledger.sqlite")
+    (res,) = ledger.reservations("vast-dear")
+    assert res.rate_per_hour == pytest.approx(bill["price_hour"]) and res.settled_amount > 0
+    paid_s = res.settled_amount / res.rate_per_hour * 3600
+    assert paid_s == pytest.approx(res.ended_at.timestamp() - res.started_at.timestamp(), abs=1.5), res
+    assert res.started_at.timestamp() <= bill["created_at"] + 1, (res, bill)
+    kinds = [e.kind for e in ledger.events() if e.run_id == "vast-dear"]
+    assert "billed-rate" in kinds and "stopped-budget" in kinds
+    assert cloud.proxy.unexpected(mark) == []
 
 
 RUNPOD_CREATES = ("podRentInterruptable", "podFindAndDeployOnDemand")

@@ -35,7 +35,7 @@ PROVIDERS, DOMAINS, RUNS = (
     ("r1", "r2", "r3"),
 )
 NO_CAPS = {"daily": None, "weekly": None, "monthly": None}
-CSV_VALUES = ["cost", "gpu_hours", "domains_done", "dollars_per_domain", "preemptions"]
+CSV_VALUES = ["cost", "gpu_hours", "domains_done", "dollars_per_domain", "preemptions", "over_plan"]
 SCRATCH = "/dev/shm" if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
 
 job = st.fixed_dictionaries(
@@ -332,11 +332,12 @@ def test_report_by_domain_piped_prints_whole_names_and_counts_each_preemption_on
 
     header, *rows = csv.reader(io.StringIO(meetara("--by", "domain", "--csv", "-")))
     assert header == ["domain", *CSV_VALUES]
-    by_domain = {row[0]: float(row[-1]) for row in rows}
+    n = header.index("preemptions")
+    by_domain = {row[0]: float(row[n]) for row in rows}
     assert by_domain == {names[0]: 1.75, **{n: 0.75 for n in names[1:]}}
     for by in ("provider", "run"):  # the same 4 preemptions, however the report is cut
         header, *rows = csv.reader(io.StringIO(meetara("--by", by, "--csv", "-")))
-        assert header[0] == by and sum(float(row[-1]) for row in rows) == sum(by_domain.values()) == 4
+        assert header[0] == by and sum(float(row[n]) for row in rows) == sum(by_domain.values()) == 4
     doc = json.loads(meetara("--by", "domain", "--json"))
     assert sum(d["preemptions"] for d in doc["rows"]) == doc["total"]["preemptions"] == 4
 

@@ -39,6 +39,12 @@ class JobStatus:
     # where the backend put the launch when it chose among the job's offers itself (SkyPilot's ordered
     # failover): (provider, instance type, region, zone, spot) in the backend's terms; None if unknown
     placed: tuple[str, str, str, str | None, bool] | None = None
+    # when the machine the launch runs on now was created (a recovery's machine, not the first one's); None:
+    # unknown, the launch's start then
+    machine_since: datetime | None = None
+    # the $/h the provider itself reports billing for the machine the launch runs on now (its instance
+    # listing), where the backend can ask it; None: not reported
+    billed_hour: float | None = None
 
 
 class BackendError(RuntimeError):

@@ -35,11 +35,14 @@ import copy
 import importlib.util
 import io
 import json
+import logging
+import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,6 +88,9 @@ _STATES: dict[str, JobState] = {
     "FAILED_CONTROLLER": JobState.PREEMPTED,
 }
 _EXIT_CODE = re.compile(r"exit codes?\D{0,3}(\d+)", re.I)
+BILLED_RETRY_S = 60.0  # a provider's instance listing that failed is asked again this much later
+LISTING_RECHECK_S = 10.0  # ... one that did not list the machine yet (provisioning), this much later
+log = logging.getLogger("meetara.skypilot")
 EXIT_INTERRUPTED = 75  # `python -m train` got SIGTERM and checkpointed: relaunching resumes it
 
 
@@ -296,7 +302,12 @@ class SkyPilotBackend:
         self.sky_home = sky_home
         self.max_parallel = max_parallel or int(os.environ.get("MEETARA_CLOUD_PARALLEL", "64"))
         self.log_poll_s = 30.0  # each read is an API call to the jobs controller
-        self._machine_start: dict[int, float] = {}  # job id -> when its first machine was created
+        # job id -> (recoveries, its machines' usage intervals) read once while it runs on that machine
+        self._machines: dict[int, tuple[int, list[tuple[float, float | None]]]] = {}
+        # (cluster name on the cloud, recoveries) -> the $/h its provider bills; and when its provider's
+        # listing was last asked, and whether that failed
+        self._billed: dict[tuple[str, int], float] = {}
+        self._billed_asked: dict[tuple[str, int], tuple[float, bool]] = {}
         self._server_ok = False
 
     def check(self) -> None:
@@ -420,6 +431,8 @@ class SkyPilotBackend:
             "recovery_count", "failure_reason", "details", "last_recovered_at",
             # where SkyPilot placed it (`placement`): read from the cluster's handle
             "cloud", "region", "zone", "cluster_resources_full",
+            # the name its provider lists the machine under (`billed_hour`)
+            "cluster_name_on_cloud",
         ]  # fmt: skip
         try:
             records, *_ = sky.get(sky.jobs.queue_v2(refresh=False, job_ids=[job_id], fields=fields))
@@ -435,15 +448,50 @@ class SkyPilotBackend:
         # every poll): a machine being provisioned, the first poll of a running job, a finished job
         machine_up, machine = None, None
         if status == "STARTING":
-            machine_up = self._machine_up(rec)
+            # the provider created a machine: SkyPilot's handle knows its address, or the provider lists it
+            # (billed from its creation, while SkyPilot still waits for it to boot)
+            machine_up = self._machine_up(rec) or self._billed_hour(rec) is not None
             machine = self._machine_time(rec) if machine_up else None
-        elif state is JobState.RUNNING and job_id in self._machine_start:
-            machine = [(self._machine_start[job_id], None)]
+        elif state is JobState.RUNNING and self._machines.get(job_id, (None,))[0] == rec.recovery_count:
+            machine = self._machines[job_id][1]
         elif state is not JobState.PENDING:
             machine = self._machine_time(rec)
-        if machine and state is not JobState.PENDING:
-            self._machine_start.setdefault(job_id, machine[0][0])
-        return job_status(mine, machine=machine, machine_up=machine_up)
+            if machine and state is JobState.RUNNING:  # until a recovery gives it another machine
+                self._machines[job_id] = (rec.recovery_count, machine)
+        st = job_status(mine, machine=machine, machine_up=machine_up)
+        if st.started_at is not None and (state is JobState.RUNNING or machine_up):
+            st = replace(st, billed_hour=self._billed_hour(rec))
+        return st
+
+    def _billed_hour(self, rec: Any) -> float | None:
+        """What the job's machine costs an hour as its provider bills it, from the provider's own
+        instance listing (SkyPilot names a node `<cluster name on the cloud>-head`): asked once per
+        machine once listed; None where the provider or the name is not known yet or the provider lists
+        no such machine (asked again `LISTING_RECHECK_S` later). A failed listing never fails the status:
+        it is logged and asked again `BILLED_RETRY_S` later."""
+        from launcher import providers
+        from launcher.skycatalog import PROVIDER_OF
+
+        provider = PROVIDER_OF.get(str(getattr(rec, "cloud", None) or "").lower())
+        name = getattr(rec, "cluster_name_on_cloud", None)
+        if provider is None or not name or name == "-":
+            return None
+        key = (str(name), int(getattr(rec, "recovery_count", 0) or 0))
+        if key in self._billed:
+            return self._billed[key]
+        asked, failed = self._billed_asked.get(key, (-math.inf, False))
+        if time.monotonic() - asked < (BILLED_RETRY_S if failed else LISTING_RECHECK_S):
+            return None
+        try:
+            billed = providers.billed_hour(provider, f"{name}-head")
+        except Exception as e:  # the provider's listing is bookkeeping: the job goes on
+            log.warning("%s: its billed rate is unknown for now (%s)", provider, first_line(e))
+            self._billed_asked[key] = (time.monotonic(), True)
+            return None
+        self._billed_asked[key] = (time.monotonic(), False)
+        if billed is not None:
+            self._billed[key] = billed
+        return billed
 
     def _cluster_name(self, rec: Any) -> str:
         from sky.jobs import utils as managed_job_utils
@@ -630,6 +678,8 @@ def job_status(
         detail=detail,
         recoveries=recoveries,
         placed=placed,
+        # the newest machine's creation (a recovery's; SkyPilot keeps one cluster name per job)
+        machine_since=_when(max(b for b, _e in billed)) if billed else None,
     )
 
 

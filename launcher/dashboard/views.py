@@ -20,6 +20,15 @@ NAV = (("/", "Overview"), ("/report", "Reports"), ("/offers", "Offers"), ("/plan
 BY = ("provider", "domain", "day", "run")
 
 
+def rate(planned: float | None, billed: float | None) -> str:
+    """A job's $/h as `meetara status` shows it: planned, or billed and how it differs from the plan."""
+    if planned is None:
+        return "–"
+    from budgets import usd_rate
+
+    return escape(usd_rate(planned, billed))
+
+
 def usd(x: float | None) -> str:
     """Dollars as meetara's messages show them ($0.000417: small local runs never read as $0.00)."""
     if x is None:
@@ -270,6 +279,7 @@ def run_page(detail: dict[str, Any], now: datetime | None = None) -> str:
             "state",
             "domains done",
             "offer",
+            "$/h",
             "launches",
             "preemptions",
             "started",
@@ -282,6 +292,7 @@ def run_page(detail: dict[str, Any], now: datetime | None = None) -> str:
                 state_badge(j.get("state")),
                 f"{j.get('domains_done', 0)} / {j.get('domains', 0)}",
                 escape(str(j.get("offer"))),
+                rate(j.get("planned_hour"), j.get("billed_hour")),
                 str(j.get("launches", 0)),
                 str(j.get("preemptions", 0)),
                 when(j.get("started_at")),
@@ -377,7 +388,9 @@ def report_page(rep: dict[str, Any], query: dict[str, str]) -> str:
     )
     rows = rep.get("rows", [])
     chart = charts.bars([(str(r.get(by, r.get("key"))), float(r.get("cost") or 0)) for r in rows], usd)
-    cols = ("cost", "gpu_hours", "domains_done", "dollars_per_domain", "preemptions")
+    # billed over the plan (`meetara report`'s column): shown once a provider billed another rate
+    over = any(abs(r.get("over_plan") or 0) >= 5e-7 for r in rows)
+    cols = ("cost", "gpu_hours", "domains_done", "dollars_per_domain", "preemptions", *(["over_plan"] * over))
 
     def cells(r: dict, label: str) -> list[str]:
         return [
@@ -387,6 +400,7 @@ def report_page(rep: dict[str, Any], query: dict[str, str]) -> str:
             str(r.get("domains_done", 0)),
             usd(r.get("dollars_per_domain")),
             str(r.get("preemptions", 0)),
+            *([usd(r.get("over_plan"))] * over),
         ]
 
     body_rows = [cells(r, escape(str(r.get(by, r.get("key"))))) for r in rows]

@@ -1,6 +1,7 @@
 """Live offer fetchers, one module per provider behind one interface.
 
-Each provider module has NAME, DEFAULT_URL, URL_ENV, KEY_ENV, KEY_FILE, NEEDS_KEY,
+Each provider module has NAME, DEFAULT_URL, URL_ENV, KEY_ENV, KEY_FILE (the one messages name), KEY_FILES
+(where its own tools keep the key, in their order), NEEDS_KEY,
 `read_key_file(path)` and `fetch(session, base_url, api_key=None, timeout=...) -> Fetched`.
 """
 
@@ -27,13 +28,15 @@ def api_key(provider: str) -> str | None:
     module = MODULES[provider]
     if key := os.environ.get(module.KEY_ENV, "").strip():
         return key
-    path = Path(module.KEY_FILE).expanduser()
-    if not path.is_file():
+    # the first of the provider's own tools' places that holds a file ($VARS unset: that place is skipped)
+    found = (Path(os.path.expandvars(p)).expanduser() for p in module.KEY_FILES)
+    path = next((p for p in found if "$" not in str(p) and p.is_file()), None)
+    if path is None:
         return None
     try:
         key = module.read_key_file(path)
     except (OSError, ValueError) as e:
-        log.warning("%s: cannot read %s (%s)", provider, module.KEY_FILE, type(e).__name__)
+        log.warning("%s: cannot read %s (%s)", provider, path, type(e).__name__)
         return None
     if key:
         from train.redact import add_secret
@@ -96,3 +99,17 @@ def fetch_all(providers: list[str], refresh: bool = False) -> OfferTable:
             if outcome.fetched.bad_rows:
                 table.bad_rows[provider] = outcome.fetched.bad_rows
     return table
+
+
+def billed_hour(provider: str, name: str) -> float | None:
+    """What `provider` reports billing an hour for its instance named `name` (its own instance listing,
+    with the user's key); None when it lists no such instance. ProviderError (key masked) on a failure."""
+    import requests
+
+    module = MODULES[provider]
+    key = api_key(provider)
+    try:
+        with requests.Session() as session:
+            return module.billed_hour(session, base_url(provider), key, name, timeout=http_timeout())
+    except ProviderError as e:
+        raise ProviderError(redact(str(e), key)) from None

@@ -18,6 +18,7 @@ DEFAULT_URL = "https://cloud.lambda.ai"
 URL_ENV = "MEETARA_LAMBDA_API_URL"
 KEY_ENV = "LAMBDA_API_KEY"
 KEY_FILE = "~/.lambda_cloud/lambda_keys"
+KEY_FILES = (KEY_FILE,)
 NEEDS_KEY = True
 
 # "1x H100 (80 GB SXM5)", "8x Tesla V100 (16 GB)", "2x RTX A6000 (48 GB)"
@@ -81,3 +82,25 @@ def fetch(
         secret=api_key,
     )
     return parse_response(body)
+
+
+def billed_hour(
+    session: requests.Session, base_url: str, api_key: str | None, name: str, timeout: float = 15.0
+) -> float | None:
+    """What Lambda bills an hour for the instance named `name` (SkyPilot names a node `<cluster name on
+    the cloud>-head`): its instance type's `price_cents_per_hour` (Lambda has no spot or disk price of
+    its own); None when no instance has that name."""
+    body = request_json(
+        session,
+        "GET",
+        f"{base_url.rstrip('/')}/api/v1/instances",
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=timeout,
+        secret=api_key,
+    )
+    rows = field_of(body, "data")
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict) and row.get("name") == name:
+            cents = positive((row.get("instance_type") or {}).get("price_cents_per_hour"))
+            return None if cents is None else cents / 100
+    return None

@@ -29,6 +29,7 @@ DEFAULT_URL = "https://api.runpod.io"
 URL_ENV = "MEETARA_RUNPOD_API_URL"
 KEY_ENV = "RUNPOD_API_KEY"
 KEY_FILE = "~/.runpod/config.toml"
+KEY_FILES = (KEY_FILE,)
 # The gpuTypes query answers without a key; a key, when there is one, is sent anyway.
 NEEDS_KEY = False
 
@@ -121,6 +122,35 @@ def fetch(
         secret=api_key,
     )
     return parse_response(body)
+
+
+PODS_QUERY = "query meetaraPods { myself { pods { id name costPerHr } } }"
+
+
+def billed_hour(
+    session: requests.Session, base_url: str, api_key: str | None, name: str, timeout: float = 15.0
+) -> float | None:
+    """What RunPod bills an hour for the pod named `name` (SkyPilot names a node `<cluster name on the
+    cloud>-head`): its `costPerHr` (the GPUs; SkyPilot's and the SDK's pod query read the same field)
+    plus its container disk at RunPod's rate, as the plan priced it (`container_disk_hour`); None when no
+    pod has that name."""
+    body = request_json(
+        session,
+        "POST",
+        f"{base_url.rstrip('/')}/graphql",
+        json={"query": PODS_QUERY},
+        headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+        timeout=timeout,
+        secret=api_key,
+    )
+    if isinstance(body, dict) and body.get("errors"):
+        raise ProviderError(f"GraphQL error: {str(body['errors'])[:200]}")
+    pods = field_of(field_of(field_of(body, "data"), "myself"), "pods")
+    for pod in pods if isinstance(pods, list) else []:
+        if isinstance(pod, dict) and pod.get("name") == name:
+            gpus = positive(pod.get("costPerHr"))
+            return None if gpus is None else round(gpus + container_disk_hour(), 6)
+    return None
 
 
 def container_disk_hour(disk_gb: int | None = None) -> float:

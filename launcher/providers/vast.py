@@ -23,7 +23,9 @@ NAME = "vast"
 DEFAULT_URL = "https://console.vast.ai"
 URL_ENV = "MEETARA_VAST_API_URL"
 KEY_ENV = "VAST_API_KEY"
-KEY_FILE = "~/.vast_api_key"
+KEY_FILE = "~/.config/vastai/vast_api_key"
+# where vastai keeps the key (vastai 1.9.1: $XDG_CONFIG_HOME, else ~/.config, then the older ~/.vast_api_key)
+KEY_FILES = ("$XDG_CONFIG_HOME/vastai/vast_api_key", KEY_FILE, "~/.vast_api_key")
 NEEDS_KEY = False
 
 DISK_GB = 50
@@ -168,3 +170,25 @@ def fetch(
         secret=api_key,
     )
     return parse_response(body, disk_gb)
+
+
+def billed_hour(
+    session: requests.Session, base_url: str, api_key: str | None, name: str, timeout: float = 15.0
+) -> float | None:
+    """What Vast bills an hour for the instance labelled `name` (SkyPilot labels a node
+    `<cluster name on the cloud>-head`): its `dph_total`, the rate `vastai show instances` shows, GPU and
+    disk together (docs.vast.ai, "show instance"); None when no instance has that label."""
+    body = request_json(
+        session,
+        "GET",
+        f"{base_url.rstrip('/')}/api/v0/instances/",
+        params={"owner": "me"},
+        headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+        timeout=timeout,
+        secret=api_key,
+    )
+    rows = field_of(body, "instances")
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, dict) and row.get("label") == name:
+            return positive(row.get("dph_total"))
+    return None

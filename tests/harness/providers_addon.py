@@ -809,6 +809,8 @@ class ProvidersAddon:
             price = float(gpu.get("securePrice") or gpu.get("communityPrice") or 0) * count
         else:
             price = 0.06
+        # scenario `price_factor`: the GPUs' price moved since the offers were listed (the pod costs that)
+        price *= float(cfg.get("price_factor", 1.0))
         # desiredStatus RUNNING with runtime null: what RunPod shows while the image is pulled. SkyPilot waits
         # for a public port 22 in runtime.ports, so such a pod is listed but never reachable.
         self.runpod_pods[pod_id] = {
@@ -984,7 +986,6 @@ class ProvidersAddon:
             "cpu_ram": offer.get("cpu_ram"),
             "disk_space": body.get("disk"),
             "dph_base": offer.get("dph_base"),
-            "dph_total": offer.get("dph_total"),
             "is_bid": body.get("price") is not None,
             "min_bid": offer.get("min_bid"),
             "geolocation": offer.get("geolocation"),
@@ -996,14 +997,17 @@ class ProvidersAddon:
             "ssh_port": 20000 + n,
             "ports": {},
             "meetara_created_at": time.time(),
-            # what Vast bills by the hour: the bid (interruptible) or the on-demand price, plus the disk
-            "meetara_price_hour": round(
-                (body["price"] if body.get("price") is not None else float(offer.get("dph_base") or 0))
-                + float(body.get("disk") or 0) * float(offer.get("storage_cost") or 0) / (30 * 24),
-                6,
-            ),
         }
         row = self.vast_instances[iid]
+        # what Vast bills by the hour: the bid (interruptible) or the on-demand price (x the scenario's
+        # `price_factor`: the host's price moved since the search), plus the disk; its listing's dph_total
+        gpu_hour = body["price"] if body.get("price") is not None else float(offer.get("dph_base") or 0)
+        disk_hour = float(body.get("disk") or 0) * float(offer.get("storage_cost") or 0) / (30 * 24)
+        row["storage_cost"] = offer.get("storage_cost")
+        row["storage_total_cost"] = round(disk_hour, 6)
+        row["dph_total"] = row["meetara_price_hour"] = round(
+            gpu_hour * float(cfg.get("price_factor", 1.0)) + disk_hour, 6
+        )
         started = self._start_node("vast", str(iid), cfg, onstart=body.get("onstart"))
         if started is not None:  # the machine is up: SkyPilot finds it where Vast's API says
             row.update(

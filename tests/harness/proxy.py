@@ -23,7 +23,8 @@ and the provider's API answers with its address; killing the node is a preemptio
 match, or a shorthand: Lambda "type" or "type@region", RunPod a gpuTypeId, Vast an offer id or a gpu_name),
 `api_key` (the only key accepted; any other gets the auth error), `status` (auth-error's status: Lambda/Vast
 401|403, RunPod 401|200), `instance_status` (what a created instance shows), Lambda `instance_types` and
-`stale_listing`, RunPod `gpu_types`, Vast `offers`.
+`stale_listing`, RunPod `gpu_types`, Vast `offers`; RunPod and Vast `price_factor` (the GPU price an
+instance is billed at, and listed with, is the one asked for x this: a price that moved since the search).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ MODES = ("ok", "no-capacity", "auth-error")
 _COMMON_OPTIONS = {"no_capacity", "api_key", "status", "instance_status", "node"}
 OPTIONS = {
     "lambda": _COMMON_OPTIONS | {"instance_types", "stale_listing"},
-    "runpod": _COMMON_OPTIONS | {"gpu_types"},
-    "vast": _COMMON_OPTIONS | {"offers"},
+    "runpod": _COMMON_OPTIONS | {"gpu_types", "price_factor"},
+    "vast": _COMMON_OPTIONS | {"offers", "price_factor"},
 }
 # Provider tags a record can carry besides PROVIDERS: "pypi", "aws-metadata", "unknown" (refused, HTTP 599)
 # and "forward" (a connection mitmproxy tried to open to the outside, refused).
