@@ -280,6 +280,37 @@ def stop() -> bool:
     import sky
     from sky import sky_logging
 
+    helpers = _server_processes()  # before the stop: SkyPilot's executors outlive their server
     with sky_logging.silent():
         sky.api_stop()
+    _kill(helpers)
     return was
+
+
+def _server_processes() -> list:
+    """The processes of meetara's API server on `port()`: the server and all it started (request
+    executors, queue managers). Found by the server's command line and its process tree: the executors
+    rename themselves and blank their environment (setproctitle), so nothing else tells them apart."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "sky.server.server" in cmd and f"--port={port()}" in cmd:
+            try:
+                found += [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                continue
+    return found
+
+
+def _kill(procs: list) -> None:
+    """Kill those of `procs` still running (the same processes: psutil checks each one's start time)."""
+    import psutil
+
+    for proc in procs:
+        try:
+            if proc.is_running():
+                proc.kill()
+        except psutil.Error:
+            continue

@@ -306,3 +306,38 @@ def test_the_controllers_network_check_is_meetaras_and_counts_any_answer(http_50
                 asyncio.run(backend_utils.async_check_network_connection())
             with pytest.raises(exceptions.NetworkError):
                 backend_utils.check_network_connection()
+
+
+def test_sky_stop_leaves_none_of_the_servers_processes(tmp_path: Path) -> None:
+    """`meetara sky stop` stops SkyPilot's API server and every process it started: its request
+    executors (which rename themselves and blank their environment once they run a request) outlived
+    `sky.api_stop()` before, orphans of init found after every test session."""
+    import psutil
+
+    port = closed_port()
+    env = {
+        "HOME": str(tmp_path / "home"),
+        "MEETARA_STATE_DIR": str(tmp_path / "state"),
+        "MEETARA_SKY_PORT": str(port),
+    }
+    (tmp_path / "home").mkdir()
+    start = (  # the server, and requests its executors run (they rename themselves then)
+        "from launcher import skyserver; skyserver.activate(); skyserver.ensure_running(); import sky; "
+        "sky.get(sky.status()); sky.get(sky.jobs.queue_v2(refresh=False))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", start], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    from launcher import skyserver
+
+    os.environ["MEETARA_SKY_PORT"], before = str(port), os.environ["MEETARA_SKY_PORT"]
+    try:
+        tree = skyserver._server_processes()
+    finally:
+        os.environ["MEETARA_SKY_PORT"] = before
+    assert len(tree) > 2, [p.cmdline() for p in tree]  # the server, its queue manager, its executors
+    stop = _meetara(tmp_path, port, "sky", "stop")
+    assert stop.returncode == 0, stop.stderr
+    gone, alive = psutil.wait_procs(tree, timeout=30)
+    assert alive == [], [(p.pid, p.name()) for p in alive]
