@@ -33,7 +33,7 @@ from pathlib import Path
 
 from budgets import clock, rate_change, usd
 from budgets.lease import LeaseLost
-from launcher.backends.base import Backend, JobState, JobStatus
+from launcher.backends.base import Backend, JobState, JobStatus, ended_at
 from launcher.crash import crash_point
 from launcher.pull import PullResult, pull_domain
 from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord, cancel_requested
@@ -399,8 +399,8 @@ class Conductor:
             job.note(f"no machine after {waited / 60:.1f} min: policy {self.policy.name} chooses again")
             return True
         offers = len(job.offers) - job.offer_index
-        if billed:  # its minutes are paid up to the cancel (Money.after_poll)
-            job.state, job.ended_at = "NO-MACHINE", clock.now()
+        if billed:  # its minutes are paid up to its teardown (Money.after_poll)
+            job.state, job.ended_at = "NO-MACHINE", self._ended(job.handle)
             job.note(
                 f"no machine after {waited / 60:.1f} min: {job.offer.provider} created one that never ran "
                 f"the job ({st.detail or 'pending'}); cancelled, its minutes paid"
@@ -493,13 +493,9 @@ class Conductor:
             self.hooks.pulled(r)
 
     def _ended(self, handle: str) -> datetime:
-        """When a cancelled job stopped: the backend's time where it knows it, else now (billing runs
-        until the stop is seen)."""
-        try:
-            st = self.backend.status(handle)
-        except Exception:
-            st = None
-        return st.ended_at if st is not None and st.state.finished and st.ended_at else clock.now()
+        """When a cancelled job stopped: the backend's time once it reports the end (a SkyPilot machine
+        is billed until its teardown: waited for, up to `backend.teardown_s`), else now."""
+        return ended_at(self.backend, handle) or clock.now()
 
     def cancel_all(self, why: str) -> list[str]:
         """Cancel every active job (training checkpoints first); returns their names. A job the backend
@@ -517,8 +513,10 @@ class Conductor:
                 if not self._cancel(job):
                     continue
                 job.state = "CANCELLED"
-                job.end_launch(self._ended(job.handle))
                 job.note(f"cancelled: {why}")
                 names.append(job.name)
+        for name in names:  # every cancel asked first: their machines are torn down side by side
+            job = self.rec.jobs[name]
+            job.end_launch(self._ended(job.handle))
         self.rec.save()
         return names

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 
 from budgets import clock, usd
 from budgets.ledger import BILLED_RATE, Ledger
-from launcher.backends.base import Backend, BackendError
+from launcher.backends.base import Backend, BackendError, ended_at
 from launcher.runs import ACTIVE, LAUNCHING, JobRecord, RunRecord
 from train.cli import EXIT_BUDGET
 
@@ -334,22 +334,16 @@ class Money:
                 self.backend.cancel(job.handle)
             except BackendError as e:
                 job.note(f"cancel failed: {e}")
-            # billed until it stopped: the backend's end time where it knows it (the in-job hard stop
-            # ends a job at its reservation's end at the latest), else now
-            job.state, job.ended_at = "STOPPED-BUDGET", self._ended_at(job) or now
+        for job in jobs:  # every cancel asked first: their machines are torn down side by side
+            # billed until it stopped: the backend's end time once it reports it (a SkyPilot machine until
+            # its teardown; the in-job hard stop ends a job at its reservation's end at the latest), else now
+            job.state, job.ended_at = "STOPPED-BUDGET", ended_at(self.backend, job.handle) or now
             job.note(f"stopped: budget: {reason}; checkpoints kept, a later launch resumes")
             self.ledger.accrue_until(job.reservation_id, job.ended_at)
             self._settle(job, f"stopped: budget: {reason}")
             self.ledger.record_event(self.rec.run_id, "stopped-budget", job=job.name, detail=reason)
         self.rec.save()
 
-    def _ended_at(self, job: JobRecord) -> datetime | None:
-        """When the backend says the job's current launch ended (None: still running, or unknown)."""
-        try:
-            st = self.backend.status(job.handle)
-        except Exception:
-            return None
-        return st.ended_at if st.state.finished else None
 
     def _settle(self, job: JobRecord, note: str | None) -> None:
         res = self.ledger.reservation(job.reservation_id)

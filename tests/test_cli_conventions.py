@@ -384,6 +384,7 @@ class _Backend:
     cancel call returns (SkyPilot cancels asynchronously)."""
 
     name = "skypilot"
+    teardown_s = 0.0
 
     def __init__(self, started, ended, stops_at_once: bool) -> None:
         self.started, self.ended, self.stops_at_once = started, ended, stops_at_once

@@ -227,12 +227,15 @@ def test_no_capacity_anywhere_ends_in_one_line_and_reserves_nothing(cloud: Cloud
     ]
     searched = [s["json"]["id"]["eq"] for s in searches if "id" in (s["json"] or {})]
     ids = [int(o["instance_type"]) for o in planned]
-    assert searched[: len(ids)] == ids, searched  # the planned offer first, then the fallbacks, in order
+    # the planned offer first, then the fallbacks, in order (a machine planned spot and on-demand is asked
+    # for twice); a loaded machine's controller may not reach the last ones within the 45 s
+    reached = searched[: len(ids)]
+    assert len(reached) >= 4 and reached == ids[: len(reached)], searched
     for s, o in zip(searches, planned, strict=False):
         assert s["json"]["type"] == ("bid" if o["spot"] else "on-demand")
         assert s["json"]["allocated_storage"] == DISK_GB
     created = [int(c["path"].rstrip("/").split("/")[-1]) for c in _creates(cloud.proxy, mark)]
-    assert created[: len(ids)] == ids
+    assert created[: len(reached)] == reached, created
     assert all(c["outcome"] == "no-capacity" for c in _creates(cloud.proxy, mark))
     assert all(c["outcome"] == "no-capacity" for c in _runpod_creates(cloud.proxy, mark))
     assert cloud.proxy.unexpected(mark) == []
@@ -273,21 +276,11 @@ def test_vast_rents_the_planned_offer_at_the_planned_bid_and_a_cancel_settles(cl
     cloud.interrupt_and_check(p, "vast-ok", "vast", mark)
     assert any(r["method"] == "DELETE" for r in cloud.proxy.requests("vast", mark))
     # Vast created the instance and billed it until its delete, though it never booted: meetara saw it in
-    # Vast's instance listing and paid from SkyPilot's record of the cluster (just before the create) to
-    # the cancel, at the rate Vast bills (the planned one); SkyPilot's teardown after the cancel is not
-    # seen by a launcher that has exited
+    # Vast's instance listing and paid, at the rate Vast bills (the planned one), from SkyPilot's record of
+    # the cluster (just before the create) to its teardown after the cancel (the launcher waits for it)
     bill = cloud.proxy.billed("vast")[-1]
     (res,) = Ledger(cloud.work / "state" / "ledger.sqlite").reservations("vast-ok")
-    assert res.state == "settled" and res.rate_per_hour == pytest.approx(bill["price_hour"]), (res, bill)
-    assert (
-        res.started_at.timestamp() <= bill["created_at"] + 1 and res.ended_at.timestamp() <= bill["ended_at"]
-    )
-    paid_s = res.settled_amount / res.rate_per_hour * 3600
-    assert paid_s == pytest.approx(res.ended_at.timestamp() - res.started_at.timestamp(), abs=1.5), (
-        res,
-        bill,
-    )
-    assert bill["ended_at"] - res.ended_at.timestamp() < 60, (res, bill)  # the teardown's seconds, unpaid
+    _paid_as_billed(res, bill)
 
 
 def test_a_machine_billed_past_its_reservations_margin_is_stopped(cloud: Cloud) -> None:
@@ -316,13 +309,23 @@ def test_a_machine_billed_past_its_reservations_margin_is_stopped(cloud: Cloud) 
     assert bill["price_hour"] == pytest.approx(job["billed_hour"], abs=1e-6)
     ledger = Ledger(cloud.work / "state" / "ledger.sqlite")
     (res,) = ledger.reservations("vast-dear")
-    assert res.rate_per_hour == pytest.approx(bill["price_hour"]) and res.settled_amount > 0
-    paid_s = res.settled_amount / res.rate_per_hour * 3600
-    assert paid_s == pytest.approx(res.ended_at.timestamp() - res.started_at.timestamp(), abs=1.5), res
-    assert res.started_at.timestamp() <= bill["created_at"] + 1, (res, bill)
+    _paid_as_billed(res, bill)
     kinds = [e.kind for e in ledger.events() if e.run_id == "vast-dear"]
     assert "billed-rate" in kinds and "stopped-budget" in kinds
     assert cloud.proxy.unexpected(mark) == []
+
+
+def _paid_as_billed(res, bill: dict) -> None:
+    """The reservation settled what the fake billed for the instance, from its create to its delete, at
+    its rate: SkyPilot's cluster record starts just before the create and ends just after the delete, in
+    whole seconds (so up to 2 s more)."""
+    assert res.state == "settled" and res.rate_per_hour == pytest.approx(bill["price_hour"]), (res, bill)
+    assert res.started_at.timestamp() <= bill["created_at"] + 1, (res, bill)
+    assert bill["ended_at"] - 1 <= res.ended_at.timestamp() <= bill["ended_at"] + 3, (res, bill)
+    assert res.settled_amount == pytest.approx(bill["usd"], abs=bill["price_hour"] * 3 / 3600 + 1e-6), (
+        res,
+        bill,
+    )
 
 
 RUNPOD_CREATES = ("podRentInterruptable", "podFindAndDeployOnDemand")

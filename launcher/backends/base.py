@@ -6,6 +6,7 @@ Backends are stateless objects: everything a later process needs to find a job a
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -55,6 +56,9 @@ class Backend(Protocol):
     name: str
     max_parallel: int  # jobs the conductor runs at once on this backend
     log_poll_s: float  # the conductor reads a running job's last log line this often (progress)
+    # after a cancel, how long the backend may still bill the machine while it tears it down (SkyPilot's
+    # controller deletes the instance after the cancel): `ended_at` waits up to this for the end it reports
+    teardown_s: float
 
     def launch(self, task: dict, name: str) -> str:
         """Start the task (a SkyPilot task mapping, see launcher/task.py); return a handle."""
@@ -65,3 +69,20 @@ class Backend(Protocol):
     def cancel(self, handle: str) -> None: ...
 
     def logs(self, handle: str, tail: int = 50) -> str: ...
+
+
+def ended_at(backend: Backend, handle: str) -> datetime | None:
+    """When a launch that was cancelled or stopped ended, as `backend` reports it once it has finished
+    (its machine torn down: billed until then), asking every second for up to `backend.teardown_s`;
+    None when the backend does not say by then (callers bill until now)."""
+    deadline = time.monotonic() + backend.teardown_s
+    while True:
+        try:
+            st = backend.status(handle)
+        except Exception:
+            st = None
+        if st is not None and st.state.finished:
+            return st.ended_at
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(1.0)

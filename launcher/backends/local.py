@@ -60,6 +60,7 @@ class LocalBackend:
         self.root = root or jobs_dir()
         self.max_parallel = max_parallel or int(os.environ.get("MEETARA_LOCAL_PARALLEL", "1"))
         self.log_poll_s = 0.0  # a file on this machine: every poll
+        self.teardown_s = 0.0  # a cancelled job's process is gone when cancel returns
         self._children: dict[str, subprocess.Popen] = {}
 
     def _dir(self, handle: str) -> Path:

@@ -61,6 +61,7 @@ class SimBackend:
     name: str = "simulated"
     max_parallel: int = 10**6
     log_poll_s: float = math.inf
+    teardown_s: float = 0.0  # a cancel ends the simulated machine at once (on the virtual clock)
     progress: dict[str, Progress] = field(default_factory=dict)
     launches: dict[str, Launch] = field(default_factory=dict)
     t0: datetime | None = None

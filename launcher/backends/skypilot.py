@@ -302,6 +302,9 @@ class SkyPilotBackend:
         self.sky_home = sky_home
         self.max_parallel = max_parallel or int(os.environ.get("MEETARA_CLOUD_PARALLEL", "64"))
         self.log_poll_s = 30.0  # each read is an API call to the jobs controller
+        # SkyPilot's controller tears a cancelled job's machine down after the cancel (5-10 s measured):
+        # its status says RUNNING until the cluster is gone (`job_status`), the provider bills until then
+        self.teardown_s = 90.0
         # job id -> (recoveries, its machines' usage intervals) read once while it runs on that machine
         self._machines: dict[int, tuple[int, list[tuple[float, float | None]]]] = {}
         # (cluster name on the cloud, recoveries) -> the $/h its provider bills; and when its provider's
