@@ -450,13 +450,14 @@ class SkyPilotBackend:
         # SkyPilot's cluster records, asked for only where they change the answer (each is an API call, at
         # every poll): a machine being provisioned, the first poll of a running job, a finished job
         machine_up, machine = None, None
+        cached = self._machines.get(job_id)
         if status == "STARTING":
             # the provider created a machine: SkyPilot's handle knows its address, or the provider lists it
             # (billed from its creation, while SkyPilot still waits for it to boot)
             machine_up = self._machine_up(rec) or self._billed_hour(rec) is not None
             machine = self._machine_time(rec) if machine_up else None
-        elif state is JobState.RUNNING and self._machines.get(job_id, (None,))[0] == rec.recovery_count:
-            machine = self._machines[job_id][1]
+        elif state is JobState.RUNNING and cached is not None and cached[0] == rec.recovery_count:
+            machine = cached[1]
         elif state is not JobState.PENDING:
             machine = self._machine_time(rec)
             if machine and state is JobState.RUNNING:  # until a recovery gives it another machine
