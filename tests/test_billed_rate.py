@@ -39,7 +39,7 @@ def listed(server, monkeypatch: pytest.MonkeyPatch, tmp_path):  # noqa: F811
         server.routes[route] = [recorded(name)]
     for var, key in KEYS.items():
         monkeypatch.setenv(var, key)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # (HOME stays the session's: SkyPilot, imported by the backend test, anchors its paths at HOME then)
     monkeypatch.setenv("MEETARA_HTTP_RETRIES", "0")
     return server
 
@@ -183,6 +183,7 @@ def test_the_vast_key_is_read_where_vastai_and_skypilot_keep_it(listed, monkeypa
     monkeypatch.delenv("VAST_API_KEY")
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
     (home / ".config" / "vastai").mkdir(parents=True)
     (home / ".config" / "vastai" / "vast_api_key").write_text("vast-from-vastai\n")
     (home / ".vast_api_key").write_text("vast-older-file\n")
