@@ -49,7 +49,11 @@ def stop_skypilot_under(*roots: Path) -> int:
         if runtime and proc.pid != os.getpid() and any(runtime.startswith(str(r)) for r in roots):
             found += 1
             with contextlib.suppress(psutil.Error):
+                helpers = proc.children(recursive=True)  # its executors, which outlive it otherwise
                 proc.kill()
+                for child in helpers:
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
     return found
 
 
