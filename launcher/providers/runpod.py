@@ -89,14 +89,18 @@ def _parse(gpu: Any, fetched_at: datetime) -> list[Offer]:
     ]
 
 
-def parse_response(body: Any, fetched_at: datetime | None = None) -> Fetched:
-    """Offers from the body of the `gpuTypes` query (ProviderError for a GraphQL error)."""
-    # GraphQL reports query errors with HTTP 200 and an `errors` list.
+def _check_graphql(body: Any) -> None:
+    """GraphQL reports query errors with HTTP 200 and an `errors` list: ProviderError with the first."""
     if isinstance(body, dict) and body.get("errors"):
         errors = body["errors"]
         first = errors[0] if isinstance(errors, list) and errors else errors
         message = first.get("message") if isinstance(first, dict) else first
         raise ProviderError(f"GraphQL error: {str(message)[:200]}")
+
+
+def parse_response(body: Any, fetched_at: datetime | None = None) -> Fetched:
+    """Offers from the body of the `gpuTypes` query (ProviderError for a GraphQL error)."""
+    _check_graphql(body)
     rows = rows_of(field_of(field_of(body, "data"), "gpuTypes"), "GPU types")
     now = fetched_at or datetime.now(UTC)
     return parse_rows(NAME, rows, lambda gpu: _parse(gpu, now))
@@ -143,8 +147,7 @@ def billed_hour(
         timeout=timeout,
         secret=api_key,
     )
-    if isinstance(body, dict) and body.get("errors"):
-        raise ProviderError(f"GraphQL error: {str(body['errors'])[:200]}")
+    _check_graphql(body)
     pods = field_of(field_of(field_of(body, "data"), "myself"), "pods")
     for pod in pods if isinstance(pods, list) else []:
         if isinstance(pod, dict) and pod.get("name") == name:
